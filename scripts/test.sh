@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Sets up the project env (idempotent) and runs the test suite on CPU.
+# Extra arguments go to pytest, e.g. `bash scripts/test.sh -k masks`.
+source "$(dirname "$0")/env.sh"
+cd "$TRACERL_ROOT"
+exec python -m pytest -q "$@"
