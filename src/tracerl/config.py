@@ -1,0 +1,423 @@
+"""Typed, validated parameters: ``params.yaml`` -> frozen dataclasses.
+
+``params.yaml`` is the one source of hyperparameters, read by DVC (``params:`` of each
+stage), the Prefect flow and every stage CLI, all through :func:`load_params`. Every
+quantity is stated once (e.g. the block size lives in ``model.block_size`` and both the
+sampler and the trainer read it there).
+
+Loading collects *every* problem (unknown keys with the nearest valid name, wrong types,
+out-of-range values, cross-section inconsistencies) and raises one :class:`ConfigError`
+that lists them all with how to fix each, before any work starts. Only stage CLIs see
+:class:`Params`; library functions take flat, typed arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """Invalid parameters. ``problems`` holds one line per problem."""
+
+    def __init__(self, problems: list[str], source: str = "params.yaml"):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s):\n{lines}")
+
+
+# --------------------------------------------------------------------------- sections
+# Each section is a frozen dataclass. ``problems()`` returns a list of messages for
+# values that are well-typed but out of range; cross-section rules live in Params.
+
+
+@dataclass(frozen=True)
+class RunParams:
+    name: str = "default"
+    seed: int = 0
+    runs_dir: str = "runs"  # artifacts of flow runs: runs/<name>/iter_<i>/<stage>/
+    iterations: int = 8  # RL iterations
+    eval_every: int = 2  # evaluate every k iterations (and after the last)
+    runner: Literal["inprocess", "subprocess", "container"] = "inprocess"
+    device: str = "cpu"
+    threads: int = 0  # torch intra-op threads; 0 = leave torch's default
+
+    def problems(self) -> list[str]:
+        p = []
+        if self.iterations < 1:
+            p.append("run.iterations must be >= 1")
+        if self.eval_every < 1:
+            p.append("run.eval_every must be >= 1")
+        if self.threads < 0:
+            p.append("run.threads must be >= 0 (0 keeps torch's default)")
+        return p
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    family: Literal["sdar", "llada", "dream"] = "sdar"
+    # "tiny" builds the embedded default from the sizes below; anything else is a local
+    # folder or a hub id of a real checkpoint (SDAR/TraDo/LLaDA/Dream).
+    init: str = "tiny"
+    block_size: int = 4  # the one block size: sampler and trainer both read it here
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    # sizes of the embedded default (used only when init == "tiny")
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 384
+    max_position_embeddings: int = 512
+
+    def problems(self) -> list[str]:
+        p = []
+        if self.block_size < 1:
+            p.append("model.block_size must be >= 1")
+        if self.init == "tiny":
+            if self.hidden_size % self.num_heads:
+                p.append(
+                    f"model.hidden_size ({self.hidden_size}) must be divisible by "
+                    f"model.num_heads ({self.num_heads})"
+                )
+            if self.num_heads % self.num_kv_heads:
+                p.append(
+                    f"model.num_heads ({self.num_heads}) must be divisible by "
+                    f"model.num_kv_heads ({self.num_kv_heads})"
+                )
+        return p
+
+
+@dataclass(frozen=True)
+class DataParams:
+    # procedural generator of the embedded default (offline); see tracerl.data
+    generator: str = "arithmetic"
+    train_size: int = 4000
+    heldout_size: int = 500
+    sft_size: int = 4000
+    min_difficulty: int = 0
+    max_difficulty: int = 3
+
+    def problems(self) -> list[str]:
+        p = []
+        for k in ("train_size", "heldout_size", "sft_size"):
+            if getattr(self, k) < 1:
+                p.append(f"data.{k} must be >= 1")
+        if self.min_difficulty > self.max_difficulty:
+            p.append("data.min_difficulty must be <= data.max_difficulty")
+        return p
+
+
+@dataclass(frozen=True)
+class SFTParams:
+    method: Literal["semi_ar", "trace", "random_masking"] = "semi_ar"
+    steps: int = 600
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    lower_p: float = 0.1
+    upper_p: float = 0.9
+    max_grad_norm: float = 1.0
+
+    def problems(self) -> list[str]:
+        p = []
+        if not 0.0 <= self.lower_p <= self.upper_p <= 1.0:
+            p.append("sft.lower_p and sft.upper_p must satisfy 0 <= lower_p <= upper_p <= 1")
+        if self.steps < 0 or self.batch_size < 1:
+            p.append("sft.steps must be >= 0 and sft.batch_size >= 1")
+        if self.lr <= 0:
+            p.append("sft.lr must be > 0")
+        return p
+
+
+@dataclass(frozen=True)
+class RolloutParams:
+    tasks_per_iter: int = 32
+    responses_per_task: int = 8  # group size k
+    max_tokens: int = 32  # generation budget; must be a multiple of model.block_size
+    steps_per_block: int = 4  # T, denoising steps per block
+    strategy: Literal[
+        "low_confidence_static", "low_confidence_dynamic", "entropy_bounded", "sequential"
+    ] = "low_confidence_static"
+    dynamic_threshold: float = 0.9
+    entropy_bound: float = 0.35
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    batch_size: int = 64  # sequences decoded together
+
+    def problems(self) -> list[str]:
+        p = []
+        if self.responses_per_task < 2:
+            p.append(
+                "rollout.responses_per_task must be >= 2: group-normalised advantages "
+                "need at least two responses per task"
+            )
+        if self.tasks_per_iter < 1 or self.batch_size < 1 or self.steps_per_block < 1:
+            p.append("rollout.tasks_per_iter, batch_size and steps_per_block must be >= 1")
+        if self.temperature < 0:
+            p.append("rollout.temperature must be >= 0 (0 = greedy)")
+        if not 0 < self.top_p <= 1:
+            p.append("rollout.top_p must be in (0, 1]")
+        if self.top_k < 0:
+            p.append("rollout.top_k must be >= 0 (0 = off)")
+        return p
+
+
+@dataclass(frozen=True)
+class RewardParams:
+    # group filter: "none", "zero_variance" (drop all-equal groups) or "accuracy_band"
+    # (drop groups whose accuracy is outside [filter_low, filter_high], the reference's rule)
+    group_filter: Literal["none", "zero_variance", "accuracy_band"] = "zero_variance"
+    filter_low: float = 0.2
+    filter_high: float = 0.8
+    overlong_is_wrong: bool = True  # a response cut off by the budget counts as wrong
+    verify_timeout_s: float = 5.0
+    code_timeout_s: float = 5.0
+    code_memory_mb: int = 512
+    code_workers: int = 4
+
+    def problems(self) -> list[str]:
+        p = []
+        if not 0.0 <= self.filter_low <= self.filter_high <= 1.0:
+            p.append("reward.filter_low and filter_high must satisfy 0 <= low <= high <= 1")
+        return p
+
+
+@dataclass(frozen=True)
+class PolicyParams:
+    method: Literal["trace_rl", "random_masking", "coupled"] = "trace_rl"
+    use_value: bool = False  # token advantages from the value model (GAE over steps)
+    lr: float = 2e-4
+    epochs: int = 1  # passes over one iteration's rows
+    micro_batch: int = 16  # rows per forward
+    grad_accum: int = 1
+    eps: float = 0.2  # clip range
+    beta: float = 0.0  # KL coefficient
+    kl_estimator: Literal["k1", "k3"] = "k3"
+    kl_target: Literal["old", "reference"] = "old"  # reference = frozen initial policy
+    normalize: Literal["tokens", "padded"] = "tokens"  # reference: "padded" (divide by L1)
+    shrink: int = 1  # merge s neighbouring decode steps into one training step
+    max_grad_norm: float = 1.0
+    lower_p: float = 0.1  # random_masking / coupled mask-probability range
+    upper_p: float = 0.9
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+
+    def problems(self) -> list[str]:
+        p = []
+        if self.lr <= 0:
+            p.append("policy.lr must be > 0")
+        if not 0 < self.eps < 1:
+            p.append("policy.eps must be in (0, 1)")
+        if self.beta < 0:
+            p.append("policy.beta must be >= 0")
+        if self.shrink < 1:
+            p.append("policy.shrink must be >= 1")
+        if self.micro_batch < 1 or self.grad_accum < 1 or self.epochs < 1:
+            p.append("policy.micro_batch, grad_accum and epochs must be >= 1")
+        if not 0.0 <= self.lower_p <= self.upper_p <= 1.0:
+            p.append("policy.lower_p and upper_p must satisfy 0 <= lower_p <= upper_p <= 1")
+        return p
+
+
+@dataclass(frozen=True)
+class ValueParams:
+    lr: float = 1e-4
+    gamma: float = 1.0
+    lam: float = 1.0
+    clip: float = 0.2  # value clip range
+    epochs: int = 1
+    micro_batch: int = 16
+    train_every: int = 1
+
+    def problems(self) -> list[str]:
+        p = []
+        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
+            p.append("value.gamma and value.lam must be in [0, 1]")
+        if self.lr <= 0:
+            p.append("value.lr must be > 0")
+        return p
+
+
+@dataclass(frozen=True)
+class CurriculumParams:
+    enabled: bool = True
+    raise_above: float = 0.8  # pool pass rate above which difficulty goes up
+    lower_below: float = 0.2  # ... below which it goes down
+    window: int = 1  # iterations of pass rates the decision looks at
+
+    def problems(self) -> list[str]:
+        p = []
+        if not 0 <= self.lower_below < self.raise_above <= 1:
+            p.append("curriculum.lower_below must be < curriculum.raise_above, both in [0, 1]")
+        return p
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    heldout_size: int = 500  # tasks of the held-out split scored by evaluate
+    responses_per_task: int = 1  # k for avg@k / pass@k
+    strategies: list[str] = field(default_factory=lambda: ["low_confidence_static"])
+    temperature: float = 0.0  # 0 = greedy
+
+    def problems(self) -> list[str]:
+        p = []
+        if self.responses_per_task < 1:
+            p.append("evaluate.responses_per_task must be >= 1")
+        return p
+
+
+@dataclass(frozen=True)
+class Params:
+    run: RunParams = field(default_factory=RunParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    data: DataParams = field(default_factory=DataParams)
+    sft: SFTParams = field(default_factory=SFTParams)
+    rollout: RolloutParams = field(default_factory=RolloutParams)
+    reward: RewardParams = field(default_factory=RewardParams)
+    policy: PolicyParams = field(default_factory=PolicyParams)
+    value: ValueParams = field(default_factory=ValueParams)
+    curriculum: CurriculumParams = field(default_factory=CurriculumParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        for f in dataclasses.fields(self):
+            p.extend(getattr(self, f.name).problems())
+        b = self.model.block_size
+        if b >= 1 and self.rollout.max_tokens % b:
+            p.append(
+                f"rollout.max_tokens ({self.rollout.max_tokens}) must be a multiple of "
+                f"model.block_size ({b}); e.g. set it to {max(b, self.rollout.max_tokens // b * b)}"
+            )
+        if self.rollout.strategy == "low_confidence_static" and self.rollout.steps_per_block > b:
+            p.append(
+                f"rollout.steps_per_block ({self.rollout.steps_per_block}) > model.block_size "
+                f"({b}) leaves static steps that unmask nothing; use steps_per_block <= block_size"
+            )
+        return p
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin is Literal:
+        return value in typing.get_args(tp)
+    if origin in (list, typing.List):  # noqa: UP006
+        (inner,) = typing.get_args(tp) or (Any,)
+        return isinstance(value, list) and all(_type_ok(v, inner) for v in value)
+    if origin in (types.UnionType, typing.Union):
+        return any(_type_ok(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    return True
+
+
+def _describe(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
+    """Build dataclass ``cls`` from ``raw``, appending every problem found."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        problems.append(f"{prefix or 'top level'} must be a mapping, got {type(raw).__name__}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        where = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            near = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{near[0]}'?" if near else f"; valid keys: {', '.join(names)}"
+            problems.append(f"unknown key '{where}'{hint}")
+            continue
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, where, problems)
+        elif not _type_ok(value, tp):
+            problems.append(f"'{where}' = {value!r} has the wrong type: expected {_describe(tp)}")
+        else:
+            kwargs[key] = float(value) if tp is float else value
+    return cls(**kwargs)
+
+
+def params_from_dict(raw: dict[str, Any], source: str = "params.yaml") -> Params:
+    problems: list[str] = []
+    params = _build(Params, raw, "", problems)
+    if not problems:
+        problems.extend(params.problems())
+    else:  # still report range problems of the sections that parsed
+        problems.extend(params.problems())
+    if problems:
+        raise ConfigError(problems, source)
+    return params
+
+
+def load_params(path: str | os.PathLike = "params.yaml", overrides: dict | None = None) -> Params:
+    """Load and validate ``params.yaml``; ``overrides`` is a nested dict merged on top.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ConfigError: listing every problem in the file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"parameters file not found: {path}. Run from the project root or pass --params."
+        )
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError([f"not valid YAML: {e}"], str(path)) from e
+    if overrides:
+        raw = _merge(raw, overrides)
+    return params_from_dict(raw, str(path))
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested params to ``{"section.key": value}`` (for MLflow params)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out

@@ -1,0 +1,1 @@
+"""Pipeline plumbing shared by stages and flows: artifact folders, manifests, runners."""

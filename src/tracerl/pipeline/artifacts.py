@@ -1,0 +1,105 @@
+"""Stage outputs that are never half-written.
+
+A stage writes into ``<out>.tmp-<pid>/``; on success the folder is renamed to ``<out>``
+and ``manifest.json`` (files with sizes and sha256, metrics, params digest, timing) is
+written last. A folder without a manifest is an unfinished stage: a resumed run starts
+at the first stage whose output has no manifest (see :func:`is_complete`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+METRICS = "metrics.json"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def is_complete(out_dir: str | os.PathLike) -> bool:
+    """True when ``out_dir`` holds a manifest, i.e. the stage finished."""
+    return (Path(out_dir) / MANIFEST).is_file()
+
+
+def read_manifest(out_dir: str | os.PathLike) -> dict[str, Any]:
+    return json.loads((Path(out_dir) / MANIFEST).read_text())
+
+
+def read_metrics(out_dir: str | os.PathLike) -> dict[str, Any]:
+    p = Path(out_dir) / METRICS
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+class StageOutput:
+    """Handle given to a stage body: ``.dir`` to write into, ``.metrics`` to fill."""
+
+    def __init__(self, tmp: Path):
+        self.dir = tmp
+        self.metrics: dict[str, Any] = {}
+        self.info: dict[str, Any] = {}
+
+
+@contextlib.contextmanager
+def stage_output(out_dir: str | os.PathLike, *, stage: str, extra: dict | None = None,
+                 overwrite: bool = True) -> Iterator[StageOutput]:
+    """Context manager: write a stage's outputs atomically, manifest last.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> d = pathlib.Path(tempfile.mkdtemp()) / "reward"
+        >>> with stage_output(d, stage="reward") as out:
+        ...     _ = (out.dir / "x.txt").write_text("hi")
+        ...     out.metrics["accuracy"] = 0.5
+        >>> is_complete(d), read_metrics(d)["accuracy"]
+        (True, 0.5)
+    """
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    t0 = time.time()
+    handle = StageOutput(tmp)
+    try:
+        yield handle
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    (tmp / METRICS).write_text(json.dumps(handle.metrics, indent=2, sort_keys=True, default=float))
+    files = {
+        str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in sorted(tmp.rglob("*")) if p.is_file()
+    }
+    if out.exists():
+        if not overwrite:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    manifest = {
+        "stage": stage,
+        "started": t0,
+        "seconds": time.time() - t0,
+        "files": files,
+        "metrics": handle.metrics,
+        **handle.info,
+        **(extra or {}),
+    }
+    mtmp = out / f".{MANIFEST}.tmp"
+    mtmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+    os.replace(mtmp, out / MANIFEST)
