@@ -1,0 +1,30 @@
+"""Diffusion-LM families behind one interface (see :mod:`tracerl.models.model`)."""
+
+from tracerl.models.cache import BlockKVCache
+from tracerl.models.masks import (
+    attention_bias,
+    block_ids,
+    block_visibility,
+    full_visibility,
+    training_layout,
+)
+from tracerl.models.model import (
+    FAMILIES,
+    DiffusionLM,
+    FamilySpec,
+    ModelLoadError,
+    SpecialTokens,
+    load_model,
+    load_tokenizer,
+    save_model,
+)
+from tracerl.models.tiny import build_for_tokenizer, build_model, tiny_model
+from tracerl.models.tokenizer import build_default_tokenizer, save_default_tokenizer
+from tracerl.models.value import ValueModel
+
+__all__ = [
+    "FAMILIES", "BlockKVCache", "DiffusionLM", "FamilySpec", "ModelLoadError", "SpecialTokens",
+    "ValueModel", "attention_bias", "block_ids", "block_visibility", "build_default_tokenizer",
+    "build_for_tokenizer", "build_model", "full_visibility", "load_model", "load_tokenizer",
+    "save_default_tokenizer", "save_model", "tiny_model", "training_layout",
+]
