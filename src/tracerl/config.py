@@ -41,6 +41,8 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class RunParams:
+    """Orchestration: where artifacts go, how many iterations, where stages run."""
+
     name: str = "default"
     seed: int = 0
     runs_dir: str = "runs"  # artifacts of flow runs: runs/<name>/iter_<i>/<stage>/
@@ -49,6 +51,10 @@ class RunParams:
     runner: Literal["inprocess", "subprocess", "container"] = "inprocess"
     device: str = "cpu"
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
+    tracker: Literal["mlflow", "null"] = "mlflow"  # endpoint: $MLFLOW_TRACKING_URI
+    registered_model: str = "tracerl-policy"  # final policy's registry name; "" = skip
+    image_tag: str = "0.1.0"  # container runner: images tracerl-{cpu,train-gpu,rollout-gpu}:<tag>
+    gpus: int = -1  # container runner: GPUs requested by GPU stages (-1 = all)
 
     def problems(self) -> list[str]:
         p = []
@@ -58,6 +64,10 @@ class RunParams:
             p.append("run.eval_every must be >= 1")
         if self.threads < 0:
             p.append("run.threads must be >= 0 (0 keeps torch's default)")
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            p.append(f"run.name {self.name!r} must be a non-empty folder name without '/'")
+        if self.gpus == 0 or self.gpus < -1:
+            p.append("run.gpus must be -1 (all) or >= 1")
         return p
 
 
@@ -250,29 +260,111 @@ class ValueParams:
 
 @dataclass(frozen=True)
 class CurriculumParams:
-    enabled: bool = True
+    """Task-pool and schedule policy between RL iterations (see tracerl.curriculum)."""
+
+    enabled: bool = True  # false = policy "fixed" over all data difficulty levels
+    policy: str = "pass_rate_band"  # registry name in tracerl.curriculum.POLICIES
     raise_above: float = 0.8  # pool pass rate above which difficulty goes up
     lower_below: float = 0.2  # ... below which it goes down
     window: int = 1  # iterations of pass rates the decision looks at
+    step: int = 1  # difficulty levels moved per decision
+    start_level: int = 0  # difficulty level of iteration 0, within data.[min,max]_difficulty
+    retire_above: float | None = None  # drop tasks whose pass rate >= this (null = keep all)
+    # [[from_iteration, value], ...]; empty = model.block_size / rollout.max_tokens throughout
+    block_size_schedule: list[list[int]] = field(default_factory=list)
+    max_tokens_schedule: list[list[int]] = field(default_factory=list)
 
     def problems(self) -> list[str]:
+        from tracerl.curriculum import POLICIES, schedule_problems
+
         p = []
         if not 0 <= self.lower_below < self.raise_above <= 1:
             p.append("curriculum.lower_below must be < curriculum.raise_above, both in [0, 1]")
+        if self.policy not in POLICIES:
+            p.append(
+                f"curriculum.policy {self.policy!r} is unknown; valid: {', '.join(sorted(POLICIES))}"
+            )
+        if self.window < 1 or self.step < 1:
+            p.append("curriculum.window and curriculum.step must be >= 1")
+        if self.retire_above is not None and not 0 < self.retire_above <= 1:
+            p.append("curriculum.retire_above must be in (0, 1] or null")
+        p += schedule_problems(self.block_size_schedule, "curriculum.block_size_schedule")
+        p += schedule_problems(self.max_tokens_schedule, "curriculum.max_tokens_schedule")
+        return p
+
+    def cross_problems(self, params: Params) -> list[str]:
+        """Rules that involve other sections (called by :meth:`Params.problems`)."""
+        from tracerl.curriculum import value_at
+
+        p = []
+        d = params.data
+        if not d.min_difficulty <= self.start_level <= d.max_difficulty:
+            p.append(
+                f"curriculum.start_level ({self.start_level}) must lie in "
+                f"[data.min_difficulty, data.max_difficulty] = [{d.min_difficulty}, {d.max_difficulty}]"
+            )
+        changes = {0} | {int(e[0]) for e in self.block_size_schedule + self.max_tokens_schedule
+                         if len(e) == 2}
+        for it in sorted(changes):
+            b = value_at(self.block_size_schedule, it, params.model.block_size)
+            m = value_at(self.max_tokens_schedule, it, params.rollout.max_tokens)
+            if it and b >= 1 and m % b:  # iteration 0 without schedules is checked by Params
+                p.append(
+                    f"from iteration {it} the curriculum schedules give max_tokens {m}, not a "
+                    f"multiple of block size {b}; fix curriculum.*_schedule"
+                )
         return p
 
 
 @dataclass(frozen=True)
 class EvaluateParams:
+    """Held-out benchmarks; every score is stored next to its full decoding config.
+
+    Block size, steps per block, dynamic threshold and the token budget are those of
+    ``model``/``rollout`` (and the curriculum schedule) at the evaluated iteration, so
+    that a score is comparable to the rollouts that trained it.
+    """
+
+    benchmarks: list[str] = field(default_factory=lambda: ["heldout"])  # "heldout", "humaneval"
     heldout_size: int = 500  # tasks of the held-out split scored by evaluate
-    responses_per_task: int = 1  # k for avg@k / pass@k
-    strategies: list[str] = field(default_factory=lambda: ["low_confidence_static"])
+    responses_per_task: int = 1  # k for avg@k
+    pass_k: list[int] = field(default_factory=lambda: [1])  # pass@k reported for each k
+    # one pass per strategy: static and dynamic decoding, as in the paper's tables
+    strategies: list[str] = field(
+        default_factory=lambda: ["low_confidence_static", "low_confidence_dynamic"]
+    )
     temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0
+    top_p: float = 1.0
 
     def problems(self) -> list[str]:
         p = []
         if self.responses_per_task < 1:
             p.append("evaluate.responses_per_task must be >= 1")
+        if self.heldout_size < 1:
+            p.append("evaluate.heldout_size must be >= 1")
+        bad_k = [k for k in self.pass_k if not 1 <= k <= self.responses_per_task]
+        if bad_k:
+            p.append(
+                f"evaluate.pass_k {bad_k} must lie in [1, evaluate.responses_per_task="
+                f"{self.responses_per_task}]; raise responses_per_task or drop them"
+            )
+        valid = typing.get_args(typing.get_type_hints(RolloutParams)["strategy"])
+        unknown = [s for s in self.strategies if s not in valid]
+        if unknown or not self.strategies:
+            p.append(
+                f"evaluate.strategies {unknown or '[]'} invalid; use a non-empty list of: "
+                f"{', '.join(valid)}"
+            )
+        known_b = ("heldout", "humaneval")
+        bad_b = [b for b in self.benchmarks if b not in known_b]
+        if bad_b or not self.benchmarks:
+            p.append(
+                f"evaluate.benchmarks {bad_b or '[]'} invalid; use a non-empty list of: "
+                f"{', '.join(known_b)}"
+            )
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            p.append("evaluate: temperature >= 0, top_p in (0, 1], top_k >= 0 required")
         return p
 
 
@@ -304,6 +396,7 @@ class Params:
                 f"rollout.steps_per_block ({self.rollout.steps_per_block}) > model.block_size "
                 f"({b}) leaves static steps that unmask nothing; use steps_per_block <= block_size"
             )
+        p.extend(self.curriculum.cross_problems(self))
         return p
 
     def to_dict(self) -> dict[str, Any]:

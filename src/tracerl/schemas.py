@@ -36,14 +36,19 @@ ROLLOUT = {
     "task_id": pl.String,
     "sample_index": pl.Int32,  # 0..k-1 within the task's group
     "prompt_ids": pl.List(pl.Int32),  # chat-formatted prompt, unpadded
-    "response_ids": pl.List(pl.Int32),  # generated ids, up to and including EOS
-    "decode_steps": pl.List(pl.Int32),  # 1-based global decode step per response token
+    # The three lists below cover every decoded position up to the END OF THE LAST BLOCK,
+    # including positions after EOS in that block: they were visible context when the
+    # tokens before them were unmasked, so the trainer needs them to rebuild the exact
+    # context. Only the first ``response_len`` tokens (through EOS) are the response.
+    "response_ids": pl.List(pl.Int32),
+    "decode_steps": pl.List(pl.Int32),  # 1-based global decode step per position
     "logprobs": pl.List(pl.Float32),  # log p(token) under the raw model distribution when unmasked
+    "response_len": pl.Int32,  # tokens that count, through EOS (== len(lists) when cut by length)
     "finish_reason": pl.String,  # "eos" | "length"
     "num_forward": pl.Int32,  # model forward passes spent on this response (incl. its share of prefill)
     "block_size": pl.Int32,
     "policy_id": pl.String,  # identifies the weights that sampled (checkpoint digest)
-    "response_text": pl.String,  # decoded response, special tokens removed (for scoring and humans)
+    "response_text": pl.String,  # decoded response_ids[:response_len], special tokens removed
 }
 
 # The rollout record plus what the reward stage adds.

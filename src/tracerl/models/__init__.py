@@ -17,6 +17,7 @@ from tracerl.models.model import (
     load_model,
     load_tokenizer,
     save_model,
+    weights_digest,
 )
 from tracerl.models.tiny import build_for_tokenizer, build_model, tiny_model
 from tracerl.models.tokenizer import build_default_tokenizer, save_default_tokenizer
@@ -27,4 +28,5 @@ __all__ = [
     "ValueModel", "attention_bias", "block_ids", "block_visibility", "build_default_tokenizer",
     "build_for_tokenizer", "build_model", "full_visibility", "load_model", "load_tokenizer",
     "save_default_tokenizer", "save_model", "tiny_model", "training_layout",
+    "weights_digest",
 ]

@@ -441,6 +441,18 @@ def load_model(
     return DiffusionLM(hf, spec, tokens, bs), tokenizer
 
 
+def weights_digest(module: nn.Module) -> str:
+    """A short digest of a module's parameters: identifies the weights that sampled a rollout,
+    so the trainer knows when recorded log-probs can stand in for a recomputation."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def save_model(model: DiffusionLM, tokenizer: PreTrainedTokenizerBase | None,
                out_dir: str | os.PathLike) -> Path:
     """Save in transformers' format (safetensors + config.json + tokenizer files).

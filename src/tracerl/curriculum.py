@@ -1,0 +1,321 @@
+"""Curriculum: a pure policy from per-task pass rates and the iteration to the next pool.
+
+Group-normalised RL learns only from groups whose responses disagree: a task the policy
+always solves (or never solves) has zero advantage everywhere and costs rollout time for
+nothing. The curriculum keeps the task pool where the signal is, by moving the
+difficulty level up when the pool is mostly solved and down when it is mostly failed,
+and by retiring tasks that are mastered. It also carries the *schedules* of the paper's
+block-size adaptation and long-CoT runs (TraceRL, arXiv 2509.06949, Sec. 5: a larger
+block size and a larger generation budget later in training), stated as
+``[[from_iteration, value], ...]`` lists in ``params.yaml``.
+
+Everything here is a pure function of its arguments (no I/O, no global state): the
+``curriculum`` stage reads the scored rollouts of the last ``window`` iterations, turns
+them into :class:`TaskResult` lists, calls :func:`plan_next` and writes the returned
+:class:`CurriculumDecision` as JSON; the next iteration's rollout reads it.
+
+Difficulty policies are registry entries selected by name (``curriculum.policy``):
+
+- ``fixed``: never moves the level.
+- ``pass_rate_band``: mean pass rate over the window ``> raise_above`` -> level up by
+  ``step``; ``< lower_below`` -> down by ``step``; clamped to ``[min_level, max_level]``.
+
+Example:
+    >>> rule = CurriculumRule(raise_above=0.8, lower_below=0.2, min_level=0, max_level=3)
+    >>> solved = [TaskResult("a", 1, passed=8, total=8), TaskResult("b", 1, passed=7, total=8)]
+    >>> d = plan_next("pass_rate_band", [solved], iteration=0, level=1, rule=rule,
+    ...               block_size=4, max_tokens=32)
+    >>> d.level, d.iteration, d.schedule.block_size
+    (2, 1, 4)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """Outcome of one task's group in one iteration: ``passed`` of ``total`` correct."""
+
+    task_id: str
+    difficulty: int
+    passed: int
+    total: int
+
+    @property
+    def pass_rate(self) -> float:
+        return self.passed / self.total if self.total else 0.0
+
+
+@dataclass(frozen=True)
+class CurriculumRule:
+    """Knobs of the difficulty policies (flat and typed; the stage fills it from params).
+
+    Args:
+        raise_above: pool pass rate above which the level goes up.
+        lower_below: pool pass rate below which it goes down.
+        step: levels moved per decision.
+        min_level, max_level: the level stays in this range (the data's difficulties).
+        window: how many of the most recent iterations the decision looks at.
+        retire_above: tasks whose pass rate over the window is ``>=`` this are excluded
+            from the next pool (``None`` keeps every task).
+    """
+
+    raise_above: float = 0.8
+    lower_below: float = 0.2
+    step: int = 1
+    min_level: int = 0
+    max_level: int = 0
+    window: int = 1
+    retire_above: float | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 0 <= self.lower_below < self.raise_above <= 1:
+            problems.append("need 0 <= lower_below < raise_above <= 1")
+        if self.min_level > self.max_level:
+            problems.append("need min_level <= max_level")
+        if self.step < 1 or self.window < 1:
+            problems.append("step and window must be >= 1")
+        if problems:
+            raise ValueError("invalid CurriculumRule: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Decoding/training shape for one iteration."""
+
+    block_size: int
+    max_tokens: int
+
+
+@dataclass(frozen=True)
+class CurriculumDecision:
+    """What the next iteration (``iteration``) samples from, and with which shape.
+
+    ``levels`` are the difficulty levels the pool draws from; ``exclude`` the task ids
+    retired as mastered; ``pass_rate`` the window's mean per-task pass rate that drove
+    the decision (``None`` with no results); ``reason`` a human-readable why.
+    """
+
+    iteration: int
+    level: int
+    levels: tuple[int, ...]
+    exclude: tuple[str, ...]
+    schedule: Schedule
+    pass_rate: float | None
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> CurriculumDecision:
+        return cls(
+            iteration=int(d["iteration"]),
+            level=int(d["level"]),
+            levels=tuple(int(x) for x in d["levels"]),
+            exclude=tuple(str(x) for x in d["exclude"]),
+            schedule=Schedule(**d["schedule"]),
+            pass_rate=None if d.get("pass_rate") is None else float(d["pass_rate"]),
+            reason=str(d.get("reason", "")),
+        )
+
+
+# ---------------------------------------------------------------------- schedules
+def value_at(schedule: Sequence[Sequence[int]], iteration: int, default: int) -> int:
+    """Value of a ``[[from_iteration, value], ...]`` schedule at ``iteration``.
+
+    The last entry whose ``from_iteration <= iteration`` wins; before the first entry
+    (or with an empty schedule) ``default`` applies.
+
+    >>> value_at([[0, 4], [3, 8]], 2, default=4), value_at([[0, 4], [3, 8]], 5, default=4)
+    (4, 8)
+    >>> value_at([], 7, default=16)
+    16
+    """
+    value = default
+    for start, v in sorted(schedule, key=lambda e: e[0]):
+        if start <= iteration:
+            value = v
+    return value
+
+
+def schedule_problems(schedule: Sequence[Sequence[int]], name: str) -> list[str]:
+    """Problems of a ``[[from_iteration, value], ...]`` schedule (for params validation)."""
+    p = []
+    starts = []
+    for entry in schedule:
+        if len(entry) != 2:
+            p.append(f"{name}: entry {list(entry)} must be [from_iteration, value]")
+            continue
+        start, v = entry
+        if start < 0 or v < 1:
+            p.append(f"{name}: entry {list(entry)} needs from_iteration >= 0 and value >= 1")
+        starts.append(start)
+    if starts != sorted(set(starts)):
+        p.append(f"{name}: from_iteration values must be strictly increasing, got {starts}")
+    return p
+
+
+# ---------------------------------------------------------------------- policies
+def pool_pass_rate(history: Sequence[Sequence[TaskResult]], window: int) -> float | None:
+    """Mean per-task pass rate over the last ``window`` iterations (each task-iteration
+    weighs the same); ``None`` if there are no results.
+
+    >>> pool_pass_rate([[TaskResult("a", 0, 1, 2)], [TaskResult("b", 0, 4, 4)]], window=2)
+    0.75
+    """
+    rows = [r for it in list(history)[-window:] for r in it if r.total > 0]
+    return sum(r.pass_rate for r in rows) / len(rows) if rows else None
+
+
+DifficultyPolicy = Callable[[Sequence[Sequence[TaskResult]], int, CurriculumRule], tuple[int, str]]
+"""``(history, level, rule) -> (next_level, reason)``; history is oldest first."""
+
+POLICIES: dict[str, DifficultyPolicy] = {}
+
+
+def register_policy(name: str) -> Callable[[DifficultyPolicy], DifficultyPolicy]:
+    """Register a difficulty policy under ``name`` (selected by ``curriculum.policy``)."""
+
+    def deco(fn: DifficultyPolicy) -> DifficultyPolicy:
+        POLICIES[name] = fn
+        return fn
+
+    return deco
+
+
+def get_policy(name: str) -> DifficultyPolicy:
+    if name not in POLICIES:
+        raise ValueError(f"unknown curriculum policy {name!r}; valid: {', '.join(sorted(POLICIES))}")
+    return POLICIES[name]
+
+
+@register_policy("fixed")
+def fixed_level(history, level, rule):
+    return level, "fixed policy"
+
+
+@register_policy("pass_rate_band")
+def pass_rate_band(history, level, rule):
+    rate = pool_pass_rate(history, rule.window)
+    if rate is None:
+        return level, "no results: level kept"
+    if rate > rule.raise_above:
+        new = min(rule.max_level, level + rule.step)
+        why = f"pass rate {rate:.3f} > {rule.raise_above}: level up"
+    elif rate < rule.lower_below:
+        new = max(rule.min_level, level - rule.step)
+        why = f"pass rate {rate:.3f} < {rule.lower_below}: level down"
+    else:
+        return level, f"pass rate {rate:.3f} within [{rule.lower_below}, {rule.raise_above}]: level kept"
+    if new == level:
+        why += " (already at the bound)"
+    return new, why
+
+
+def retired_tasks(history: Sequence[Sequence[TaskResult]], window: int,
+                  retire_above: float | None) -> tuple[str, ...]:
+    """Task ids whose pooled pass rate over the window is ``>= retire_above`` (sorted).
+
+    >>> h = [[TaskResult("a", 0, 4, 4), TaskResult("b", 0, 1, 4)], [TaskResult("a", 0, 3, 4)]]
+    >>> retired_tasks(h, window=2, retire_above=0.8)
+    ('a',)
+    """
+    if retire_above is None:
+        return ()
+    passed: dict[str, int] = {}
+    total: dict[str, int] = {}
+    for it in list(history)[-window:]:
+        for r in it:
+            passed[r.task_id] = passed.get(r.task_id, 0) + r.passed
+            total[r.task_id] = total.get(r.task_id, 0) + r.total
+    return tuple(sorted(t for t in total if total[t] and passed[t] / total[t] >= retire_above))
+
+
+def plan_next(
+    policy: str,
+    history: Sequence[Sequence[TaskResult]],
+    *,
+    iteration: int,
+    level: int,
+    rule: CurriculumRule,
+    block_size: int,
+    max_tokens: int,
+    block_size_schedule: Sequence[Sequence[int]] = (),
+    max_tokens_schedule: Sequence[Sequence[int]] = (),
+    exclude: Sequence[str] = (),
+) -> CurriculumDecision:
+    """Decide the pool and schedule of iteration ``iteration + 1``.
+
+    Args:
+        policy: name of a registered difficulty policy (see :data:`POLICIES`).
+        history: per-iteration task results, oldest first; the last entry is
+            ``iteration``'s. Only the last ``rule.window`` entries are looked at.
+        iteration: the iteration that just finished (0-based).
+        level: the difficulty level iteration ``iteration`` sampled at.
+        rule: thresholds and bounds.
+        block_size, max_tokens: defaults (``model.block_size``, ``rollout.max_tokens``)
+            that the schedules override from their first entry on.
+        block_size_schedule, max_tokens_schedule: ``[[from_iteration, value], ...]``.
+        exclude: task ids already retired; new retirements are added to them.
+
+    Returns:
+        The decision for iteration ``iteration + 1``. With ``policy="fixed"`` and
+        ``min_level < max_level`` the pool spans all levels.
+    """
+    fn = get_policy(policy)
+    new_level, reason = fn(history, level, rule)
+    assert rule.min_level <= new_level <= rule.max_level, (
+        f"policy {policy} returned level {new_level} outside [{rule.min_level}, {rule.max_level}]"
+    )
+    levels = (
+        tuple(range(rule.min_level, rule.max_level + 1)) if policy == "fixed" else (new_level,)
+    )
+    nxt = iteration + 1
+    schedule = Schedule(
+        block_size=value_at(block_size_schedule, nxt, block_size),
+        max_tokens=value_at(max_tokens_schedule, nxt, max_tokens),
+    )
+    retired = set(exclude) | set(retired_tasks(history, rule.window, rule.retire_above))
+    return CurriculumDecision(
+        iteration=nxt,
+        level=new_level,
+        levels=levels,
+        exclude=tuple(sorted(retired)),
+        schedule=schedule,
+        pass_rate=pool_pass_rate(history, rule.window),
+        reason=reason,
+    )
+
+
+def initial_decision(
+    *,
+    level: int,
+    rule: CurriculumRule,
+    policy: str,
+    block_size: int,
+    max_tokens: int,
+    block_size_schedule: Sequence[Sequence[int]] = (),
+    max_tokens_schedule: Sequence[Sequence[int]] = (),
+) -> CurriculumDecision:
+    """The decision iteration 0 samples with (before any results exist)."""
+    get_policy(policy)
+    levels = tuple(range(rule.min_level, rule.max_level + 1)) if policy == "fixed" else (level,)
+    return CurriculumDecision(
+        iteration=0,
+        level=level,
+        levels=levels,
+        exclude=(),
+        schedule=Schedule(
+            block_size=value_at(block_size_schedule, 0, block_size),
+            max_tokens=value_at(max_tokens_schedule, 0, max_tokens),
+        ),
+        pass_rate=None,
+        reason="initial",
+    )
