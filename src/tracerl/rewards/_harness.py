@@ -13,9 +13,11 @@ Order of operations (trusted code first, then untrusted code):
 4. drop to an unprivileged uid/gid (root only), no_new_privs;
 5. block ``socket``/``ctypes`` at import level (defence in depth; the network namespace
    is the real barrier), guard ``sys.settrace``/``setprofile`` against jump tricks;
-6. run the program, then each test statement. A test passes only when its statement
+6. run the program, then each test. A ``stmt`` test passes only when its statement
    returned normally; the harness then writes ``<nonce> pass <i>`` to the result fd that
-   the host opened. Stdout is never read for function tests.
+   the host opened. An ``expr`` test (the left side of ``assert <expr> == <literal>``)
+   reports ``<nonce> value <i> <repr>`` and the host, which alone knows the expected
+   literal, compares. Stdout is never read for function tests.
 """
 
 import json
@@ -23,7 +25,31 @@ import os
 import sys
 
 
+def _init_reaper():
+    """As PID 1 of a fresh PID namespace, fork: the program must not be the namespace's
+    init (the kernel shields init from signals, including the RLIMIT_CPU kill). PID 1
+    only reaps; when it exits, the kernel kills every process left in the namespace."""
+    if os.getpid() != 1:
+        return
+    child = os.fork()
+    if child == 0:
+        return
+    for fd in range(3, 256):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    while True:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            os._exit(1)
+        if pid == child:
+            os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+
+
 def _main():  # noqa: C901 - one linear script, kept in one function so names stay local
+    _init_reaper()
     payload_fd = int(sys.argv[1])
     chunks = []
     while True:
@@ -75,6 +101,13 @@ def _main():  # noqa: C901 - one linear script, kept in one function so names st
                 new.append(e)
             sys.path[:] = new
             sys.path_importer_cache.clear()
+            for mod in list(sys.modules.values()):  # packages imported before the mount
+                paths = getattr(mod, "__path__", None)
+                if isinstance(paths, list):
+                    for j, e in enumerate(paths):
+                        for root, dst in remap.items():
+                            if e == root or e.startswith(root + "/"):
+                                paths[j] = dst + e[len(root):]
         work = "/tmp/work"
         os.mkdir(work, 0o700)
         if p["uid"] is not None:
@@ -151,7 +184,7 @@ def _main():  # noqa: C901 - one linear script, kept in one function so names st
     threading.settrace = threading.setprofile = _guard
 
     # keep private references: the program may rebind the public names
-    _exec, _compile, _write, _exit = exec, compile, os.write, os._exit
+    _exec, _eval, _compile, _write, _exit = exec, eval, compile, os.write, os._exit
     _base = BaseException
     _gettrace, _getprofile = sys.gettrace, sys.getprofile
     _flush_out = sys.stdout.flush
@@ -195,17 +228,31 @@ def _main():  # noqa: C901 - one linear script, kept in one function so names st
     except _base:  # SystemExit included: an exiting program passes nothing
         _write(rfd, nonce + b" program_error\n")
         _exit(0)
+    _repr, _str, _len = repr, str, len
     for i, t in enumerate(tests):
         if not clean():
             break
+        kind, src = t
         try:
-            _exec(_compile(t, f"<test {i}>", "exec"), ns)
+            if kind == "expr":  # the host holds the expected value and compares
+                v = _eval(_compile(src, f"<test {i}>", "eval"), ns)
+                r = _repr(v)
+                if type(r) is not _str or _len(r) > 100_000:
+                    continue
+                r = r.encode("utf-8", "replace")
+            else:
+                _exec(_compile(src, f"<test {i}>", "exec"), ns)
         except _base:
             continue
-        if clean():  # recorded only after the statement ran to completion
+        if not clean():
+            break
+        if kind == "expr":
+            _write(rfd, nonce + b" value %d " % i + r.replace(b"\n", b" ") + b"\n")
+        else:  # recorded only after the statement ran to completion
             _write(rfd, nonce + b" pass %d\n" % i)
     _write(rfd, nonce + b" done\n")
     _exit(0)
 
 
-_main()
+if __name__ == "__main__":  # run as ``python -I -c <this text>``; importing does nothing
+    _main()

@@ -1,0 +1,136 @@
+"""``arithmetic``: the embedded default task generator (offline, deterministic).
+
+Short integer problems that a tiny character-level diffusion LM trained from scratch on
+CPU can partly learn, in six levels of increasing hardness:
+
+| level | form | operands | example |
+|---|---|---|---|
+| 0 | a+b | 0..9 | ``What is 3+5?`` |
+| 1 | a+b | 10..99 | ``What is 47+38?`` |
+| 2 | a+b-c | 1..20 | ``What is 7+12-5?`` |
+| 3 | a-b (may be negative) | 10..99 | ``What is 23-58?`` |
+| 4 | a*b | 2..9 | ``What is 6*7?`` |
+| 5 | a*b+c | a, b 2..12, c 1..20 | ``What is 4*7+3?`` |
+
+Splits are decided by a hash of the problem text (about 20 % ``heldout``), so train and
+held-out problems are disjoint whatever the seed or the number asked for. Within one call
+problems are distinct while the level has enough of them (level 0 has only 100).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+
+from tracerl.data.records import TaskRecord
+
+LEVELS = range(6)
+HELDOUT_PERCENT = 20
+_PROMPT = "What is {}?"
+_EXPR_RE = re.compile(r"^What is ([0-9+\-*]+)\?$")
+
+
+def _draw(level: int, rng: random.Random) -> str:
+    r = rng.randint
+    if level == 0:
+        return f"{r(0, 9)}+{r(0, 9)}"
+    if level == 1:
+        return f"{r(10, 99)}+{r(10, 99)}"
+    if level == 2:
+        return f"{r(1, 20)}+{r(1, 20)}-{r(1, 20)}"
+    if level == 3:
+        return f"{r(10, 99)}-{r(10, 99)}"
+    if level == 4:
+        return f"{r(2, 9)}*{r(2, 9)}"
+    if level == 5:
+        return f"{r(2, 12)}*{r(2, 12)}+{r(1, 20)}"
+    raise ValueError(f"arithmetic difficulty must be in 0..5, got {level}")
+
+
+def split_of(text: str) -> str:
+    """``heldout`` for about 20 % of problem texts (by hash), else ``train``."""
+    h = int(hashlib.sha256(f"arithmetic|{text}".encode()).hexdigest()[:8], 16)
+    return "heldout" if h % 100 < HELDOUT_PERCENT else "train"
+
+
+def _steps(expr: str) -> tuple[list[str], int]:
+    """Left-to-right evaluation with ``*`` first; returns worked steps and the value."""
+    m = re.fullmatch(r"(\d+)\*(\d+)([+-]\d+)?", expr)
+    if m:
+        prod = int(m.group(1)) * int(m.group(2))
+        if m.group(3) is None:
+            return [f"{expr}={prod}"], prod
+        val = prod + int(m.group(3))
+        return [f"{m.group(1)}*{m.group(2)}={prod}", f"{prod}{m.group(3)}={val}"], val
+    toks = re.findall(r"[+-]?\d+", expr)
+    val, steps = int(toks[0]), []
+    if len(toks) == 2:
+        val += int(toks[1])
+        return [f"{expr}={val}"], val
+    for t in toks[1:]:
+        new = val + int(t)
+        steps.append(f"{val}{t if t[0] in '+-' else '+' + t}={new}")
+        val = new
+    return steps, val
+
+
+def generate(n: int, difficulty: int | list[int] = 0, seed: int = 0,
+             split: str = "train") -> list[TaskRecord]:
+    """``n`` arithmetic tasks of the given level(s) from ``split`` (``train``/``heldout``).
+
+    Levels given as a list are drawn uniformly per task. Deterministic in
+    ``(n, difficulty, seed, split)``.
+
+    Example:
+        >>> t = generate(2, difficulty=4, seed=0)
+        >>> [(x.prompt, x.answer, x.split) for x in t]  # doctest: +SKIP
+        [('What is 8*8?', '64', 'train'), ...]
+        >>> all(split_of(x.prompt) == "train" for x in generate(50, [0, 5], seed=1))
+        True
+    """
+    if split not in ("train", "heldout"):
+        raise ValueError(f"arithmetic split must be 'train' or 'heldout', got {split!r}")
+    levels = [difficulty] if isinstance(difficulty, int) else list(difficulty)
+    bad = [lv for lv in levels if lv not in LEVELS]
+    if not levels or bad:
+        raise ValueError(f"arithmetic difficulty must be in 0..5 (got {difficulty!r})")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    rng = random.Random(f"arithmetic|{seed}|{split}|{levels}")
+    out: list[TaskRecord] = []
+    seen: dict[str, int] = {}
+    tries = 0
+    while len(out) < n:
+        level = rng.choice(levels)
+        expr = _draw(level, rng)
+        prompt = _PROMPT.format(expr)
+        if split_of(prompt) != split:
+            continue
+        tries += 1
+        if prompt in seen and tries < 50 * n + 1000:  # distinct while the level allows
+            continue
+        k = seen.get(prompt, 0)
+        seen[prompt] = k + 1
+        digest = hashlib.sha256(prompt.encode()).hexdigest()[:10]
+        tid = f"arithmetic-{level}-{digest}" + (f"-{k}" if k else "")
+        out.append(TaskRecord(task_id=tid, prompt=prompt, source="arithmetic",
+                              answer=str(_steps(expr)[1]), difficulty=level, split=split))
+    return out
+
+
+def solution(prompt: str) -> str | None:
+    """Worked solution of an arithmetic prompt, ending with ``\\boxed{answer}``; ``None``
+    if the prompt is not one of this generator's.
+
+    Example:
+        >>> solution("What is 17+25?"), solution("What is 4*7+3?")
+        ('17+25=42 \\\\boxed{42}', '4*7=28, 28+3=31 \\\\boxed{31}')
+        >>> solution("What is 7+12-5?")
+        '7+12=19, 19-5=14 \\\\boxed{14}'
+    """
+    m = _EXPR_RE.match(prompt.strip()) if isinstance(prompt, str) else None
+    if not m:
+        return None
+    steps, val = _steps(m.group(1))
+    return ", ".join(steps) + f" \\boxed{{{val}}}"

@@ -1,0 +1,112 @@
+"""Rollouts -> scored rows: correctness, reward, group advantage, kept flag, metrics.
+
+What the reward stage computes (spec section 3.2/3.3, with the fixes of DESIGN.md):
+math responses are verified with math-verify, a response that hit the token budget
+(``finish_reason == "length"``) is wrong when ``overlong_is_wrong``; code responses run in
+the sandbox (reward = fraction of tests passed). Advantages are group z-scores per task
+(:mod:`tracerl.rewards.advantages`). Rows whose task is unknown or has neither answer
+nor tests are kept in the table (``kept = False``, reward 0) and counted, never a crash.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+
+from tracerl.data.records import TaskRecord
+from tracerl.rewards.advantages import compute_group_advantages
+from tracerl.rewards.code import score_code_batch
+from tracerl.rewards.math_answers import score_math
+from tracerl.rewards.sandbox import SandboxLimits
+
+
+def score_rollouts(
+    rollouts: pl.DataFrame,
+    tasks: dict[str, TaskRecord],
+    *,
+    group_filter: str = "zero_variance",
+    filter_low: float = 0.2,
+    filter_high: float = 0.8,
+    overlong_is_wrong: bool = True,
+    verify_timeout_s: float = 5.0,
+    code_limits: SandboxLimits | None = None,
+    code_workers: int = 4,
+    estimator: str = "zscore",
+) -> tuple[pl.DataFrame, dict[str, float]]:
+    """Score every rollout row and compute group advantages.
+
+    Args:
+        rollouts: rows in the ROLLOUT schema (``task_id``, ``response_text``,
+            ``response_ids``, ``finish_reason``, ...).
+        tasks: task records by ``task_id``.
+
+    Returns:
+        ``(scored, metrics)``: ``scored`` is ``rollouts`` plus ``correct``, ``reward``,
+        ``advantage``, ``kept`` and a null ``token_rewards``; metrics are ``accuracy``,
+        ``mean_response_tokens``, ``filtered_group_fraction``, ``zero_variance_fraction``
+        and counts (``num_responses``, ``num_groups``, ``kept_responses``,
+        ``overlong_responses``, ``empty_responses``, ``no_answer_responses``,
+        ``skipped_unknown_task``, ``skipped_invalid_task``).
+    """
+    n = rollouts.height
+    ids = rollouts["task_id"].to_list()
+    texts = rollouts["response_text"].to_list()
+    finish = rollouts["finish_reason"].to_list()
+    correct = np.zeros(n, dtype=bool)
+    reward = np.zeros(n, dtype=np.float64)
+    valid = np.zeros(n, dtype=bool)
+    counts = dict.fromkeys(("skipped_unknown_task", "skipped_invalid_task", "overlong_responses",
+                            "empty_responses", "no_answer_responses"), 0)
+    code_rows: list[int] = []
+    for i in range(n):
+        task = tasks.get(ids[i])
+        text = texts[i] if isinstance(texts[i], str) else ""
+        counts["empty_responses"] += int(not text.strip())
+        counts["overlong_responses"] += int(finish[i] == "length")
+        if task is None:
+            counts["skipped_unknown_task"] += 1
+            continue
+        if task.problems():
+            counts["skipped_invalid_task"] += 1
+            continue
+        valid[i] = True
+        if task.tests is not None:
+            code_rows.append(i)
+            continue
+        s = score_math(text, task.answer, truncated=finish[i] == "length",
+                       overlong_is_wrong=overlong_is_wrong, timeout_s=verify_timeout_s)
+        counts["no_answer_responses"] += int(s.reason == "no_answer")
+        correct[i], reward[i] = s.correct, float(s.correct)
+    if code_rows:
+        scores = score_code_batch([texts[i] for i in code_rows],
+                                  [tasks[ids[i]].tests for i in code_rows],  # type: ignore[misc]
+                                  code_limits, code_workers)
+        for i, s in zip(code_rows, scores):
+            correct[i], reward[i] = s.correct, s.reward
+            counts["no_answer_responses"] += int(s.result is None)
+    vidx = np.flatnonzero(valid)
+    g = compute_group_advantages(reward[vidx], np.asarray(ids, dtype=object)[vidx].astype(str),
+                                 correct[vidx], estimator=estimator, group_filter=group_filter,
+                                 low=filter_low, high=filter_high)
+    adv = np.zeros(n)
+    kept = np.zeros(n, dtype=bool)
+    adv[vidx], kept[vidx] = g.advantages, g.kept
+    # response_len counts the tokens through EOS (the id lists run to the end of the block)
+    lengths = (rollouts["response_len"] if "response_len" in rollouts.columns
+               else rollouts["response_ids"].list.len()).to_numpy() if n else np.zeros(0)
+    scored = rollouts.with_columns(
+        pl.Series("correct", correct, dtype=pl.Boolean),
+        pl.Series("reward", reward, dtype=pl.Float32),
+        pl.Series("advantage", adv, dtype=pl.Float32),
+        pl.Series("kept", kept, dtype=pl.Boolean),
+        pl.lit(None, dtype=pl.List(pl.Float32)).alias("token_rewards"),
+    )
+    metrics = {
+        "accuracy": float(correct[vidx].mean()) if vidx.size else 0.0,
+        "mean_reward": float(reward[vidx].mean()) if vidx.size else 0.0,
+        "mean_response_tokens": float(lengths.mean()) if n else 0.0,
+        "num_responses": n,
+        **g.metrics,
+        **counts,
+    }
+    return scored, metrics

