@@ -149,7 +149,9 @@ def test_infinite_loop_times_out_within_limits():
         t0 = time.monotonic()
         r = run_function_tests(code, ["assert True"], lim)
         assert r.passed == (False,) and r.status in ("timeout", "killed")
-        assert time.monotonic() - t0 < lim.wall_s + 1.5
+        # killed at the wall limit, far before the program would end by itself (100 s);
+        # the margin absorbs start-up under a loaded machine
+        assert time.monotonic() - t0 < lim.wall_s + 10
     _no_strays()
 
 
