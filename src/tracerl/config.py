@@ -127,15 +127,28 @@ class DataParams:
 
 @dataclass(frozen=True)
 class SFTParams:
+    # semi_ar: block SFT (block models); trace: TraceRL rounds from step maps (or left to
+    # right); random_masking: full-attention SFT (LLaDA/Dream)
     method: Literal["semi_ar", "trace", "random_masking"] = "semi_ar"
-    steps: int = 600
-    batch_size: int = 32
+    steps: int = 600  # optimizer steps
+    batch_size: int = 32  # examples per optimizer step (micro_batch x grad_accum x ranks)
+    grad_accum: int = 1
     lr: float = 1e-3
     warmup_steps: int = 20
+    schedule: Literal["constant", "cosine"] = "cosine"  # cosine decays over `steps`
+    min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     lower_p: float = 0.1
     upper_p: float = 0.9
+    mask_times: int = 1  # random_masking: rows per example
+    shrink: int = 1  # trace: merge s neighbouring steps
+    max_len: int = 0  # skip examples with prompt + response longer (0 = no limit)
+    normalize: Literal["tokens", "padded"] = "tokens"  # reference: padded
     max_grad_norm: float = 1.0
+    bf16: bool = False  # bf16 autocast
+    gradient_checkpointing: bool = False
+    zero_stage: int = 0  # 0 = off; 2/3 = DeepSpeed ZeRO (multi-process launch)
+    seed: int = 0
 
     def problems(self) -> list[str]:
         p = []
@@ -143,8 +156,15 @@ class SFTParams:
             p.append("sft.lower_p and sft.upper_p must satisfy 0 <= lower_p <= upper_p <= 1")
         if self.steps < 0 or self.batch_size < 1:
             p.append("sft.steps must be >= 0 and sft.batch_size >= 1")
+        if self.grad_accum < 1 or self.batch_size % self.grad_accum:
+            p.append(f"sft.batch_size ({self.batch_size}) must be a multiple of sft.grad_accum "
+                     f"({self.grad_accum})")
         if self.lr <= 0:
             p.append("sft.lr must be > 0")
+        if self.mask_times < 1 or self.shrink < 1:
+            p.append("sft.mask_times and sft.shrink must be >= 1")
+        if self.zero_stage not in (0, 2, 3):
+            p.append("sft.zero_stage must be 0 (off), 2 or 3")
         return p
 
 
@@ -219,13 +239,30 @@ class PolicyParams:
     max_grad_norm: float = 1.0
     lower_p: float = 0.1  # random_masking / coupled mask-probability range
     upper_p: float = 0.9
+    mask_times: int = 1  # random_masking / coupled rows per sample (full-attention models)
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    schedule: Literal["constant", "cosine"] = "constant"  # over the whole run, never reset
+    total_steps: int = 0  # cosine horizon in optimizer steps of the run
+    min_lr_ratio: float = 0.0
+    copies_per_row: int = 0  # noisy copies packed per row (0 = all rounds; 1 = reference)
+    max_len: int = 0  # skip (and count) samples with prompt + response longer (0 = no limit)
+    shuffle: bool = True
+    bf16: bool = False  # bf16 autocast; log-softmax stays fp32
+    gradient_checkpointing: bool = False
+    zero_stage: int = 0  # 0 = off; 2/3 = DeepSpeed ZeRO (multi-process launch)
+    seed: int = 0
 
     def problems(self) -> list[str]:
         p = []
         if self.lr <= 0:
             p.append("policy.lr must be > 0")
+        if self.schedule == "cosine" and self.total_steps < 1:
+            p.append("policy.schedule 'cosine' needs policy.total_steps >= 1")
+        if self.zero_stage not in (0, 2, 3):
+            p.append("policy.zero_stage must be 0 (off), 2 or 3")
+        if self.copies_per_row < 0 or self.max_len < 0 or self.mask_times < 1:
+            p.append("policy.copies_per_row and max_len must be >= 0, mask_times >= 1")
         if not 0 < self.eps < 1:
             p.append("policy.eps must be in (0, 1)")
         if self.beta < 0:
@@ -247,7 +284,19 @@ class ValueParams:
     clip: float = 0.2  # value clip range
     epochs: int = 1
     micro_batch: int = 16
-    train_every: int = 1
+    grad_accum: int = 1
+    train_every: int = 1  # train the value model every k iterations (advantages always)
+    shrink: int = 1  # merge s neighbouring decode steps (GAE time steps)
+    copies_per_row: int = 0
+    max_len: int = 0
+    normalize: Literal["tokens", "padded"] = "tokens"  # reference: padded
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    zero_stage: int = 0
+    seed: int = 0
 
     def problems(self) -> list[str]:
         p = []
@@ -255,6 +304,12 @@ class ValueParams:
             p.append("value.gamma and value.lam must be in [0, 1]")
         if self.lr <= 0:
             p.append("value.lr must be > 0")
+        if self.micro_batch < 1 or self.grad_accum < 1 or self.epochs < 1 or self.train_every < 1:
+            p.append("value.micro_batch, grad_accum, epochs and train_every must be >= 1")
+        if self.shrink < 1 or self.clip <= 0:
+            p.append("value.shrink must be >= 1 and value.clip > 0")
+        if self.zero_stage not in (0, 2, 3):
+            p.append("value.zero_stage must be 0 (off), 2 or 3")
         return p
 
 

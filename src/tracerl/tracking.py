@@ -65,8 +65,10 @@ class Tracker(Protocol):
         parent_run_id: str | None = None,
         tags: Mapping[str, Any] | None = None,
         run_id: str | None = None,
+        end_on_exit: bool | None = None,
     ) -> contextlib.AbstractContextManager[str]:
-        """Open (or, with ``run_id``, resume) a run; yields its id."""
+        """Open (or, with ``run_id``, resume) a run; yields its id. The run is ended on
+        exit if it was created here (or ``end_on_exit``); always on an exception."""
         ...
 
     @property
@@ -131,7 +133,8 @@ class NullTracker:
         self._run: str | None = None
 
     @contextlib.contextmanager
-    def start_run(self, name, *, parent_run_id=None, tags=None, run_id=None) -> Iterator[str]:
+    def start_run(self, name, *, parent_run_id=None, tags=None, run_id=None,
+                  end_on_exit=None) -> Iterator[str]:
         prev, self._run = self._run, run_id or "null"
         try:
             yield self._run
@@ -224,23 +227,24 @@ class MlflowTracker:
         parent_run_id: str | None = None,
         tags: Mapping[str, Any] | None = None,
         run_id: str | None = None,
+        end_on_exit: bool | None = None,
     ) -> Iterator[str]:
         """Open a run (a child of ``parent_run_id`` when given) or resume ``run_id``.
 
-        The run ends ``FINISHED``, or ``FAILED`` when the body raises (also on
-        KeyboardInterrupt, reported as ``KILLED``). A resumed run (``run_id``) is left
-        running on success: its opener ends it.
+        The run ends ``FINISHED``, or ``FAILED`` when the body raises (``KILLED`` on
+        KeyboardInterrupt). A resumed run (``run_id``) is left running on success unless
+        ``end_on_exit``: its opener ends it.
         """
         if run_id is not None:
             self.client.get_run(run_id)  # fails clearly if the id is unknown
-            owned = False
+            owned = bool(end_on_exit)
         else:
             all_tags = {str(k): str(v) for k, v in (tags or {}).items()}
             if parent_run_id:
                 all_tags[PARENT_TAG] = parent_run_id
             run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
             run_id = run.info.run_id
-            owned = True
+            owned = end_on_exit is not False
         self._stack.append(run_id)
         try:
             yield run_id

@@ -1,0 +1,273 @@
+"""Run planned stage calls: resume, tracking, timing, DVC metrics and learning curves.
+
+The :class:`Orchestrator` is plain Python. The Prefect flow (``flows/tracerl_flow.py``)
+wraps each :meth:`Orchestrator.run_call` in a task; the DVC stages call the same code
+through the flow module's CLI. It never touches tensors: a call's result is its output
+folder and the numbers of its ``metrics.json``.
+
+For each call it
+
+1. skips the call when its output is complete and stamped with the call's key (resume);
+2. opens an MLflow child run of the pipeline's parent run (``mlflow.parentRunId``) and
+   logs the stage's ``params.yaml`` sections;
+3. runs the stage through the runner, passing the run ids in the environment;
+4. checks the manifest exists, stamps the key, logs ``metrics.json`` (to the child at
+   ``step=iteration``, and to the parent as ``<stage>.<metric>``), the stage's seconds,
+   the manifest, any ``*.html`` page (trajectory viewer) and checkpoint folders;
+5. ends the child run FINISHED, or FAILED when the stage failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tracerl.pipeline.artifacts import MANIFEST, METRICS, is_complete, read_manifest, read_metrics
+from tracerl.pipeline.layout import (
+    ITERATION_STAGES,
+    STAGE_SECTIONS,
+    RunLayout,
+    StageCall,
+    is_done,
+    stamp_key,
+)
+from tracerl.pipeline.runners import Runner, StageFailed
+from tracerl.tracking import (
+    PARENT_RUN_ENV,
+    RUN_ID_ENV,
+    TRACKING_URI_ENV,
+    MlflowTracker,
+    Tracker,
+    numeric_metrics,
+)
+
+CHECKPOINT_STAGES = ("sft", "policy", "value")  # their checkpoint folders are logged
+CHECKPOINT_DIRS = ("checkpoint", "model")
+
+
+@dataclass
+class StageResult:
+    """What a task returns: paths and numbers, never tensors."""
+
+    label: str
+    out: str
+    skipped: bool
+    seconds: float  # wall time of the runner call (0 when skipped)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def git_sha(cwd: str | os.PathLike | None = None) -> str:
+    """The project's commit (read-only ``git rev-parse``), or ``unknown``."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _clean_temp(out: Path) -> None:
+    """Remove temp folders a killed stage left beside ``out`` (``.<name>.tmp-<pid>``)."""
+    if out.parent.is_dir():
+        for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=float))
+    os.replace(tmp, path)
+
+
+class Orchestrator:
+    """Executes :class:`StageCall` s of one pipeline run.
+
+    Args:
+        params: validated ``tracerl.config.Params``.
+        params_path: the ``params.yaml`` the stages read.
+        layout: the run's folders.
+        runner: where stages run.
+        tracker: where runs are recorded (the parent run must be current while calls
+            run: use :meth:`parent_run`).
+    """
+
+    def __init__(self, params: Any, params_path: str | os.PathLike, layout: RunLayout,
+                 runner: Runner, tracker: Tracker):
+        self.params = params
+        self.params_dict = params.to_dict()
+        self.params_path = Path(params_path)
+        self.layout = layout
+        self.runner = runner
+        self.tracker = tracker
+        self.parent_run_id: str | None = None
+
+    # ------------------------------------------------------------------ parent run
+    def parent_run(self, plan_key: str, tags: Mapping[str, Any] | None = None):
+        """Context manager: open the pipeline's parent run, or reopen the one recorded in
+        ``tracking.json`` for the same ``plan_key`` (a resumed or continued run)."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def cm():
+            existing = None
+            if self.layout.tracking.is_file():
+                rec = json.loads(self.layout.tracking.read_text())
+                if rec.get("plan_key") == plan_key and rec.get("tracking_uri") == self._uri():
+                    existing = rec.get("parent_run_id")
+            if existing and isinstance(self.tracker, MlflowTracker):
+                try:
+                    self.tracker.client.update_run(existing, status="RUNNING")
+                except Exception:  # deleted run, other backend: start a new one
+                    existing = None
+            all_tags = {"tracerl.run": self.layout.root.name, "tracerl.runner": self.runner.name,
+                        "tracerl.plan_key": plan_key, "mlflow.source.git.commit": git_sha(),
+                        **(tags or {})}
+            if existing:
+                ctx = self.tracker.start_run(self.layout.root.name, run_id=existing,
+                                             end_on_exit=True)
+            else:
+                ctx = self.tracker.start_run(self.layout.root.name, tags=all_tags)
+            with ctx as rid:
+                self.parent_run_id = rid
+                if not existing:
+                    self.tracker.log_params(self.params_dict)
+                    _write_json(self.layout.tracking, {"parent_run_id": rid, "plan_key": plan_key,
+                                                       "tracking_uri": self._uri()})
+                try:
+                    yield rid
+                finally:
+                    self.parent_run_id = None
+
+        return cm()
+
+    def _uri(self) -> str:
+        return getattr(self.tracker, "tracking_uri", "")
+
+    # ------------------------------------------------------------------ one call
+    def run_call(self, call: StageCall) -> StageResult:
+        """Run ``call`` unless it is already done; see the module docstring."""
+        if is_done(call):
+            return StageResult(call.label, str(call.out), True, 0.0, read_metrics(call.out))
+        _clean_temp(call.out)
+        tags = {"tracerl.stage": call.stage, "tracerl.runner": self.runner.name,
+                "tracerl.key": call.key}
+        if call.iteration is not None:
+            tags["tracerl.iteration"] = call.iteration
+        with self.tracker.start_run(call.label, parent_run_id=self.parent_run_id,
+                                    tags=tags) as child:
+            self.tracker.log_params({s: self.params_dict[s] for s in STAGE_SECTIONS[call.stage]})
+            env = {RUN_ID_ENV: child, "TRACERL_TRACKER": self.params.run.tracker}
+            if self.parent_run_id and self.params.run.tracker != "null":
+                env[PARENT_RUN_ENV] = self.parent_run_id
+            if self._uri():
+                env[TRACKING_URI_ENV] = self._uri()
+            t0 = time.perf_counter()
+            self.runner.run(call, self.params_path, env)
+            seconds = time.perf_counter() - t0
+            if not is_complete(call.out):
+                raise StageFailed(call, f"it exited 0 but wrote no {MANIFEST}")
+            stamp_key(call)
+            metrics = read_metrics(call.out)
+            step = call.iteration if call.iteration is not None else 0
+            self.tracker.log_metrics({**metrics, "seconds": seconds}, step=step)
+            self._log_outputs(call)
+        if self.parent_run_id:
+            self.tracker.log_metrics(
+                {f"{call.stage}.{k}": v for k, v in {**metrics, "seconds": seconds}.items()},
+                step=step,
+            )
+        return StageResult(call.label, str(call.out), False, seconds, metrics)
+
+    def _log_outputs(self, call: StageCall) -> None:
+        for name in (MANIFEST, METRICS):
+            if (call.out / name).is_file():
+                self.tracker.log_artifact(call.out / name)
+        for page in sorted(call.out.glob("*.html")):
+            self.tracker.log_artifact(page)
+        if call.stage in CHECKPOINT_STAGES:
+            for d in CHECKPOINT_DIRS:
+                if (call.out / d).is_dir():
+                    self.tracker.log_artifact(call.out / d, artifact_path=d)
+
+    # ------------------------------------------------------------------ summaries
+    def record_iteration(self, i: int, wall_seconds: float | None) -> dict[str, Any]:
+        """After iteration ``i``: write its timing, rebuild the learning curves and the
+        rl DVC metrics; log iteration-level metrics to the parent run. Returns the row.
+
+        ``wall_seconds`` is the orchestrator-side wall time of the iteration (None when
+        it was entirely skipped on resume: the recorded timing is kept).
+        """
+        timing = self.layout.iteration(i) / "timing.json"
+        work = sum(
+            read_manifest(self.layout.stage_dir(s, i)).get("seconds", 0.0)
+            for s in ITERATION_STAGES if is_complete(self.layout.stage_dir(s, i))
+        )
+        if wall_seconds is not None:
+            _write_json(timing, {"wall_seconds": wall_seconds, "stage_seconds": work,
+                                 "overhead_fraction": max(0.0, 1 - work / wall_seconds)
+                                 if wall_seconds > 0 else 0.0})
+        rows = self.write_curves()
+        row = next((r for r in rows if r["iteration"] == i), {"iteration": i})
+        if self.parent_run_id and wall_seconds is not None:
+            self.tracker.log_metrics(
+                {k: v for k, v in row.items() if k.startswith("iteration.")}, step=i
+            )
+        return row
+
+    def curve_row(self, i: int) -> dict[str, Any]:
+        row: dict[str, Any] = {"iteration": i}
+        for s in (*ITERATION_STAGES, "evaluate"):
+            d = self.layout.stage_dir(s, i)
+            if is_complete(d):
+                for k, v in numeric_metrics(read_metrics(d)).items():
+                    row[f"{s}.{k}"] = v
+                row[f"{s}.seconds"] = read_manifest(d).get("seconds", 0.0)
+        t = self.layout.iteration(i) / "timing.json"
+        if t.is_file():
+            for k, v in json.loads(t.read_text()).items():
+                row[f"iteration.{k}"] = v
+        return row
+
+    def write_curves(self) -> list[dict[str, Any]]:
+        """Rebuild ``plots/rl_curves.json`` and ``metrics/rl.json`` from the finished
+        iterations (idempotent, so a resumed run writes the same files)."""
+        rows = [self.curve_row(i) for i in self.layout.iterations_done()]
+        _write_json(self.layout.curves, rows)
+        summary: dict[str, Any] = {"iterations": len(rows)}
+        if rows:
+            summary.update({k: v for k, v in rows[-1].items() if k != "iteration"})
+        if is_complete(self.layout.baseline_eval):
+            summary["baseline"] = numeric_metrics(read_metrics(self.layout.baseline_eval))
+        _write_json(self.layout.dvc_metrics("rl"), summary)
+        return rows
+
+    def write_stage_metrics(self, dvc_stage: str, out: Path) -> None:
+        """Copy a coarse stage's ``metrics.json`` to ``metrics/<dvc_stage>.json``."""
+        _write_json(self.layout.dvc_metrics(dvc_stage), read_metrics(out))
+
+    def register_final(self, policy_dir: Path) -> str | None:
+        """Register the final policy's checkpoint in the model registry (once per parent
+        run; ``run.registered_model: ""`` disables it). Returns the version."""
+        name = self.params.run.registered_model
+        if not name or not self.parent_run_id:
+            return None
+        marker = self.layout.root / "registered.json"
+        if marker.is_file():
+            rec = json.loads(marker.read_text())
+            if rec.get("parent_run_id") == self.parent_run_id:
+                return rec.get("version")
+        folder = next((policy_dir / d for d in CHECKPOINT_DIRS if (policy_dir / d).is_dir()),
+                      policy_dir)
+        version = self.tracker.register_model(folder, name)
+        self.tracker.set_tags({"tracerl.registered_model": f"{name}/{version}"})
+        _write_json(marker, {"parent_run_id": self.parent_run_id, "name": name,
+                             "version": version})
+        return version

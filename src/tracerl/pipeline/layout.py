@@ -1,0 +1,291 @@
+"""Where every stage's output lives, and the plan of stage calls of a pipeline run.
+
+One folder per pipeline run, ``<runs_dir>/<run.name>/``::
+
+    prepare/                       train / held-out task sets, SFT data   (dvc stage prepare)
+    sft/                           the SFT policy                          (dvc stage sft)
+    rl/                            everything of the RL loop               (dvc stage rl)
+      baseline/evaluate/           the SFT policy scored before any RL
+      iter_<i>/rollout/            rollouts.parquet
+      iter_<i>/reward/             scored.parquet
+      iter_<i>/value/              value model + token advantages (policy.use_value only)
+      iter_<i>/policy/             policy_{i+1}
+      iter_<i>/curriculum/         decision.json: pool and schedule of iteration i+1
+      iter_<i>/evaluate/           every run.eval_every iterations (not after the last)
+    evaluate/                      the final policy scored                 (dvc stage evaluate)
+    metrics/<dvc stage>.json       DVC metrics (outside the outs: DVC forbids overlap)
+    plots/rl_curves.json           DVC plots: one row per RL iteration
+    tracking.json                  the MLflow parent run, reused when a run resumes
+
+Every stage folder is written by :func:`tracerl.pipeline.artifacts.stage_output` (temp
+folder renamed on success, manifest last). The orchestrator then stamps the manifest
+with the call's **key**: a digest of the stage, its iteration, the ``params.yaml``
+sections it reads and the keys of its inputs (a Merkle chain). A folder counts as done
+only when its manifest carries the key of the current plan, so a resumed run continues at
+the first unfinished stage, and a changed parameter re-runs exactly the stages downstream
+of it (the same rule DVC applies to the coarse stages).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tracerl.pipeline.artifacts import MANIFEST, is_complete, read_manifest
+
+# params.yaml sections each stage reads: its DVC ``params:`` and its key.
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "prepare": ("data",),
+    "sft": ("model", "sft"),
+    "rollout": ("model", "rollout"),
+    "reward": ("reward", "rollout"),
+    "value": ("model", "value"),
+    "policy": ("model", "policy"),
+    "curriculum": ("curriculum", "data", "model", "rollout"),
+    "evaluate": ("evaluate", "model", "rollout"),
+}
+ITERATION_STAGES = ("rollout", "reward", "value", "policy", "curriculum")
+KEY_FIELD = "tracerl_key"  # manifest field stamped by the orchestrator
+
+
+@dataclass(frozen=True)
+class StageCall:
+    """One invocation of a stage CLI.
+
+    ``inputs`` maps an input name to one or more artifact folders; ``iteration`` is None
+    for stages outside the RL loop. ``key`` identifies the call's parameters and inputs.
+    """
+
+    stage: str
+    out: Path
+    iteration: int | None = None
+    inputs: Mapping[str, tuple[Path, ...]] = field(default_factory=dict)
+    key: str = ""
+
+    @property
+    def label(self) -> str:
+        """``rollout[3]``, ``sft``: the task name in Prefect and the run name in MLflow."""
+        return self.stage if self.iteration is None else f"{self.stage}[{self.iteration}]"
+
+    def argv(self, params_path: str | os.PathLike, path_map=None) -> list[str]:
+        """The stage CLI's arguments (see :mod:`tracerl.pipeline.stage_cli`).
+
+        ``path_map`` rewrites host paths (the container runner maps them into the
+        container's file system).
+        """
+        m = path_map or (lambda p: str(p))
+        argv = ["--params", m(Path(params_path)), "--out", m(self.out)]
+        if self.iteration is not None:
+            argv += ["--iteration", str(self.iteration)]
+        for name, paths in self.inputs.items():
+            for p in paths:
+                argv += ["--input", f"{name}={m(p)}"]
+        return argv
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Paths of one pipeline run, rooted at ``<runs_dir>/<name>``."""
+
+    root: Path
+
+    @classmethod
+    def from_params(cls, params: Any, base: str | os.PathLike | None = None,
+                    name: str | None = None) -> RunLayout:
+        """``base/<params.run.runs_dir>/<name or params.run.name>`` (base: cwd)."""
+        runs = Path(params.run.runs_dir)
+        if not runs.is_absolute() and base is not None:
+            runs = Path(base) / runs
+        return cls(runs / (name or params.run.name))
+
+    @property
+    def prepare(self) -> Path:
+        return self.root / "prepare"
+
+    @property
+    def sft(self) -> Path:
+        return self.root / "sft"
+
+    @property
+    def rl(self) -> Path:
+        return self.root / "rl"
+
+    @property
+    def evaluate(self) -> Path:
+        return self.root / "evaluate"
+
+    @property
+    def baseline_eval(self) -> Path:
+        return self.rl / "baseline" / "evaluate"
+
+    def iteration(self, i: int) -> Path:
+        return self.rl / f"iter_{i}"
+
+    def stage_dir(self, stage: str, iteration: int | None = None) -> Path:
+        if iteration is None:
+            return self.root / stage
+        return self.iteration(iteration) / stage
+
+    def dvc_metrics(self, dvc_stage: str) -> Path:
+        return self.root / "metrics" / f"{dvc_stage}.json"
+
+    @property
+    def curves(self) -> Path:
+        return self.root / "plots" / "rl_curves.json"
+
+    @property
+    def tracking(self) -> Path:
+        return self.root / "tracking.json"
+
+    def iterations_done(self) -> list[int]:
+        """Iterations whose curriculum stage finished (sorted)."""
+        done = []
+        if self.rl.is_dir():
+            for d in self.rl.glob("iter_*"):
+                suffix = d.name.removeprefix("iter_")
+                if suffix.isdigit() and is_complete(d / "curriculum"):
+                    done.append(int(suffix))
+        return sorted(done)
+
+
+# ---------------------------------------------------------------------- keys
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def stage_key(stage: str, iteration: int | None, params: Mapping[str, Any],
+              input_keys: Iterable[str], seed: int) -> str:
+    """Digest of what a call's output depends on: stage, iteration, seed, the params
+    sections it reads (``params`` is ``Params.to_dict()``) and its inputs' keys."""
+    sections = {s: params[s] for s in STAGE_SECTIONS[stage]}
+    return _digest([stage, iteration, seed, sections, sorted(input_keys)])
+
+
+def is_done(call: StageCall) -> bool:
+    """True when ``call.out`` finished and its manifest carries ``call.key``."""
+    if not is_complete(call.out):
+        return False
+    return read_manifest(call.out).get(KEY_FIELD) == call.key
+
+
+def first_unfinished(calls: Sequence[StageCall]) -> int | None:
+    """Index of the first call that is not done (None when all are): where a resumed run
+    starts. Later calls depend on it, so they run again too.
+
+    >>> first_unfinished([]) is None
+    True
+    """
+    for i, c in enumerate(calls):
+        if not is_done(c):
+            return i
+    return None
+
+
+# ---------------------------------------------------------------------- the plan
+class Planner:
+    """Builds the :class:`StageCall` of each stage of a run, chaining keys.
+
+    Calls must be requested in dependency order (prepare, sft, then iterations in order),
+    which is the order the flow runs them in.
+
+    Args:
+        params: a validated ``tracerl.config.Params``.
+        layout: where the run's folders live.
+    """
+
+    def __init__(self, params: Any, layout: RunLayout):
+        self.params = params
+        self.p = params.to_dict()
+        self.layout = layout
+        self.keys: dict[Path, str] = {}
+
+    def _call(self, stage: str, iteration: int | None, out: Path,
+              inputs: Mapping[str, Sequence[Path]]) -> StageCall:
+        ins = {k: tuple(v) for k, v in inputs.items() if v}
+        missing = [str(p) for v in ins.values() for p in v if p not in self.keys]
+        assert not missing, f"{stage}: inputs planned out of order: {missing}"
+        key = stage_key(stage, iteration, self.p, [self.keys[p] for v in ins.values() for p in v],
+                        self.params.run.seed)
+        self.keys[out] = key
+        return StageCall(stage, out, iteration, ins, key)
+
+    def prepare(self) -> StageCall:
+        return self._call("prepare", None, self.layout.prepare, {})
+
+    def sft(self) -> StageCall:
+        return self._call("sft", None, self.layout.sft, {"data": [self.layout.prepare]})
+
+    def policy_before(self, i: int) -> Path:
+        """The policy that samples iteration ``i``: SFT for 0, else iteration i-1's update."""
+        return self.layout.sft if i == 0 else self.layout.stage_dir("policy", i - 1)
+
+    def iteration(self, i: int) -> list[StageCall]:
+        """rollout -> reward -> [value] -> policy -> curriculum of iteration ``i``."""
+        L, pol = self.layout, self.policy_before(i)
+        prev_cur = [L.stage_dir("curriculum", i - 1)] if i > 0 else []
+        calls = [
+            self._call("rollout", i, L.stage_dir("rollout", i),
+                       {"data": [L.prepare], "policy": [pol], "curriculum": prev_cur}),
+            self._call("reward", i, L.stage_dir("reward", i),
+                       {"data": [L.prepare], "rollout": [L.stage_dir("rollout", i)]}),
+        ]
+        value = []
+        if self.params.policy.use_value:
+            prev_value = [L.stage_dir("value", i - 1)] if i > 0 else []
+            calls.append(self._call("value", i, L.stage_dir("value", i),
+                                    {"scored": [L.stage_dir("reward", i)], "policy": [pol],
+                                     "value": prev_value}))
+            value = [L.stage_dir("value", i)]
+        calls.append(self._call("policy", i, L.stage_dir("policy", i),
+                                {"scored": [L.stage_dir("reward", i)], "policy": [pol],
+                                 "reference": [L.sft], "value": value}))
+        window = self.params.curriculum.window
+        history = [L.stage_dir("reward", j) for j in range(max(0, i - window + 1), i + 1)]
+        calls.append(self._call("curriculum", i, L.stage_dir("curriculum", i),
+                                {"data": [L.prepare], "scored": history,
+                                 "curriculum": prev_cur}))
+        return calls
+
+    def evaluate(self, after: int | None, final: bool = False) -> StageCall:
+        """Evaluate the policy after iteration ``after`` (None: the SFT policy, i.e. the
+        baseline). ``final`` writes to the run's top-level ``evaluate/`` (dvc stage)."""
+        L = self.layout
+        if after is None:
+            policy, cur, out = L.sft, [], L.baseline_eval
+        else:
+            policy, cur = L.stage_dir("policy", after), [L.stage_dir("curriculum", after)]
+            out = L.evaluate if final else L.stage_dir("evaluate", after)
+        return self._call("evaluate", after, out,
+                          {"data": [L.prepare], "policy": [policy], "curriculum": cur})
+
+    def eval_after(self, i: int) -> bool:
+        """Periodic evaluation inside the loop: every ``run.eval_every`` iterations, but
+        not after the last one (the final evaluation covers it)."""
+        n, k = self.params.run.iterations, self.params.run.eval_every
+        return (i + 1) % k == 0 and i + 1 < n
+
+
+def plan_all(params: Any, layout: RunLayout) -> list[StageCall]:
+    """Every call of a full run, in execution order (the flow runs this order)."""
+    pl = Planner(params, layout)
+    calls = [pl.prepare(), pl.sft(), pl.evaluate(None)]
+    for i in range(params.run.iterations):
+        calls += pl.iteration(i)
+        if pl.eval_after(i):
+            calls.append(pl.evaluate(i))
+    calls.append(pl.evaluate(params.run.iterations - 1, final=True))
+    return calls
+
+
+def stamp_key(call: StageCall) -> None:
+    """Record ``call.key`` in the finished output's manifest (atomic rewrite)."""
+    m = read_manifest(call.out)
+    m[KEY_FIELD] = call.key
+    tmp = call.out / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(m, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, call.out / MANIFEST)

@@ -1,0 +1,276 @@
+"""Where a stage runs: in this process, in a subprocess, or in a container.
+
+Prefect decides *where and how* a stage runs; a runner is the "how". All three start the
+same stage CLI (:mod:`tracerl.pipeline.stage_cli`) with the same arguments and the same
+tracking environment (``TRACERL_PARENT_RUN_ID``, ``TRACERL_RUN_ID``,
+``MLFLOW_TRACKING_URI``), so a stage cannot tell them apart:
+
+- :class:`InProcessRunner` imports ``stages.<name>`` and calls ``main(argv)``. The
+  embedded default: no interpreter start-up per stage, and a stage module may keep its
+  model in memory between calls (e.g. rollout and evaluate sharing a loaded policy).
+- :class:`SubprocessRunner` runs ``python -m stages.<name> ...``: isolation (a crashing
+  or leaking stage cannot take the flow with it), same machine.
+- :class:`ContainerRunner` runs the stage in its image through the docker SDK: paths,
+  the iteration and a read-only ``params.yaml`` mount, never hyperparameters as flags;
+  GPU stages get ``device_requests``. :meth:`ContainerRunner.spec` is the exact
+  ``containers.run(**spec)`` call, testable without a Docker engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path, PurePosixPath
+from typing import Any, Protocol
+from urllib.parse import urlparse
+
+from tracerl.pipeline.layout import StageCall
+from tracerl.tracking import TRACKING_URI_ENV
+
+
+class StageFailed(RuntimeError):
+    """A stage exited non-zero (or raised)."""
+
+    def __init__(self, call: StageCall, detail: str):
+        self.call = call
+        super().__init__(f"stage {call.label} failed ({detail}); output folder {call.out}")
+
+
+class Runner(Protocol):
+    """Runs one stage call to completion; raises :class:`StageFailed` on failure."""
+
+    name: str
+
+    def run(self, call: StageCall, params_path: Path, env: Mapping[str, str]) -> None: ...
+
+
+@contextlib.contextmanager
+def _environ(extra: Mapping[str, str]) -> Iterator[None]:
+    """Set ``extra`` in ``os.environ`` for the duration (stages run one at a time)."""
+    old = {k: os.environ.get(k) for k in extra}
+    os.environ.update({k: str(v) for k, v in extra.items()})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+class InProcessRunner:
+    """Import ``<package>.<stage>`` and call its ``main(argv) -> int``.
+
+    Args:
+        package: the package holding the stage modules (``stages``; tests inject fakes).
+    """
+
+    name = "inprocess"
+
+    def __init__(self, package: str = "stages"):
+        self.package = package
+
+    def run(self, call: StageCall, params_path: Path, env: Mapping[str, str]) -> None:
+        module = importlib.import_module(f"{self.package}.{call.stage}")
+        main = getattr(module, "main", None)
+        if main is None:
+            raise StageFailed(call, f"{module.__name__} has no main(argv)")
+        with _environ(env):
+            try:
+                rc = main(call.argv(params_path))
+            except SystemExit as e:  # argparse errors, sys.exit in a stage
+                rc = e.code if isinstance(e.code, int) else 1
+        if rc not in (0, None):
+            raise StageFailed(call, f"main returned {rc}")
+
+
+class SubprocessRunner:
+    """Run ``python -m <package>.<stage> <argv>`` in ``cwd`` with the tracking env added.
+
+    Output streams to this process's stdout/stderr (so Prefect's logs show it).
+    """
+
+    name = "subprocess"
+
+    def __init__(self, package: str = "stages", cwd: str | os.PathLike | None = None,
+                 python: str | None = None):
+        self.package = package
+        self.cwd = Path(cwd or Path.cwd())
+        self.python = python or sys.executable
+
+    def command(self, call: StageCall, params_path: Path) -> list[str]:
+        return [self.python, "-m", f"{self.package}.{call.stage}", *call.argv(params_path)]
+
+    def run(self, call: StageCall, params_path: Path, env: Mapping[str, str]) -> None:
+        full_env = {**os.environ, **{k: str(v) for k, v in env.items()}}
+        # the project root first on the path, so `stages` and `flows` import from it
+        full_env["PYTHONPATH"] = os.pathsep.join(
+            [str(self.cwd), *filter(None, [os.environ.get("PYTHONPATH")])]
+        )
+        proc = subprocess.run(self.command(call, params_path), cwd=self.cwd, env=full_env)
+        if proc.returncode != 0:
+            raise StageFailed(call, f"exit status {proc.returncode}")
+
+
+# ---------------------------------------------------------------------- containers
+GPU_STAGES = frozenset({"sft", "rollout", "value", "policy", "evaluate"})
+STAGE_IMAGES = {  # image kind per stage (see containers/)
+    "prepare": "cpu",
+    "sft": "train-gpu",
+    "rollout": "rollout-gpu",
+    "reward": "cpu",
+    "value": "train-gpu",
+    "policy": "train-gpu",
+    "curriculum": "cpu",
+    "evaluate": "rollout-gpu",
+}
+WORKDIR = PurePosixPath("/workspace")
+# host environment variables forwarded into containers (never secrets by default)
+FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY",
+                 "MLFLOW_DISABLE_TELEMETRY", "MLFLOW_EXPERIMENT_NAME", "DO_NOT_TRACK",
+                 "TOKENIZERS_PARALLELISM", "TRACERL_TRACKER")
+
+
+class ContainerRunner:
+    """Run each stage in its image through the docker SDK.
+
+    The project root is the container's working directory ``/workspace``; paths under it
+    map to ``/workspace/<relative path>``, other paths keep their absolute path.
+
+    Args:
+        project_root: host folder of the project (holds ``params.yaml``).
+        runs_dir: host folder of pipeline artifacts, mounted read-write.
+        image_tag: images are ``tracerl-<kind>:<tag>``, kind per :data:`STAGE_IMAGES`.
+        gpu: request GPUs for :data:`GPU_STAGES`; when False every stage runs in the
+            CPU image without device requests.
+        gpus: GPUs per GPU stage (-1 = all).
+        images: per-stage image overrides (``{"rollout": "myreg/rollout:1.2"}``).
+        extra_volumes: more ``{host_path: {"bind": path, "mode": "ro"|"rw"}}`` mounts
+            (e.g. a local checkpoint folder or a hub cache).
+        shm_size: ``/dev/shm`` of GPU stages (PyTorch data loaders and NCCL need room).
+    """
+
+    name = "container"
+
+    def __init__(self, project_root: str | os.PathLike, runs_dir: str | os.PathLike, *,
+                 image_tag: str = "0.1.0", gpu: bool = True, gpus: int = -1,
+                 images: Mapping[str, str] | None = None,
+                 extra_volumes: Mapping[str, Mapping[str, str]] | None = None,
+                 shm_size: str = "8g"):
+        self.project_root = Path(project_root).resolve()
+        self.runs_dir = (self.project_root / runs_dir).resolve()
+        self.image_tag = image_tag
+        self.gpu = gpu
+        self.gpus = gpus
+        self.images = dict(images or {})
+        self.extra_volumes = {str(k): dict(v) for k, v in (extra_volumes or {}).items()}
+        self.shm_size = shm_size
+
+    def image(self, stage: str) -> str:
+        if stage in self.images:
+            return self.images[stage]
+        kind = STAGE_IMAGES.get(stage, "cpu") if self.gpu else "cpu"
+        return f"tracerl-{kind}:{self.image_tag}"
+
+    def container_path(self, host: str | os.PathLike) -> str:
+        p = (self.project_root / host).resolve()
+        if p.is_relative_to(self.project_root):
+            return str(WORKDIR / p.relative_to(self.project_root).as_posix())
+        return str(p)
+
+    def _tracking(self, env: Mapping[str, str]) -> tuple[dict[str, str], dict[str, Any], bool]:
+        """Tracking env, mounts for a local SQLite backend, and whether the container
+        needs the host network (an MLflow server on the host's loopback)."""
+        uri = env.get(TRACKING_URI_ENV) or os.environ.get(TRACKING_URI_ENV, "")
+        out_env, vols, host_net = {}, {}, False
+        if not uri:
+            return out_env, vols, host_net
+        parsed = urlparse(uri)
+        if parsed.scheme == "sqlite" and uri.startswith("sqlite:////"):
+            db = Path(uri.removeprefix("sqlite:///"))
+            # same absolute paths inside: the experiment's artifact location is absolute
+            vols[str(db)] = {"bind": str(db), "mode": "rw"}
+            arts = db.parent / "mlartifacts"
+            vols[str(arts)] = {"bind": str(arts), "mode": "rw"}
+        elif parsed.hostname in ("127.0.0.1", "localhost", "::1"):
+            host_net = True
+        out_env[TRACKING_URI_ENV] = uri
+        return out_env, vols, host_net
+
+    def spec(self, call: StageCall, params_path: Path, env: Mapping[str, str]) -> dict[str, Any]:
+        """Keyword arguments of ``docker.from_env().containers.run(**spec)``."""
+        from docker.types import DeviceRequest
+
+        params_in = str(WORKDIR / "params.yaml")
+        command = ["python", "-m", f"stages.{call.stage}",
+                   *call.argv(params_path, path_map=self.container_path)]
+        # argv's --params must point at the read-only mount
+        command[command.index("--params") + 1] = params_in
+        track_env, track_vols, host_net = self._tracking(env)
+        environment = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+        environment.update({k: str(v) for k, v in env.items()})
+        environment.update(track_env)
+        environment["PYTHONUNBUFFERED"] = "1"
+        volumes: dict[str, dict[str, str]] = {
+            str(Path(params_path).resolve()): {"bind": params_in, "mode": "ro"},
+            str(self.runs_dir): {"bind": self.container_path(self.runs_dir), "mode": "rw"},
+            **track_vols,
+            **self.extra_volumes,
+        }
+        spec: dict[str, Any] = {
+            "image": self.image(call.stage),
+            "command": command,
+            "working_dir": str(WORKDIR),
+            "volumes": volumes,
+            "environment": environment,
+            "labels": {"tracerl.stage": call.stage,
+                       "tracerl.iteration": "" if call.iteration is None else str(call.iteration)},
+            "detach": True,
+        }
+        if hasattr(os, "getuid"):  # files in the runs dir stay the host user's
+            spec["user"] = f"{os.getuid()}:{os.getgid()}"
+        if host_net:
+            spec["network_mode"] = "host"
+        if self.gpu and call.stage in GPU_STAGES:
+            spec["device_requests"] = [DeviceRequest(count=self.gpus, capabilities=[["gpu"]])]
+            spec["shm_size"] = self.shm_size
+        return spec
+
+    def run(self, call: StageCall, params_path: Path, env: Mapping[str, str]) -> None:
+        import docker
+
+        client = docker.from_env()
+        container = client.containers.run(**self.spec(call, params_path, env))
+        try:
+            for chunk in container.logs(stream=True, follow=True):
+                sys.stdout.write(chunk.decode(errors="replace"))
+            status = container.wait().get("StatusCode", 1)
+        finally:
+            with contextlib.suppress(Exception):
+                container.remove(force=True)
+        if status != 0:
+            raise StageFailed(call, f"container exit status {status}")
+
+
+def make_runner(kind: str, *, project_root: str | os.PathLike | None = None,
+                params: Any = None, package: str = "stages") -> Runner:
+    """Build a runner by name (``inprocess``, ``subprocess``, ``container``)."""
+    root = Path(project_root or Path.cwd())
+    if kind == "inprocess":
+        return InProcessRunner(package)
+    if kind == "subprocess":
+        return SubprocessRunner(package, cwd=root)
+    if kind == "container":
+        run = params.run if params is not None else None
+        return ContainerRunner(
+            root, run.runs_dir if run else "runs",
+            image_tag=run.image_tag if run else "0.1.0",
+            gpu=bool(run and run.device.startswith("cuda")),
+            gpus=run.gpus if run else -1,
+        )
+    raise ValueError(f"unknown runner {kind!r}; valid: inprocess, subprocess, container")

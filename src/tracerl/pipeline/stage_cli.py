@@ -1,0 +1,82 @@
+"""The stage CLI contract, shared by every ``stages/<name>.py``.
+
+Every stage is started the same way, by DVC, by a runner of the flow, or by hand::
+
+    python -m stages.<name> --params params.yaml --out <dir> [--iteration I]
+                            [--input NAME=PATH ...]
+
+and exposes ``main(argv: list[str] | None = None) -> int`` (0 on success), which the
+in-process runner calls directly. A stage
+
+1. parses its arguments with :func:`parse_stage_args`,
+2. loads ``params.yaml`` (``tracerl.config.load_params``) and reads its sections,
+3. calls the library,
+4. writes its outputs and metrics through ``tracerl.pipeline.artifacts.stage_output``
+   into ``--out`` (temp folder renamed on success, manifest last),
+5. logs step-wise metrics through ``tracerl.tracking.stage_run(...)`` (the orchestrator
+   already logs the final ``metrics.json``, so this is optional),
+6. returns non-zero (or raises) on failure.
+
+Hyperparameters never travel as flags: ``params.yaml`` is their one source. ``--input``
+may repeat a name (e.g. the reward folders of a curriculum window); inputs a stage does
+not receive are absent (e.g. no ``curriculum`` input at iteration 0).
+
+Example:
+    >>> a = parse_stage_args(["--params", "p.yaml", "--out", "o", "--iteration", "2",
+    ...                       "--input", "scored=a", "--input", "scored=b"])
+    >>> a.iteration, [str(p) for p in a.inputs["scored"]], a.input("policy") is None
+    (2, ['a', 'b'], True)
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class StageArgs:
+    params: Path
+    out: Path
+    iteration: int | None
+    inputs: dict[str, list[Path]]
+
+    def input(self, name: str) -> Path | None:
+        """The single input ``name`` (None if absent; error if given more than once)."""
+        paths = self.inputs.get(name, [])
+        if len(paths) > 1:
+            raise ValueError(f"--input {name} given {len(paths)} times; this stage takes one")
+        return paths[0] if paths else None
+
+    def require(self, name: str) -> Path:
+        """The single input ``name``; a clear error when it is missing."""
+        p = self.input(name)
+        if p is None:
+            raise ValueError(f"missing --input {name}=<dir>; got inputs {sorted(self.inputs)}")
+        return p
+
+
+def stage_argparser(stage: str) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=f"python -m stages.{stage}",
+                                 description=f"tracerl stage '{stage}'")
+    ap.add_argument("--params", type=Path, default=Path("params.yaml"),
+                    help="parameters file (default: params.yaml)")
+    ap.add_argument("--out", type=Path, required=True, help="output folder (written atomically)")
+    ap.add_argument("--iteration", type=int, default=None, help="RL iteration (0-based)")
+    ap.add_argument("--input", action="append", default=[], metavar="NAME=PATH",
+                    help="input artifact folder; may repeat")
+    return ap
+
+
+def parse_stage_args(argv: list[str] | None, stage: str = "stage") -> StageArgs:
+    """Parse the common stage arguments (exits with usage on bad arguments)."""
+    ap = stage_argparser(stage)
+    ns = ap.parse_args(argv)
+    inputs: dict[str, list[Path]] = {}
+    for item in ns.input:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            ap.error(f"--input expects NAME=PATH, got {item!r}")
+        inputs.setdefault(name, []).append(Path(path))
+    return StageArgs(ns.params, ns.out, ns.iteration, inputs)

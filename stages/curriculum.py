@@ -1,0 +1,76 @@
+"""Stage ``curriculum``: pass rates of the last iterations -> pool and schedule of the next.
+
+Inputs: ``data`` (prepare's ``train.parquet``, for task difficulties), ``scored`` (the
+reward folders of the last ``curriculum.window`` iterations, oldest first, each with
+``scored.parquet``), ``curriculum`` (the previous decision; absent at iteration 0).
+Output: ``decision.json`` (a :class:`tracerl.curriculum.CurriculumDecision`), which the
+next iteration's rollout reads for its difficulty levels, excluded tasks, block size and
+token budget.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import polars as pl
+
+from tracerl.config import load_params
+from tracerl.curriculum import (
+    CurriculumDecision,
+    CurriculumRule,
+    TaskResult,
+    initial_decision,
+    plan_next,
+)
+from tracerl.pipeline.artifacts import stage_output
+from tracerl.pipeline.stage_cli import parse_stage_args
+from tracerl.schemas import read_parquet
+
+DECISION = "decision.json"
+
+
+def task_results(scored: pl.DataFrame, tasks: pl.DataFrame) -> list[TaskResult]:
+    """Per-task ``passed``/``total`` of one iteration, with difficulties from ``tasks``."""
+    g = (scored.group_by("task_id")
+         .agg(pl.col("correct").fill_null(False).sum().alias("passed"), pl.len().alias("total"))
+         .join(tasks.select("task_id", "difficulty"), on="task_id", how="left")
+         .sort("task_id"))
+    return [TaskResult(r["task_id"], int(r["difficulty"] if r["difficulty"] is not None else -1),
+                       int(r["passed"]), int(r["total"])) for r in g.iter_rows(named=True)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_stage_args(argv, "curriculum")
+    p = load_params(args.params)
+    c, it = p.curriculum, args.iteration or 0
+    policy = c.policy if c.enabled else "fixed"
+    rule = CurriculumRule(raise_above=c.raise_above, lower_below=c.lower_below, step=c.step,
+                          min_level=p.data.min_difficulty, max_level=p.data.max_difficulty,
+                          window=c.window, retire_above=c.retire_above if c.enabled else None)
+    shape = dict(block_size=p.model.block_size, max_tokens=p.rollout.max_tokens,
+                 block_size_schedule=c.block_size_schedule,
+                 max_tokens_schedule=c.max_tokens_schedule)
+    prev_dir = args.input("curriculum")
+    prev = (CurriculumDecision.from_dict(json.loads((prev_dir / DECISION).read_text()))
+            if prev_dir else initial_decision(level=c.start_level, rule=rule, policy=policy,
+                                              **shape))
+    tasks = read_parquet(args.require("data") / "train.parquet", "task")
+    history = [task_results(read_parquet(d / "scored.parquet", "scored"), tasks)
+               for d in args.inputs.get("scored", [])]
+    decision = plan_next(policy, history, iteration=it, level=prev.level, rule=rule,
+                         exclude=prev.exclude, **shape)
+    with stage_output(args.out, stage="curriculum") as out:
+        (out.dir / DECISION).write_text(json.dumps(decision.to_dict(), indent=2))
+        out.metrics.update({
+            "pass_rate": decision.pass_rate, "level": decision.level,
+            "block_size": decision.schedule.block_size,
+            "max_tokens": decision.schedule.max_tokens, "retired": len(decision.exclude),
+        })
+    print(f"curriculum[{it}] -> iteration {decision.iteration}: level {decision.level} "
+          f"({decision.reason})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Curriculum policies on hand-worked examples (the arithmetic is in the comments)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tracerl.config import ConfigError, params_from_dict
+from tracerl.curriculum import (
+    POLICIES,
+    CurriculumDecision,
+    CurriculumRule,
+    TaskResult,
+    get_policy,
+    initial_decision,
+    plan_next,
+    pool_pass_rate,
+    retired_tasks,
+    schedule_problems,
+    value_at,
+)
+
+RULE = CurriculumRule(raise_above=0.8, lower_below=0.2, min_level=0, max_level=3, window=1)
+
+
+def results(*rates: tuple[str, int, int], level: int = 1, k: int = 4) -> list[TaskResult]:
+    return [TaskResult(t, level, passed, k) for t, passed, k in [(r[0], r[1], k) for r in rates]]
+
+
+def plan(history, level, rule=RULE, **kw):
+    kw.setdefault("block_size", 4)
+    kw.setdefault("max_tokens", 32)
+    return plan_next("pass_rate_band", history, iteration=len(history) - 1, level=level,
+                     rule=rule, **kw)
+
+
+def test_level_up_down_keep():
+    # pass rates 4/4 and 3/4 -> mean (1 + 0.75) / 2 = 0.875 > 0.8 -> up
+    assert plan([results(("a", 4), ("b", 3))], level=1).level == 2
+    # 0/4 and 1/4 -> mean 0.125 < 0.2 -> down
+    assert plan([results(("a", 0), ("b", 1))], level=1).level == 0
+    # 2/4 and 2/4 -> 0.5 in band -> keep
+    d = plan([results(("a", 2), ("b", 2))], level=1)
+    assert (d.level, d.levels, d.pass_rate) == (1, (1,), 0.5)
+    assert "kept" in d.reason
+
+
+def test_bounds_clamp():
+    assert plan([results(("a", 4))], level=3).level == 3  # already at max_level
+    assert plan([results(("a", 0))], level=0).level == 0  # already at min_level
+    big = CurriculumRule(min_level=0, max_level=3, step=2)
+    assert plan([results(("a", 4))], level=2, rule=big).level == 3  # 2 + 2 clamped to 3
+
+
+def test_exact_threshold_keeps_level():
+    # 0.8 is not > 0.8 and 0.2 is not < 0.2: strict comparisons keep the level
+    r = CurriculumRule(raise_above=0.8, lower_below=0.2, min_level=0, max_level=3)
+    assert plan([[TaskResult("a", 1, 4, 5)]], level=1, rule=r).level == 1
+    assert plan([[TaskResult("a", 1, 1, 5)]], level=1, rule=r).level == 1
+
+
+def test_window_pools_recent_iterations():
+    old = results(("a", 4), ("b", 4))  # 1.0, ignored by window 2 once 3 iterations exist
+    mid = results(("a", 0), ("b", 0))  # 0.0
+    new = results(("a", 4), ("b", 2))  # 1.0, 0.5
+    # window=2: (0 + 0 + 1 + 0.5) / 4 = 0.375 -> keep
+    r = CurriculumRule(min_level=0, max_level=3, window=2)
+    assert pool_pass_rate([old, mid, new], 2) == 0.375
+    assert plan([old, mid, new], level=1, rule=r).level == 1
+    # window=1 sees only the last: 0.75 -> keep; window=3: (2 + 0 + 1.5) / 6 = 0.5833
+    assert pool_pass_rate([old, mid, new], 3) == pytest.approx(3.5 / 6)
+
+
+def test_no_results_keeps_level():
+    d = plan([[]], level=2)
+    assert d.level == 2 and d.pass_rate is None
+
+
+def test_fixed_spans_all_levels():
+    d = plan_next("fixed", [results(("a", 4))], iteration=0, level=1, rule=RULE,
+                  block_size=4, max_tokens=32)
+    assert d.level == 1 and d.levels == (0, 1, 2, 3)
+
+
+def test_retirement_accumulates():
+    # a: (4 + 4) / 8 = 1.0 >= 0.9 retired; b: (4 + 2) / 8 = 0.75 kept
+    r = CurriculumRule(min_level=0, max_level=3, window=2, retire_above=0.9)
+    h = [results(("a", 4), ("b", 4)), results(("a", 4), ("b", 2))]
+    assert retired_tasks(h, 2, 0.9) == ("a",)
+    d = plan(h, level=1, rule=r, exclude=["z"])
+    assert d.exclude == ("a", "z")
+    assert retired_tasks(h, 2, None) == ()
+
+
+def test_schedules():
+    sched = [[0, 4], [2, 8], [5, 16]]
+    assert [value_at(sched, i, 99) for i in range(7)] == [4, 4, 8, 8, 8, 16, 16]
+    assert value_at([[3, 8]], 1, default=4) == 4  # before the first entry: default
+    # decision after iteration 1 is for iteration 2: block 8, max_tokens 64
+    d = plan([results(("a", 2))] * 2, level=1, block_size_schedule=sched,
+             max_tokens_schedule=[[2, 64]])
+    assert d.iteration == 2 and (d.schedule.block_size, d.schedule.max_tokens) == (8, 64)
+
+
+def test_schedule_problems():
+    assert schedule_problems([[0, 4], [3, 8]], "s") == []
+    bad = schedule_problems([[3, 8], [1, 4], [2, 0], [1]], "s")
+    assert any("strictly increasing" in b for b in bad)
+    assert any("value >= 1" in b for b in bad)
+    assert any("[from_iteration, value]" in b for b in bad)
+
+
+def test_initial_decision_and_roundtrip():
+    d = initial_decision(level=0, rule=RULE, policy="pass_rate_band", block_size=4,
+                         max_tokens=32, block_size_schedule=[[0, 2]])
+    assert (d.iteration, d.levels, d.schedule.block_size) == (0, (0,), 2)
+    assert CurriculumDecision.from_dict(d.to_dict()) == d
+
+
+def test_registry_and_rule_errors():
+    assert {"fixed", "pass_rate_band"} <= set(POLICIES)
+    with pytest.raises(ValueError, match="valid: fixed, pass_rate_band"):
+        get_policy("nope")
+    with pytest.raises(ValueError, match="lower_below < raise_above"):
+        CurriculumRule(raise_above=0.2, lower_below=0.5)
+
+
+def test_params_cross_checks():
+    with pytest.raises(ConfigError) as e:
+        params_from_dict({
+            "curriculum": {"start_level": 7, "block_size_schedule": [[2, 8]],
+                           "max_tokens_schedule": [[3, 36]]},
+        })
+    msg = str(e.value)
+    assert "curriculum.start_level (7)" in msg
+    assert "from iteration 3" in msg and "max_tokens 36" in msg and "block size 8" in msg

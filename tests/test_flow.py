@@ -1,0 +1,231 @@
+"""The Prefect flow ``tracerl`` end to end on fake stages: a real Prefect flow run
+(prefect_test_harness), a real MLflow SQLite backend, the real curriculum stage.
+
+- 2 RL iterations in-process: every artifact, MLflow run, metric and the registered model.
+- a crash in the middle of iteration 1, then a re-run: it resumes at the unfinished
+  stage and ends with the same final metrics as the uninterrupted run.
+- a kill -9 of the CLI mid-stage, then a re-run: same.
+- a changed policy param re-runs exactly the stages downstream of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_flow_fakes import write_fake_stages, write_params
+from tracerl.config import load_params
+from tracerl.pipeline.layout import RunLayout, is_done, plan_all
+from tracerl.tracking import PARENT_TAG, MlflowTracker
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="module")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A project folder with params.yaml and the fake stage package, importable."""
+    root = tmp_path_factory.mktemp("proj")
+    write_fake_stages(root)
+    write_params(root / "params.yaml")
+    sys.path.insert(0, str(root))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.delenv("TRACERL_RUN_ID", raising=False)
+        mp.delenv("TRACERL_PARENT_RUN_ID", raising=False)
+        yield root
+    sys.path.remove(str(root))
+    for m in [m for m in sys.modules if m.startswith("fake_stages")]:
+        del sys.modules[m]
+
+
+def run_flow(project: Path, run_name: str, log: Path, **env) -> dict:
+    from flows.tracerl_flow import tracerl
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FAKE_LOG", str(log))
+        for k, v in env.items():
+            mp.setenv(k, v)
+        return tracerl(params_path="params.yaml", run_name=run_name,
+                       project_root=str(project), package="fake_stages")
+
+
+def final_numbers(project: Path, run_name: str) -> dict:
+    """The run's results, without wall-clock timings (they differ between runs)."""
+    root = project / "runs" / run_name
+    curves = json.loads((root / "plots" / "rl_curves.json").read_text())
+    drop = ("seconds", "iteration.")
+    curves = [{k: v for k, v in r.items() if not any(d in k for d in drop)} for r in curves]
+    ev = json.loads((root / "metrics" / "evaluate.json").read_text())
+    decision = json.loads((root / "rl" / "iter_1" / "curriculum" / "decision.json").read_text())
+    return {"curves": curves, "evaluate": ev, "decision": decision}
+
+
+def labels(log: Path) -> list[str]:
+    return log.read_text().split() if log.exists() else []
+
+
+@pytest.fixture(scope="module")
+def clean_run(project, prefect_harness):
+    log = project / "clean.log"
+    summary = run_flow(project, "clean", log)
+    return summary, log
+
+
+def test_two_iterations_end_to_end(project, clean_run):
+    summary, log = clean_run
+    params = load_params(project / "params.yaml", {"run": {"name": "clean"}})
+    layout = RunLayout.from_params(params, base=project)
+    calls = plan_all(params, layout)
+    # every planned stage ran once, in order, and its output is complete and stamped
+    assert labels(log) == [c.label for c in calls]
+    assert all(is_done(c) for c in calls)
+    assert [c.label for c in calls][3:8] == ["rollout[0]", "reward[0]", "value[0]",
+                                             "policy[0]", "curriculum[0]"]
+    # DVC metrics, learning curves, summary
+    for s in ("prepare", "sft", "rl", "evaluate"):
+        assert (layout.dvc_metrics(s)).is_file()
+    curves = json.loads(layout.curves.read_text())
+    assert [r["iteration"] for r in curves] == [0, 1]
+    for key in ("reward.accuracy", "rollout.response_length", "rollout.tokens_per_s",
+                "policy.kl", "policy.clip_fraction", "value.value_loss", "curriculum.level",
+                "policy.seconds", "iteration.wall_seconds", "iteration.overhead_fraction",
+                "evaluate.accuracy"):
+        assert key in curves[0], key
+    assert summary["final_eval"]["accuracy"] == pytest.approx(0.5)  # weights 1 + 2 updates
+    # MLflow: one parent, one child per stage call, linked; metrics and artifacts
+    tracker = MlflowTracker(project)
+    c = tracker.client
+    parent_id = json.loads(layout.tracking.read_text())["parent_run_id"]
+    parent = c.get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["policy.lr"] == str(params.policy.lr)
+    children = c.search_runs([tracker.experiment_id],
+                             filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'",
+                             max_results=1000)
+    assert sorted(r.info.run_name for r in children) == sorted(x.label for x in calls)
+    assert all(r.info.status == "FINISHED" for r in children)
+    hist = c.get_metric_history(parent_id, "reward.accuracy")
+    assert [m.step for m in hist] == [0, 1]
+    assert {m.step for m in c.get_metric_history(parent_id, "iteration.wall_seconds")} == {0, 1}
+    by_name = {r.info.run_name: r for r in children}
+    pol = by_name["policy[1]"]
+    assert pol.data.tags["tracerl.iteration"] == "1"
+    assert [m.step for m in c.get_metric_history(pol.info.run_id, "train_loss")] == [0, 1, 2]
+    assert "checkpoint" in {a.path for a in c.list_artifacts(pol.info.run_id)}
+    roll = by_name["rollout[0]"].info.run_id
+    assert "trajectory.html" in {a.path for a in c.list_artifacts(roll)}
+    assert "rollout.max_tokens" in by_name["rollout[0]"].data.params
+    # the final policy is registered
+    mv = c.get_model_version(params.run.registered_model, "1")
+    assert mv.run_id == parent_id
+
+
+def test_crash_mid_iteration_resumes(project, clean_run, prefect_harness):
+    log = project / "crash.log"
+    with pytest.raises(RuntimeError, match=r"policy\[1\]"):
+        run_flow(project, "crashy", log, FAKE_CRASH="policy[1]")
+    root = project / "runs" / "crashy"
+    assert (root / "rl" / "iter_1" / "value" / "manifest.json").is_file()
+    assert not (root / "rl" / "iter_1" / "policy").exists()
+    assert not list((root / "rl" / "iter_1").glob(".policy.tmp-*"))
+    parent_id = json.loads((root / "tracking.json").read_text())["parent_run_id"]
+    assert MlflowTracker(project).client.get_run(parent_id).info.status == "FAILED"
+    before = labels(log)
+    run_flow(project, "crashy", log)
+    resumed = labels(log)[len(before):]
+    assert resumed == ["policy[1]", "curriculum[1]", "evaluate[1]"]
+    assert final_numbers(project, "crashy") == final_numbers(project, "clean")
+    # the same parent run was reopened and finished
+    assert json.loads((root / "tracking.json").read_text())["parent_run_id"] == parent_id
+    assert MlflowTracker(project).client.get_run(parent_id).info.status == "FINISHED"
+
+
+def test_kill_9_mid_stage_resumes(project, clean_run):
+    """A real kill: SIGKILL the CLI while a stage is inside its output temp folder."""
+    log = project / "kill.log"
+    env = {**os.environ, "FAKE_LOG": str(log), "FAKE_HANG": "reward[1]",
+           "PYTHONPATH": os.pathsep.join([str(project), str(REPO)])}
+    cmd = [sys.executable, "-m", "flows.tracerl_flow", "--no-prefect", "--run-name", "killed",
+           "--package", "fake_stages"]
+    proc = subprocess.Popen(cmd, cwd=project, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    hang = Path(str(log) + ".hang")
+    deadline = time.time() + 90
+    while not hang.exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline, "stage never reached the hang point"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    iter1 = project / "runs" / "killed" / "rl" / "iter_1"
+    assert list(iter1.glob(".reward.tmp-*")) and not (iter1 / "reward").exists()
+    before = labels(log)
+    from flows.tracerl_flow import main
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(project)
+        mp.setenv("FAKE_LOG", str(log))
+        assert main(["--no-prefect", "--run-name", "killed", "--package", "fake_stages"]) == 0
+    assert labels(log)[len(before):][:2] == ["reward[1]", "value[1]"]
+    assert not list(iter1.glob(".reward.tmp-*"))
+    assert final_numbers(project, "killed") == final_numbers(project, "clean")
+
+
+def test_changed_param_reruns_only_downstream(project, clean_run):
+    from flows.tracerl_flow import main
+
+    log = project / "lr.log"
+    params = project / "params_lr.yaml"
+    write_params(params, policy={"use_value": True, "lr": 1e-3})
+    # same run folder as the clean run, different policy.lr
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(project)
+        mp.setenv("FAKE_LOG", str(log))
+        assert main(["--no-prefect", "--params", "params_lr.yaml", "--run-name", "clean",
+                     "--package", "fake_stages"]) == 0
+    # curriculum[0] reads only data and rewards, so it is still valid; everything that
+    # depends on policy[0] runs again
+    ran = labels(log)
+    assert "prepare" not in ran and "sft" not in ran and "rollout[0]" not in ran
+    assert "curriculum[0]" not in ran and "evaluate" not in ran
+    assert ran == ["policy[0]", "evaluate[0]", "rollout[1]", "reward[1]", "value[1]",
+                   "policy[1]", "curriculum[1]", "evaluate[1]"]
+    ev = json.loads((project / "runs" / "clean" / "evaluate" / "metrics.json").read_text())
+    assert ev["accuracy"] == pytest.approx(0.5)
+
+
+def test_bad_params_fail_before_any_work(project, capsys):
+    from flows.tracerl_flow import main
+
+    (project / "bad.yaml").write_text("run: {iterations: 0, nmae: x}\nrollout: {responses_per_task: 1}\n")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(project)
+        assert main(["--no-prefect", "--params", "bad.yaml", "--run-name", "bad"]) == 2
+    err = capsys.readouterr().err
+    assert "3 problem(s)" in err and "did you mean 'name'" in err
+    assert not (project / "runs" / "bad").exists()
+
+
+def test_part_needs_its_upstream(project):
+    from flows.tracerl_flow import build, run_pipeline
+
+    _, orch, planner, key = build(project / "params.yaml", run_name="fresh",
+                                  project_root=project, package="fake_stages")
+    with pytest.raises(RuntimeError, match=r"upstream stages \['prepare', 'sft'\]"):
+        run_pipeline(orch, planner, "rl", orch.run_call)

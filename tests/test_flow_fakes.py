@@ -1,0 +1,176 @@
+"""Fake stage modules for flow tests: the real stage CLI contract, no model.
+
+:func:`write_fake_stages` writes a package ``fake_stages`` whose modules parse the real
+stage arguments, load the real ``params.yaml``, check that their inputs are complete,
+write real artifacts (task and scored parquet files with the declared schemas) through
+``stage_output``, and produce deterministic metrics. The curriculum stage is the real
+``stages.curriculum``. ``FAKE_LOG`` (a file) records every stage invocation;
+``FAKE_CRASH=<label>`` makes that stage raise mid-way; ``FAKE_HANG=<label>`` makes it
+touch ``<FAKE_LOG>.hang`` and sleep (for kill tests).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+COMMON = r'''
+import json, os, time
+from pathlib import Path
+
+import polars as pl
+
+from tracerl.config import load_params
+from tracerl.pipeline.artifacts import is_complete, read_metrics, stage_output
+from tracerl.pipeline.stage_cli import parse_stage_args
+from tracerl.schemas import read_parquet, write_parquet
+from tracerl.tracking import stage_run
+
+N_TASKS = 8
+
+
+def weight(policy_dir):
+    return int((Path(policy_dir) / "checkpoint" / "weights.txt").read_text())
+
+
+def prepare(a, p, out):
+    df = pl.DataFrame({
+        "task_id": [f"t{i}" for i in range(N_TASKS)], "source": ["fake"] * N_TASKS,
+        "prompt": [f"{i}+1=" for i in range(N_TASKS)], "answer": [str(i + 1) for i in range(N_TASKS)],
+        "difficulty": [i % 4 for i in range(N_TASKS)], "split": ["train"] * N_TASKS,
+    })
+    write_parquet(df, out.dir / "train.parquet", "task")
+    out.metrics["train_tasks"] = N_TASKS
+
+
+def sft(a, p, out):
+    (out.dir / "checkpoint").mkdir()
+    (out.dir / "checkpoint" / "weights.txt").write_text("1")
+    out.metrics["loss"] = 1.0
+
+
+def rollout(a, p, out):
+    w = weight(a.require("policy"))
+    (out.dir / "rollouts.json").write_text(json.dumps({"w": w}))
+    (out.dir / "trajectory.html").write_text("<html><body>replay</body></html>")
+    out.metrics.update(response_length=10.0 + w, tokens_per_s=100.0)
+
+
+def reward(a, p, out):
+    w = json.loads((a.require("rollout") / "rollouts.json").read_text())["w"]
+    k = p.rollout.responses_per_task
+    rows = []
+    for t in range(N_TASKS):
+        passed = min(k, max(0, w + 1 - (t % 4)))  # easier tasks pass more
+        for s in range(k):
+            rows.append({"task_id": f"t{t}", "sample_index": s, "prompt_ids": [1],
+                         "response_ids": [2], "decode_steps": [1], "logprobs": [-0.1],
+                         "response_len": 1, "finish_reason": "eos", "num_forward": 1,
+                         "block_size": p.model.block_size, "policy_id": str(w),
+                         "response_text": "x", "correct": s < passed,
+                         "reward": float(s < passed), "advantage": 0.0, "kept": True})
+    df = pl.DataFrame(rows)
+    write_parquet(df, out.dir / "scored.parquet", "scored")
+    out.metrics.update(accuracy=float(df["correct"].mean()), reward_mean=float(df["reward"].mean()))
+
+
+def value(a, p, out):
+    (out.dir / "checkpoint").mkdir()
+    (out.dir / "checkpoint" / "value.txt").write_text(str(a.iteration))
+    out.metrics["value_loss"] = 0.5 / (a.iteration + 1)
+
+
+def policy(a, p, out):
+    w = weight(a.require("policy")) + 1
+    (out.dir / "checkpoint").mkdir()
+    (out.dir / "checkpoint" / "weights.txt").write_text(str(w))
+    with stage_run("policy", iteration=a.iteration) as t:  # step-wise metrics, TRACERL_RUN_ID
+        for step in range(3):
+            t.log_metrics({"train_loss": 1.0 / (w + step)}, step=step)
+    out.metrics.update(kl=0.01 * w, clip_fraction=0.1, loss=1.0 / w, lr=p.policy.lr)
+
+
+def evaluate(a, p, out):
+    w = weight(a.require("policy"))
+    cfg = {"strategy": p.evaluate.strategies[0], "temperature": p.evaluate.temperature}
+    (out.dir / "scores.json").write_text(json.dumps([{"accuracy": 0.2 + 0.1 * w, **cfg}]))
+    out.metrics.update(accuracy=0.2 + 0.1 * w)
+
+
+def log_label(stage, argv):
+    a = parse_stage_args(argv, stage)
+    for name, paths in a.inputs.items():
+        for d in paths:
+            assert is_complete(d), f"{stage}: input {name}={d} is not complete"
+    label = stage if a.iteration is None else f"{stage}[{a.iteration}]"
+    log = os.environ.get("FAKE_LOG")
+    if log:
+        with open(log, "a") as f:
+            f.write(label + "\n")
+    return a, label, log
+
+
+def run(stage, argv):
+    a, label, log = log_label(stage, argv)
+    p = load_params(a.params)
+    with stage_output(a.out, stage=stage) as out:
+        (out.dir / "partial.bin").write_bytes(b"0" * 16)
+        if os.environ.get("FAKE_CRASH") == label:
+            raise RuntimeError(f"injected crash in {label}")
+        if os.environ.get("FAKE_HANG") == label:
+            Path(log + ".hang").touch()
+            time.sleep(600)
+        globals()[stage](a, p, out)
+    return 0
+'''
+
+STAGE = '''
+from fake_stages._common import run
+
+
+def main(argv=None):
+    return run({stage!r}, argv)
+'''
+
+CURRICULUM = '''
+from fake_stages._common import log_label
+from stages.curriculum import main as real_main
+
+
+def main(argv=None):
+    log_label("curriculum", argv)
+    return real_main(argv)
+'''
+
+STAGES = ("prepare", "sft", "rollout", "reward", "value", "policy", "evaluate")
+
+
+def write_fake_stages(root: Path, package: str = "fake_stages") -> Path:
+    """Write the fake stage package under ``root``; returns its folder."""
+    pkg = root / package
+    pkg.mkdir(parents=True, exist_ok=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "_common.py").write_text(COMMON)
+    for s in STAGES:
+        (pkg / f"{s}.py").write_text(STAGE.format(stage=s))
+    (pkg / "curriculum.py").write_text(CURRICULUM)
+    return pkg
+
+
+def write_params(path: Path, **sections) -> Path:
+    """The repository's params.yaml (every key stated, as DVC's templating needs) with
+    2 iterations, evaluation every iteration and the value model on."""
+    import yaml
+
+    repo_params = Path(__file__).resolve().parents[1] / "params.yaml"
+    base = yaml.safe_load(repo_params.read_text())
+    for k, v in {
+        "run": {"name": "test", "iterations": 2, "eval_every": 1},
+        "rollout": {"responses_per_task": 4},
+        "policy": {"use_value": True},
+        "curriculum": {"window": 2},
+    }.items():
+        base[k].update(v)
+    for k, v in sections.items():
+        base.setdefault(k, {}).update(v)
+    path.write_text(yaml.safe_dump(base))
+    return path

@@ -1,0 +1,60 @@
+"""The repository's params.yaml loads, states every key, and a bad one fails listing
+every problem."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tracerl.config import ConfigError, Params, load_params
+
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+def test_params_yaml_loads():
+    p = load_params(PARAMS)
+    assert isinstance(p, Params)
+    assert p.problems() == []
+
+
+def test_params_yaml_states_every_key():
+    """Every field of every section is written out: nothing hides in a default."""
+    raw = yaml.safe_load(PARAMS.read_text())
+    for f in dataclasses.fields(Params):
+        assert f.name in raw, f"params.yaml lacks section {f.name}"
+        want = {g.name for g in dataclasses.fields(f.type if isinstance(f.type, type)
+                                                   else type(getattr(Params(), f.name)))}
+        assert set(raw[f.name]) == want, f"section {f.name}: {set(raw[f.name]) ^ want}"
+
+
+def test_params_yaml_has_no_interpolation():
+    assert "${" not in "".join(
+        line for line in PARAMS.read_text().splitlines() if not line.startswith("#")
+    )
+
+
+def test_bad_params_lists_every_problem(tmp_path):
+    raw = yaml.safe_load(PARAMS.read_text())
+    raw["run"]["iteratons"] = 3  # typo
+    raw["rollout"]["responses_per_task"] = 1  # group of one
+    raw["rollout"]["max_tokens"] = 30  # not a multiple of block size 4
+    raw["policy"]["lr"] = "fast"  # wrong type
+    raw["curriculum"]["policy"] = "zigzag"  # unknown registry name
+    raw["evaluate"]["pass_k"] = [1, 8]  # k > responses_per_task
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as e:
+        load_params(bad)
+    probs = e.value.problems
+    msg = str(e.value)
+    assert len(probs) == 6, msg
+    assert "unknown key 'run.iteratons'; did you mean 'iterations'?" in msg
+    assert "rollout.responses_per_task must be >= 2" in msg
+    assert "rollout.max_tokens (30) must be a multiple of model.block_size (4)" in msg
+    assert "'policy.lr' = 'fast' has the wrong type: expected float" in msg
+    assert "curriculum.policy 'zigzag' is unknown; valid: fixed, pass_rate_band" in msg
+    assert "evaluate.pass_k [8]" in msg
+    assert msg.startswith(f"{bad}: 6 problem(s):")

@@ -1,0 +1,140 @@
+"""Runners: in-process and subprocess with the tracking env, and the container spec
+(checked without a Docker engine)."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from docker.types import DeviceRequest
+
+from tracerl.pipeline.layout import StageCall
+from tracerl.pipeline.runners import (
+    ContainerRunner,
+    InProcessRunner,
+    StageFailed,
+    SubprocessRunner,
+    make_runner,
+)
+
+ECHO = textwrap.dedent('''
+    import json, os, sys
+    from tracerl.pipeline.stage_cli import parse_stage_args
+
+    def main(argv=None):
+        a = parse_stage_args(argv)
+        a.out.mkdir(parents=True, exist_ok=True)
+        (a.out / "seen.json").write_text(json.dumps({
+            "argv": argv if argv is not None else sys.argv[1:],
+            "run_id": os.environ.get("TRACERL_RUN_ID")}))
+        return 3 if os.environ.get("ECHO_FAIL") else 0
+
+    if __name__ == "__main__":
+        sys.exit(main())
+''')
+
+
+@pytest.fixture
+def pkg(tmp_path, monkeypatch):
+    d = tmp_path / "echo_stages"
+    d.mkdir()
+    (d / "__init__.py").write_text("")
+    (d / "rollout.py").write_text(ECHO)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path
+    for m in [m for m in sys.modules if m.startswith("echo_stages")]:
+        del sys.modules[m]
+
+
+def call(tmp_path: Path) -> StageCall:
+    return StageCall("rollout", tmp_path / "runs" / "r" / "rl" / "iter_1" / "rollout", 1,
+                     {"policy": (tmp_path / "runs" / "r" / "sft",)})
+
+
+def test_inprocess_runner(pkg, monkeypatch):
+    import json
+
+    monkeypatch.delenv("TRACERL_RUN_ID", raising=False)
+    c = call(pkg)
+    InProcessRunner("echo_stages").run(c, Path("params.yaml"), {"TRACERL_RUN_ID": "abc"})
+    seen = json.loads((c.out / "seen.json").read_text())
+    assert seen["run_id"] == "abc" and "--iteration" in seen["argv"]
+    import os
+
+    assert "TRACERL_RUN_ID" not in os.environ  # restored
+    monkeypatch.setenv("ECHO_FAIL", "1")
+    with pytest.raises(StageFailed, match=r"rollout\[1\] failed \(main returned 3\)"):
+        InProcessRunner("echo_stages").run(c, Path("params.yaml"), {})
+
+
+def test_subprocess_runner(pkg):
+    import json
+
+    c = call(pkg)
+    r = SubprocessRunner("echo_stages", cwd=pkg)
+    assert r.command(c, Path("p.yaml"))[1:3] == ["-m", "echo_stages.rollout"]
+    r.run(c, Path("p.yaml"), {"TRACERL_RUN_ID": "xyz"})
+    assert json.loads((c.out / "seen.json").read_text())["run_id"] == "xyz"
+    with pytest.raises(StageFailed, match="exit status 3"):
+        r.run(c, Path("p.yaml"), {"ECHO_FAIL": "1"})
+
+
+def test_container_spec_gpu_stage(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "params.yaml").write_text("{}")
+    r = ContainerRunner(tmp_path, "runs", image_tag="1.2.3", gpu=True, gpus=2)
+    env = {"TRACERL_PARENT_RUN_ID": "p1", "TRACERL_RUN_ID": "c1",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    s = r.spec(call(tmp_path), tmp_path / "params.yaml", env)
+    assert s["image"] == "tracerl-rollout-gpu:1.2.3"
+    assert s["command"][:3] == ["python", "-m", "stages.rollout"]
+    cmd = s["command"]
+    assert cmd[cmd.index("--params") + 1] == "/workspace/params.yaml"
+    assert cmd[cmd.index("--out") + 1] == "/workspace/runs/r/rl/iter_1/rollout"
+    assert "policy=/workspace/runs/r/sft" in cmd
+    assert cmd[cmd.index("--iteration") + 1] == "1"
+    assert not any(a.startswith("--lr") for a in cmd)  # never hyperparameters as flags
+    v = s["volumes"]
+    assert v[str(tmp_path / "params.yaml")] == {"bind": "/workspace/params.yaml", "mode": "ro"}
+    assert v[str(tmp_path / "runs")] == {"bind": "/workspace/runs", "mode": "rw"}
+    assert v[str(tmp_path / "mlflow.db")]["mode"] == "rw"  # local SQLite backend mounted
+    assert s["working_dir"] == "/workspace"
+    e = s["environment"]
+    assert e["TRACERL_PARENT_RUN_ID"] == "p1" and e["TRACERL_RUN_ID"] == "c1"
+    assert e["HF_HUB_OFFLINE"] == "1" and e["PYTHONUNBUFFERED"] == "1"
+    (dr,) = s["device_requests"]
+    assert isinstance(dr, DeviceRequest)
+    assert dr["Count"] == 2 and dr["Capabilities"] == [["gpu"]]
+    assert s["detach"] is True and "shm_size" in s
+    assert s["labels"] == {"tracerl.stage": "rollout", "tracerl.iteration": "1"}
+
+
+def test_container_spec_cpu_stage_and_server(tmp_path):
+    r = ContainerRunner(tmp_path, "runs", gpu=True)
+    c = StageCall("reward", tmp_path / "runs" / "r" / "rl" / "iter_0" / "reward", 0, {})
+    s = r.spec(c, tmp_path / "params.yaml", {"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"})
+    assert s["image"] == "tracerl-cpu:0.1.0"
+    assert "device_requests" not in s
+    assert s["network_mode"] == "host"  # reach the host's loopback MLflow server
+    assert s["environment"]["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000"
+    cpu_only = ContainerRunner(tmp_path, "runs", gpu=False)
+    s = cpu_only.spec(call(tmp_path), tmp_path / "params.yaml", {})
+    assert s["image"] == "tracerl-cpu:0.1.0" and "device_requests" not in s
+    assert ContainerRunner(tmp_path, "runs", images={"rollout": "x/y:1"}).image("rollout") == "x/y:1"
+
+
+def test_container_spec_outside_project(tmp_path):
+    outside = tmp_path / "big_disk"
+    r = ContainerRunner(tmp_path / "proj", outside)
+    s = r.spec(StageCall("prepare", outside / "r" / "prepare"), tmp_path / "proj" / "p.yaml", {})
+    assert s["volumes"][str(outside)] == {"bind": str(outside), "mode": "rw"}
+    assert str(outside / "r" / "prepare") in s["command"]
+
+
+def test_make_runner():
+    assert make_runner("inprocess").name == "inprocess"
+    with pytest.raises(ValueError, match="valid: inprocess, subprocess, container"):
+        make_runner("k8s")
