@@ -1,0 +1,57 @@
+"""Evaluation: pass@k / avg@k by hand, and the evaluate stage's output contract."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import pytest
+import yaml
+
+from tracerl.evaluation import pass_at_k, summarize
+
+
+def test_pass_at_k_hand_values():
+    # n=5, c=2, k=2: 1 - C(3,2)/C(5,2) = 1 - 3/10
+    assert pass_at_k(5, 2, 2) == pytest.approx(0.7)
+    assert pass_at_k(5, 0, 3) == 0.0 and pass_at_k(5, 5, 1) == 1.0
+    assert pass_at_k(3, 1, 1) == pytest.approx(1 / 3)
+    with pytest.raises(ValueError):
+        pass_at_k(2, 3, 1)
+
+
+def test_summarize_avg_and_pass_at_k():
+    # task a: 1 of 2 correct, task b: 0 of 2 -> avg@2 = 1/4; pass@1 = (1/2 + 0)/2; pass@2 = (1+0)/2
+    df = pl.DataFrame({"task_id": ["a", "a", "b", "b"], "correct": [True, False, False, False],
+                       "response_len": [3, 5, 7, 9], "finish_reason": ["eos"] * 3 + ["length"]})
+    m = summarize(df, [1, 2])
+    assert m["accuracy"] == pytest.approx(0.25)
+    assert m["pass@1"] == pytest.approx(0.25) and m["pass@2"] == pytest.approx(0.5)
+    assert m["mean_response_tokens"] == 6 and m["length_cut_fraction"] == 0.25
+
+
+def test_evaluate_stage_records_decoding_config(tmp_path):
+    from stages import evaluate, prepare
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({
+        "data": {"train_size": 20, "heldout_size": 6, "sft_size": 10},
+        "rollout": {"max_tokens": 8, "batch_size": 8},
+        "evaluate": {"heldout_size": 3, "responses_per_task": 2, "pass_k": [1, 2]},
+    }))
+    prep = tmp_path / "prepare"
+    assert prepare.main(["--params", str(params), "--out", str(prep)]) == 0
+    out = tmp_path / "eval"
+    assert evaluate.main(["--params", str(params), "--out", str(out), "--input", f"data={prep}",
+                          "--input", "policy=tiny"]) == 0
+    ev = json.loads((out / "eval.json").read_text())["results"]["heldout"]
+    assert set(ev) == {"low_confidence_static", "low_confidence_dynamic"}
+    for strategy, res in ev.items():
+        assert res["decoding"]["strategy"] == strategy  # the config next to its score
+        assert res["decoding"]["max_tokens"] == 8 and res["decoding"]["block_size"] == 4
+        assert res["tasks"] == 3 and res["responses"] == 6 and 0 <= res["accuracy"] <= 1
+        samples = pl.read_parquet(out / f"samples_heldout_{strategy}.parquet")
+        assert samples.height == 6 and "correct" in samples.columns
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["accuracy"] == ev["low_confidence_static"]["accuracy"]
+    assert "heldout.low_confidence_dynamic.pass@2" in metrics
