@@ -1,0 +1,155 @@
+"""Rollout stage: policy + task pool -> rollouts.parquet (k responses per task, with traces).
+
+    python -m stages.rollout --params params.yaml --out DIR [--iteration I]
+        (--input data=PREPARE_DIR | --tasks TASKS.parquet)
+        [--input policy=DIR | --policy CHECKPOINT_DIR|tiny] [--input curriculum=DIR] [--seed S]
+
+Reads ``params.model`` and ``params.rollout``. Samples ``rollout.tasks_per_iter`` tasks
+(seeded by ``run.seed`` and the iteration) from the pool the curriculum decision allows
+(difficulty levels, retired tasks, block size and budget; ``curriculum.start_level`` and
+the schedules at iteration 0), renders each prompt with the chat template, and samples
+``rollout.responses_per_task`` responses each with :func:`tracerl.sampling.generate`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from tracerl.config import Params, load_params
+from tracerl.curriculum import CurriculumDecision, CurriculumRule, initial_decision
+from tracerl.data import render_prompt
+from tracerl.models import build_default_tokenizer, build_for_tokenizer, weights_digest
+from tracerl.pipeline.artifacts import stage_output
+from tracerl.pipeline.stage_cli import stage_argparser
+from tracerl.sampling import SamplingConfig, generate, load_policy, trajectories_to_frame
+from tracerl.schemas import read_parquet, write_parquet
+
+
+def load_policy_for(source: str | Path, p: Params):
+    """``(model, tokenizer)``: the embedded default built from ``model.*`` sizes for
+    ``"tiny"``, else a checkpoint folder (or a stage folder holding ``checkpoint/``)."""
+    m = p.model
+    if str(source) == "tiny":
+        tok = build_default_tokenizer()
+        model = build_for_tokenizer(
+            tok, m.family, block_size=m.block_size, hidden_size=m.hidden_size,
+            num_layers=m.num_layers, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
+            intermediate_size=m.intermediate_size,
+            max_position_embeddings=m.max_position_embeddings, seed=p.run.seed,
+            dtype=getattr(torch, m.dtype))
+        return model.to(p.run.device), tok
+    path = Path(source)
+    for sub in ("checkpoint", "model"):  # a stage folder that holds the checkpoint
+        if not (path / "config.json").is_file() and (path / sub / "config.json").is_file():
+            path = path / sub
+    return load_policy(path, family=m.family, dtype=getattr(torch, m.dtype),
+                       device=p.run.device, block_size=m.block_size)
+
+
+def decision_for(p: Params, iteration: int, folder: Path | None) -> CurriculumDecision:
+    """The curriculum decision of this iteration (the initial one when there is none)."""
+    if folder is not None:
+        return CurriculumDecision.from_dict(json.loads((folder / "decision.json").read_text()))
+    c = p.curriculum
+    rule = CurriculumRule(raise_above=c.raise_above, lower_below=c.lower_below, step=c.step,
+                          min_level=p.data.min_difficulty, max_level=p.data.max_difficulty)
+    return initial_decision(level=c.start_level, rule=rule,
+                            policy=c.policy if c.enabled else "fixed",
+                            block_size=p.model.block_size, max_tokens=p.rollout.max_tokens,
+                            block_size_schedule=c.block_size_schedule,
+                            max_tokens_schedule=c.max_tokens_schedule)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = stage_argparser("rollout")
+    ap.add_argument("--tasks", type=Path, help="tasks parquet (default: <data>/train.parquet)")
+    ap.add_argument("--policy", help="checkpoint folder or 'tiny' (default: --input policy, "
+                                     "else model.init)")
+    ap.add_argument("--seed", type=int, help="override run.seed")
+    args = ap.parse_args(argv)
+    inputs = {}
+    for item in args.input:
+        name, sep, path = item.partition("=")
+        if not (sep and name and path):
+            ap.error(f"--input expects NAME=PATH, got {item!r}")
+        inputs[name] = path
+    p = load_params(args.params)
+    r, it = p.rollout, args.iteration or 0
+    seed = p.run.seed if args.seed is None else args.seed
+    if p.run.threads:
+        torch.set_num_threads(p.run.threads)
+
+    # 1. The task pool of this iteration and the sampled tasks.
+    tasks_path = args.tasks or (Path(inputs["data"]) / "train.parquet" if "data" in inputs else None)
+    if tasks_path is None:
+        ap.error("pass --tasks TASKS.parquet or --input data=PREPARE_DIR")
+    tasks = read_parquet(tasks_path, "task")
+    dec = decision_for(p, it, Path(inputs["curriculum"]) if "curriculum" in inputs else None)
+    pool = tasks.filter(~tasks["task_id"].is_in(list(dec.exclude)))
+    leveled = pool.filter(pool["difficulty"].is_in(list(dec.levels)) | (pool["difficulty"] < 0))
+    pool = leveled if leveled.height else pool  # no task at these levels: the whole pool
+    if pool.height == 0:
+        raise ValueError(f"{tasks_path}: no tasks left to sample (all retired?)")
+    rng = random.Random(f"rollout:{seed}:{it}")
+    rows = sorted(rng.sample(range(pool.height), min(r.tasks_per_iter, pool.height)))
+    chosen = pool[rows]
+
+    # 2. Policy and prompts.
+    model, tok = load_policy_for(args.policy or inputs.get("policy") or p.model.init, p)
+    b, steps = dec.schedule.block_size, r.steps_per_block
+    if r.strategy == "low_confidence_static" and steps > b:  # a curriculum block-size change
+        print(f"rollout[{it}]: steps_per_block {steps} capped at the scheduled block size {b}")
+        steps = b
+    cfg = SamplingConfig(
+        block_size=b, steps_per_block=steps,
+        max_tokens=dec.schedule.max_tokens, strategy=r.strategy,
+        dynamic_threshold=r.dynamic_threshold, entropy_bound=r.entropy_bound,
+        temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, batch_size=r.batch_size)
+    k = r.responses_per_task
+    rendered = [render_prompt(tok, text) for text in chosen["prompt"].to_list()]
+    prompts = [ids for ids in rendered for _ in range(k)]
+    task_ids = [t for t in chosen["task_id"].to_list() for _ in range(k)]
+
+    # 3. Sample.
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + it)
+    t0 = time.perf_counter()
+    with tqdm(total=len(prompts), desc=f"rollout[{it}]", unit="seq") as bar:
+        trajs = generate(model, prompts, cfg, gen, progress=bar.update)
+    seconds = time.perf_counter() - t0
+
+    # 4. Write rollouts.parquet and metrics.
+    df = trajectories_to_frame(trajs, task_ids, list(range(k)) * len(rendered),
+                               weights_digest(model), tok)
+    decoded = sum(len(t.response_ids) for t in trajs)
+    with stage_output(args.out, stage="rollout") as o:
+        write_parquet(df, o.dir / "rollouts.parquet", "rollout")
+        o.metrics.update({
+            "num_tasks": len(rendered),
+            "num_responses": len(trajs),
+            "response_length": sum(t.response_len for t in trajs) / len(trajs),
+            "tokens_per_s": decoded / max(seconds, 1e-9),
+            "forward_per_token": sum(t.num_forward for t in trajs) / max(decoded, 1),
+            "finish_eos": sum(t.finish_reason == "eos" for t in trajs) / len(trajs),
+            "finish_length": sum(t.finish_reason == "length" for t in trajs) / len(trajs),
+            "seconds": seconds,
+            "block_size": cfg.block_size,
+            "steps_per_block": cfg.steps_per_block,
+            "max_tokens": cfg.max_tokens,
+            "level": dec.level,
+        })
+        o.info["sampling"] = {**cfg.__dict__, "seed": seed, "iteration": it}
+    m = o.metrics
+    print(f"rollout[{it}]: {m['num_responses']} responses, mean length "
+          f"{m['response_length']:.1f}, {m['tokens_per_s']:.0f} tok/s, eos {m['finish_eos']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
