@@ -351,3 +351,18 @@ def test_tokenizer_without_mask_token_is_a_clear_error(tmp_path):
 def test_build_model_unknown_family():
     with pytest.raises(ModelLoadError, match="supported"):
         build_model("gpt", vocab_size=10, tokens=SpecialTokens(1, 0, (2,)))
+
+
+def test_native_gqa_attention_matches_stock_sdpa(tiny_sdar):
+    """Our CPU attention (SDPA with enable_gqa) equals transformers' SDPA path (repeat_kv)."""
+    model, _ = tiny_sdar
+    assert model.config.num_attention_heads > model.config.num_key_value_heads  # GQA in use
+    P, L, b = 5, 6, 4
+    pos, blk, noisy = training_layout(P, L, b)
+    ids = torch.randint(4, 90, (2, len(pos)), generator=torch.Generator().manual_seed(0))
+    vis = block_visibility(blk[None], noisy[None], blk[None], noisy[None],
+                           torch.ones(1, len(pos), dtype=torch.bool)).expand(2, -1, -1)
+    ours = model(ids, visible=vis, position_ids=pos[None].expand(2, -1)).logits
+    model.backbone.config._attn_implementation = "sdpa"
+    stock = model(ids, visible=vis, position_ids=pos[None].expand(2, -1)).logits
+    assert (ours - stock).abs().max().item() <= 1e-5

@@ -31,6 +31,7 @@ from typing import Literal
 import torch
 from torch import nn
 from transformers import (
+    AttentionInterface,
     AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
@@ -44,6 +45,33 @@ from transformers import (
 )
 
 from tracerl.models.masks import attention_bias
+
+ATTENTION = "tracerl_sdpa"
+
+
+def _sdpa_native_gqa(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                     is_causal=None, **kwargs):
+    """SDPA with the explicit 4-D mask, using SDPA's own grouped-query attention on CPU.
+
+    transformers passes ``enable_gqa`` to SDPA only when no mask is given (masked GQA falls
+    back to the math kernel on CUDA); with a mask it materialises the repeated keys and
+    values (``repeat_kv``), about a quarter of cached decoding time on CPU. On CPU the math
+    kernel runs either way, so native GQA gives the same output without the copies.
+    Everywhere else this defers to transformers' own SDPA path.
+    """
+    groups = getattr(module, "num_key_value_groups", 1)
+    if query.device.type != "cpu" or groups == 1 or attention_mask is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, is_causal=is_causal, **kwargs)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
+        is_causal=False, enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION, _sdpa_native_gqa)
 
 
 class ModelLoadError(ValueError):
@@ -134,7 +162,7 @@ class DiffusionLM(nn.Module):
     def __init__(self, backbone: PreTrainedModel, family: FamilySpec, tokens: SpecialTokens,
                  block_size: int | None = None):
         super().__init__()
-        if backbone.config._attn_implementation not in ("sdpa",):
+        if backbone.config._attn_implementation not in ("sdpa", ATTENTION):
             raise ModelLoadError(
                 f"attention implementation {backbone.config._attn_implementation!r} is not "
                 "supported: tracerl feeds explicit 4-D masks, which it requires SDPA for "
@@ -334,7 +362,7 @@ def backbone_config(cfg: dict, spec: FamilySpec, backbone: str) -> PretrainedCon
     kwargs = {k: v for k, v in raw.items() if k not in _CONFIG_DROP}
     config_cls, _ = BACKBONES[backbone]
     config = config_cls(**kwargs)
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = ATTENTION
     return config
 
 
@@ -428,7 +456,7 @@ def load_model(
         kwargs["key_mapping"] = LLADA_KEY_MAPPING
     try:
         hf = model_cls.from_pretrained(
-            str(folder), config=config, dtype=dtype, attn_implementation="sdpa", **kwargs
+            str(folder), config=config, dtype=dtype, attn_implementation=ATTENTION, **kwargs
         )
     except Exception as e:
         raise ModelLoadError(f"could not load weights from {folder}: {type(e).__name__}: {e}") from e

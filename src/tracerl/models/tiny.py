@@ -6,6 +6,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from tracerl.models.model import (
+    ATTENTION,
     BACKBONES,
     FAMILIES,
     DiffusionLM,
@@ -59,7 +60,7 @@ def build_model(
         kwargs["head_dim"] = hidden_size // num_heads
     config = config_cls(**kwargs)
     config.mask_token_id = tokens.mask_id
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = ATTENTION
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         hf = model_cls(config)
