@@ -11,12 +11,14 @@ import psutil
 import pytest
 
 from tracerl.rewards.sandbox import (
+    UIDS_PER_PROCESS,
     CodeJob,
     SandboxLimits,
     isolation_mode,
     run_function_tests,
     run_jobs,
     run_stdio_tests,
+    sandbox_uid,
     split_assert,
 )
 
@@ -43,10 +45,10 @@ def _no_strays():
     """No new descendant of this test process survives, and no sandbox-uid process exists."""
     kids = _children() - _BEFORE
     assert kids == set(), kids
-    if os.geteuid() == 0:
-        base = SandboxLimits().uid_base
+    if os.geteuid() == 0:  # this process's sandbox uids (other graders may run meanwhile)
+        base = sandbox_uid(SandboxLimits(), 0)
         strays = [p.pid for p in psutil.process_iter(["uids"])
-                  if p.info["uids"] and base <= p.info["uids"].real < base + 1000]
+                  if p.info["uids"] and base <= p.info["uids"].real < base + UIDS_PER_PROCESS]
         assert strays == []
 
 

@@ -70,7 +70,7 @@ class SandboxLimits:
     fsize_mb: int = 16  # largest file the program may write (also the tmpfs size)
     nofile: int = 64
     max_output_bytes: int = 1 << 20  # stdout kept for comparison
-    uid_base: int = 1_900_000  # root only: the program runs as uid_base + pool slot
+    uid_base: int = 1_900_000  # root only: programs run as uids above this (sandbox_uid)
 
     def problems(self) -> list[str]:
         p = []
@@ -198,13 +198,27 @@ def _kill_uid(uid: int) -> None:
 # --------------------------------------------------------------------------- one process
 
 
+UIDS_PER_PROCESS = 256
+
+
+def sandbox_uid(limits: SandboxLimits, slot: int, pid: int | None = None) -> int:
+    """The unprivileged uid a program of pool ``slot`` runs as (root only).
+
+    Distinct per grading process *and* per slot (``uid_base + (pid mod 65536) * 256 +
+    slot``), so concurrent graders (two reward stages, parallel test workers) never share
+    a uid: they would otherwise share one RLIMIT_NPROC budget and each other's kill sweeps.
+    """
+    pid = os.getpid() if pid is None else pid
+    return limits.uid_base + (pid % 65536) * UIDS_PER_PROCESS + slot % UIDS_PER_PROCESS
+
+
 def _run_process(mode: str, code: str, tests: Sequence[str], stdin_text: str | None,
                  limits: SandboxLimits, slot: int) -> tuple[list[str], str, str, int | None, bool, float]:
     """Run the harness once. Returns (result lines with nonce stripped, stdout, stderr tail,
     returncode, timed_out, seconds)."""
     iso = isolation_mode()
     root = os.geteuid() == 0
-    uid = limits.uid_base + slot if (iso == "namespaces" and root) else None
+    uid = sandbox_uid(limits, slot) if (iso == "namespaces" and root) else None
     nonce = secrets.token_hex(16)
     with tempfile.TemporaryDirectory(prefix="tracerl-sbx-") as host_dir:
         workdir = os.path.join(host_dir, "work")
