@@ -3,4 +3,5 @@
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -k masks`.
 source "$(dirname "$0")/env.sh"
 cd "$TRACERL_ROOT"
-exec python -m pytest -q "$@"
+# two workers (each test process uses one torch thread, see tests/conftest.py)
+exec python -m pytest -q -n "${TRACERL_TEST_WORKERS:-2}" "$@"
