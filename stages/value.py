@@ -1,0 +1,84 @@
+"""Value stage: token advantages by GAE over decode steps, then the value-model update.
+
+    python -m stages.value --params params.yaml --value CKPT_DIR|none --policy CKPT_DIR
+        --scored SCORED.parquet --out DIR [--iteration I]
+
+(or the flow's ``--input policy=DIR --input scored=DIR [--input value=DIR]``). Reads
+``params.model`` and ``params.value``. Without a value checkpoint the value model starts
+from the policy's backbone with a zero head (spec 6.1). Advantages use the pre-update
+values (spec 6.5); the value model trains every ``value.train_every`` iterations. Writes
+``checkpoint/`` (value model), ``trainer_state/``, ``advantages.parquet`` (per-token
+advantages and returns for the policy stage) and metrics.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from tracerl.config import load_params
+from tracerl.models import ValueModel, load_model, load_tokenizer
+from tracerl.pipeline.artifacts import stage_output
+from tracerl.pipeline.stage_cli import stage_argparser
+from tracerl.rl import (
+    TrainConfig,
+    Trainer,
+    ValueConfig,
+    ValueScorer,
+    checkpoint_dir,
+    pick,
+    read_scored,
+    trainer_state_dir,
+    value_update,
+    write_token_advantages,
+)
+
+
+def parse_args(argv):
+    ap = stage_argparser("value")
+    for flag in ("--value", "--policy", "--scored"):
+        ap.add_argument(flag, default=None)
+    ns = ap.parse_args(argv)
+    for item in ns.input:  # the flow's --input NAME=PATH (folders)
+        name, _, path = item.partition("=")
+        if hasattr(ns, name) and getattr(ns, name) is None:
+            setattr(ns, name, path)
+    if ns.policy is None or ns.scored is None:
+        ap.error("--policy and --scored (or --input policy=... --input scored=...) are required")
+    return ns
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    params = load_params(a.params)
+    v, m = params.value, params.model
+    torch.manual_seed(v.seed + (a.iteration or 0))
+    if a.value in (None, "none", ""):
+        policy, tok = load_model(checkpoint_dir(a.policy), family=m.family, block_size=m.block_size)
+        vm, state = ValueModel.from_policy(policy), None
+    else:
+        vm, state = ValueModel.load(checkpoint_dir(a.value)), trainer_state_dir(a.value)
+        tok = load_tokenizer(checkpoint_dir(a.value))
+    trainer = Trainer(ValueScorer(vm), pick(TrainConfig, v), kind="value")
+    resumed = trainer.load(state) if state is not None else False
+    scored = Path(a.scored)
+    samples, keys, counts = read_scored(scored / "scored.parquet" if scored.is_dir() else scored)
+    train = (a.iteration or 0) % v.train_every == 0
+    advs, rets, metrics = value_update(trainer, samples, pick(ValueConfig, v), train=train,
+                                       progress=True)
+    with stage_output(a.out, stage="value") as o:
+        vm.save(o.dir / "checkpoint", tok)
+        trainer.save(o.dir / "trainer_state")
+        write_token_advantages(o.dir / "advantages.parquet", keys, advs, rets)
+        o.metrics.update(counts)
+        o.metrics.update(metrics)
+        o.metrics.update(trained=float(train), resumed=float(resumed))
+    print(f"value: loss={metrics.get('value_loss', float('nan')):.4f} "
+          f"explained_var={metrics.get('explained_var', float('nan')):.3f} trained={train}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

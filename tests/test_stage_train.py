@@ -1,0 +1,146 @@
+"""Stage smoke tests: sft -> (rollout + reward records) -> value -> policy, on the tiny model,
+asserting each stage's output contract (files, metrics, resumed trainer state)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+import yaml
+
+from tracerl.models import load_model, weights_digest
+from tracerl.pipeline.artifacts import is_complete, read_metrics
+from tracerl.rl import read_token_advantages
+from tracerl.schemas import write_parquet
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64,
+            max_position_embeddings=128)
+
+
+def _params(tmp: Path, **sections) -> Path:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["model"].update(TINY)
+    raw["sft"].update(steps=3, batch_size=4, warmup_steps=1)
+    raw["policy"].update(micro_batch=4, lr=1e-3)
+    raw["value"].update(micro_batch=4)
+    for k, v in sections.items():
+        raw[k].update(v)
+    p = tmp / "params.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    return p
+
+
+def _sft_data(tmp: Path) -> Path:
+    from tracerl.models import build_default_tokenizer
+
+    tok = build_default_tokenizer()
+    prompts = [tok.apply_chat_template([{"role": "user", "content": f"{a}+{a}="}],
+                                       add_generation_prompt=True, tokenize=True,
+                                       return_dict=False) for a in range(6)]
+    resp = [tok.encode(f"{2 * a}") + [tok.eos_token_id] for a in range(6)]
+    d = tmp / "prepare"
+    d.mkdir()
+    pl.DataFrame({"prompt_ids": prompts, "response_ids": resp}).write_parquet(d / "sft.parquet")
+    return d
+
+
+def _scored(tmp: Path, ckpt: Path) -> Path:
+    sampling = pytest.importorskip("tracerl.sampling")
+    model, tok = load_model(ckpt)
+    cfg = sampling.SamplingConfig(block_size=4, steps_per_block=4, max_tokens=8,
+                                  strategy="low_confidence_static", batch_size=8)
+    prompts = [list(range(10, 10 + n)) for n in (5, 5, 6, 6)]
+    trajs = sampling.generate(model, prompts, cfg, generator=torch.Generator().manual_seed(0))
+    df = sampling.trajectories_to_frame(trajs, ["a", "a", "b", "b"], [0, 1, 0, 1],
+                                        weights_digest(model), tok)
+    df = df.with_columns(correct=pl.Series([True, False, False, True]),
+                         reward=pl.Series([1.0, 0.0, 0.0, 1.0]),
+                         advantage=pl.Series([1.0, -1.0, -1.0, 1.0]),
+                         kept=pl.Series([True, True, True, True]))
+    out = tmp / "reward"
+    out.mkdir()
+    write_parquet(df, out / "scored.parquet", "scored")
+    return out
+
+
+def test_sft_value_policy_stages(tmp_path):
+    from stages import policy as policy_stage
+    from stages import sft as sft_stage
+    from stages import value as value_stage
+
+    params = _params(tmp_path, policy={"use_value": True})
+    # SFT through the flow's --input convention
+    assert sft_stage.main(["--params", str(params), "--input", f"data={_sft_data(tmp_path)}",
+                           "--out", str(tmp_path / "sft")]) == 0
+    sft = tmp_path / "sft"
+    assert is_complete(sft) and (sft / "checkpoint" / "config.json").is_file()
+    m = read_metrics(sft)
+    assert m["steps"] == 3.0 and m["tokens"] > 0 and "nll" in m
+    scored = _scored(tmp_path, sft / "checkpoint")
+
+    assert value_stage.main(["--params", str(params), "--value", "none", "--policy", str(sft),
+                             "--scored", str(scored), "--out", str(tmp_path / "v0"),
+                             "--iteration", "0"]) == 0
+    adv = read_token_advantages(tmp_path / "v0" / "advantages.parquet")
+    assert set(adv) == {("a", 0), ("a", 1), ("b", 0), ("b", 1)}
+    vm = read_metrics(tmp_path / "v0")
+    assert vm["trained"] == 1.0 and "value_loss" in vm and "explained_var" in vm
+
+    argv = ["--params", str(params), "--policy", str(sft), "--scored", str(scored),
+            "--value-advantages", str(tmp_path / "v0"), "--out", str(tmp_path / "p0")]
+    assert policy_stage.main(argv) == 0
+    pm = read_metrics(tmp_path / "p0")
+    # the SFT optimizer state is not a policy trainer's: not resumed
+    assert pm["resumed"] == 0.0 and pm["old_logprobs_recorded"] == 1.0
+    for k in ("loss", "policy_loss", "kl", "clip_fraction", "ratio_mean", "ratio_max", "grad_norm",
+              "entropy", "tokens_per_s"):
+        assert k in pm, k
+    # iteration 1 resumes the optimizer of iteration 0 (the flow's --input form)
+    assert policy_stage.main(["--params", str(params), "--input", f"policy={tmp_path / 'p0'}",
+                              "--input", f"scored={scored}", "--input", f"value={tmp_path / 'v0'}",
+                              "--out", str(tmp_path / "p1"), "--iteration", "1"]) == 0
+    p1 = read_metrics(tmp_path / "p1")
+    assert p1["resumed"] == 1.0 and p1["trainer/optimizer_steps"] == 2 * pm["trainer/optimizer_steps"]
+    assert p1["old_logprobs_recorded"] == 0.0  # weights changed since the rollout
+    manifest = json.loads((tmp_path / "p1" / "manifest.json").read_text())
+    assert "checkpoint/model.safetensors" in manifest["files"]
+    # the value stage resumes its own checkpoint and state
+    assert value_stage.main(["--params", str(params), "--input", f"value={tmp_path / 'v0'}",
+                             "--input", f"policy={tmp_path / 'p0'}", "--input", f"scored={scored}",
+                             "--out", str(tmp_path / "v1"), "--iteration", "1"]) == 0
+    assert read_metrics(tmp_path / "v1")["resumed"] == 1.0
+
+
+def test_policy_stage_empty_batch_and_bad_input(tmp_path):
+    from stages import policy as policy_stage
+    from stages import sft as sft_stage
+
+    params = _params(tmp_path, sft={"steps": 1})
+    sft_stage.main(["--params", str(params), "--data", str(_sft_data(tmp_path) / "sft.parquet"),
+                    "--out", str(tmp_path / "sft")])
+    scored = _scored(tmp_path, tmp_path / "sft" / "checkpoint")
+    df = pl.read_parquet(scored / "scored.parquet").with_columns(kept=pl.lit(False))
+    write_parquet(df, tmp_path / "empty.parquet", "scored")
+    assert policy_stage.main(["--params", str(params), "--policy", str(tmp_path / "sft"),
+                              "--scored", str(tmp_path / "empty.parquet"),
+                              "--out", str(tmp_path / "p")]) == 0
+    m = read_metrics(tmp_path / "p")
+    assert m["empty_batch"] == 1.0 and m["samples/filtered"] == 4.0
+    assert (weights_digest(load_model(tmp_path / "p" / "checkpoint")[0])
+            == weights_digest(load_model(tmp_path / "sft" / "checkpoint")[0]))
+    # a step map that does not fit its response: a clear error naming the sample
+    bad = pl.read_parquet(scored / "scored.parquet").with_columns(
+        decode_steps=pl.col("decode_steps").list.head(3))
+    write_parquet(bad, tmp_path / "bad.parquet", "scored")
+    with pytest.raises(ValueError, match="a/0.*decode_steps has 3 entries"):
+        policy_stage.main(["--params", str(params), "--policy", str(tmp_path / "sft"),
+                           "--scored", str(tmp_path / "bad.parquet"), "--out", str(tmp_path / "q")])
+    assert not (tmp_path / "q").exists()
+    with pytest.raises(ValueError, match="use_value"):
+        policy_stage.main(["--params", str(_params(tmp_path, policy={"use_value": True})),
+                           "--policy", str(tmp_path / "sft"), "--scored", str(scored),
+                           "--out", str(tmp_path / "r")])
