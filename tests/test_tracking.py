@@ -129,3 +129,14 @@ def test_no_current_run_is_a_clear_error(tracker):
 
 def test_flatten_params():
     assert flatten_params({"a": {"b": {"c": 1}}, "d": [1, 2]}) == {"a.b.c": 1, "d": [1, 2]}
+
+
+def test_metric_names_mlflow_rejects_are_sanitised(tmp_path):
+    """Stages emit keys like ``pass@1``; MLflow refuses '@', the tracker maps it."""
+    from tracerl.tracking import MlflowTracker
+
+    tr = MlflowTracker(tmp_path)
+    with tr.start_run("names") as run_id:
+        tr.log_metrics({"heldout.static.pass@1": 0.5, "rows/total": 3}, step=0)
+    got = tr.client.get_run(run_id).data.metrics
+    assert got == {"heldout.static.pass_at_1": 0.5, "rows/total": 3.0}

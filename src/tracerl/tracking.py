@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -94,6 +95,18 @@ class Tracker(Protocol):
         """Log the model folder ``path`` and register it as a new version of ``name``;
         returns the version."""
         ...
+
+
+_INVALID_KEY_CHARS = re.compile(r"[^\w\-. :/]")
+
+
+def mlflow_key(key: str) -> str:
+    """A metric/param name MLflow accepts (alphanumerics, ``_ - . : /`` and spaces).
+
+    >>> mlflow_key("heldout.static.pass@1"), mlflow_key("rows/total")
+    ('heldout.static.pass_at_1', 'rows/total')
+    """
+    return _INVALID_KEY_CHARS.sub("_", key.replace("@", "_at_"))
 
 
 def flatten_params(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -270,7 +283,7 @@ class MlflowTracker:
         from mlflow.entities import Param
 
         flat = flatten_params(params)
-        items = [Param(k, str(v)[:_MAX_PARAM_CHARS]) for k, v in sorted(flat.items())]
+        items = [Param(mlflow_key(k), str(v)[:_MAX_PARAM_CHARS]) for k, v in sorted(flat.items())]
         for i in range(0, len(items), _BATCH):
             self.client.log_batch(self._current(), params=items[i : i + _BATCH])
 
@@ -278,7 +291,8 @@ class MlflowTracker:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        items = [Metric(k, v, ts, step or 0) for k, v in sorted(numeric_metrics(metrics).items())]
+        items = [Metric(mlflow_key(k), v, ts, step or 0)
+                 for k, v in sorted(numeric_metrics(metrics).items())]
         for i in range(0, len(items), _BATCH * 10):
             self.client.log_batch(self._current(), metrics=items[i : i + _BATCH * 10])
 
