@@ -1,6 +1,7 @@
 """Reward stage: rollouts.parquet + tasks.parquet -> scored.parquet (+ metrics).
 
-    python -m stages.reward --params params.yaml --rollouts R.parquet --tasks T.parquet --out DIR
+    python -m stages.reward --params params.yaml --out DIR
+        (--input rollout=ROLLOUT_DIR | --rollouts R.parquet) (--input data=PREPARE_DIR | --tasks T.parquet)
 
 Reads ``params.reward``; the library (:func:`tracerl.rewards.score_rollouts`) computes.
 """
@@ -9,21 +10,29 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from tracerl.config import load_params
 from tracerl.data import tasks_from_frame
 from tracerl.pipeline.artifacts import stage_output
+from tracerl.pipeline.stage_cli import stage_argparser
 from tracerl.rewards import limits_from, score_rollouts
 from tracerl.schemas import read_parquet, write_parquet
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="stages.reward", description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--rollouts", required=True, help="rollouts.parquet (ROLLOUT schema)")
-    ap.add_argument("--tasks", required=True, help="tasks.parquet (TASK schema)")
-    ap.add_argument("--out", required=True, help="output folder")
-    return ap.parse_args(argv)
+    ap = stage_argparser("reward")
+    ap.add_argument("--rollouts", type=Path, help="rollouts.parquet (default: <rollout>/rollouts.parquet)")
+    ap.add_argument("--tasks", type=Path, help="tasks.parquet (default: <data>/train.parquet)")
+    ns = ap.parse_args(argv)
+    inputs = dict(item.partition("=")[::2] for item in ns.input)
+    if ns.rollouts is None and "rollout" in inputs:
+        ns.rollouts = Path(inputs["rollout"]) / "rollouts.parquet"
+    if ns.tasks is None and "data" in inputs:
+        ns.tasks = Path(inputs["data"]) / "train.parquet"
+    if ns.rollouts is None or ns.tasks is None:
+        ap.error("pass --rollouts and --tasks, or --input rollout=DIR --input data=DIR")
+    return ns
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -106,3 +106,15 @@ def test_bad_params_and_missing_inputs_fail_clearly(tmp_path):
     with pytest.raises(FileNotFoundError):
         main(["--params", str(tmp_path / "params.yaml"), "--rollouts", str(tmp_path / "nope.parquet"),
               "--tasks", str(tmp_path / "tasks.parquet"), "--out", str(tmp_path / "o")])
+
+
+def test_flow_input_contract(tmp_path):
+    """The flow passes folders: --input rollout=DIR (rollouts.parquet), --input data=DIR."""
+    rows = [("a", "\\boxed{4}", "eos", 4), ("a", "\\boxed{5}", "eos", 4)]
+    (tmp_path / "params.yaml").write_text("reward:\n  group_filter: none\n")
+    write_parquet(_rollouts(rows), tmp_path / "roll" / "rollouts.parquet", "rollout")
+    write_parquet(tasks_to_frame(TASKS[:1]), tmp_path / "prep" / "train.parquet", "task")
+    assert main(["--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "reward"),
+                 "--input", f"rollout={tmp_path / 'roll'}", "--input", f"data={tmp_path / 'prep'}"]) == 0
+    df = read_parquet(tmp_path / "reward" / "scored.parquet", "scored")
+    assert df["correct"].to_list() == [True, False]
