@@ -95,7 +95,8 @@ def run_pipeline(orch: Orchestrator, planner: Planner, part: str, submit: Submit
             if ev is not None:
                 submit(ev)
             fresh = not any(r.skipped for r in results)
-            row = orch.record_iteration(i, wall if fresh else None)
+            work = sum(r.seconds for r in results)
+            row = orch.record_iteration(i, wall if fresh else None, work)
             summary["last_iteration"] = row
         orch.write_curves()
         orch.register_final(L.stage_dir("policy", n - 1))

@@ -107,6 +107,9 @@ def test_two_iterations_end_to_end(project, clean_run):
                 "policy.seconds", "iteration.wall_seconds", "iteration.overhead_fraction",
                 "evaluate.accuracy"):
         assert key in curves[0], key
+    for r in curves:  # stage time is the runners' time, never more than the iteration's wall
+        assert 0 < r["iteration.stage_seconds"] <= r["iteration.wall_seconds"]
+        assert 0 <= r["iteration.overhead_fraction"] < 1
     assert summary["final_eval"]["accuracy"] == pytest.approx(0.5)  # weights 1 + 2 updates
     # MLflow: one parent, one child per stage call, linked; metrics and artifacts
     tracker = MlflowTracker(project)

@@ -198,19 +198,20 @@ class Orchestrator:
                     self.tracker.log_artifact(call.out / d, artifact_path=d)
 
     # ------------------------------------------------------------------ summaries
-    def record_iteration(self, i: int, wall_seconds: float | None) -> dict[str, Any]:
+    def record_iteration(self, i: int, wall_seconds: float | None,
+                         stage_seconds: float | None = None) -> dict[str, Any]:
         """After iteration ``i``: write its timing, rebuild the learning curves and the
         rl DVC metrics; log iteration-level metrics to the parent run. Returns the row.
 
         ``wall_seconds`` is the orchestrator-side wall time of the iteration (None when
-        it was entirely skipped on resume: the recorded timing is kept).
+        it was entirely skipped on resume: the recorded timing is kept); ``stage_seconds``
+        the summed time inside the stages' runners (``StageResult.seconds``). The rest,
+        ``1 - stage/wall``, is orchestration overhead: Prefect task machinery, MLflow
+        logging, key stamping.
         """
         timing = self.layout.iteration(i) / "timing.json"
-        work = sum(
-            read_manifest(self.layout.stage_dir(s, i)).get("seconds", 0.0)
-            for s in ITERATION_STAGES if is_complete(self.layout.stage_dir(s, i))
-        )
         if wall_seconds is not None:
+            work = stage_seconds if stage_seconds is not None else 0.0
             _write_json(timing, {"wall_seconds": wall_seconds, "stage_seconds": work,
                                  "overhead_fraction": max(0.0, 1 - work / wall_seconds)
                                  if wall_seconds > 0 else 0.0})
