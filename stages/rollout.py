@@ -28,8 +28,11 @@ from tracerl.data import render_prompt
 from tracerl.models import build_default_tokenizer, build_for_tokenizer, weights_digest
 from tracerl.pipeline.artifacts import stage_output
 from tracerl.pipeline.stage_cli import stage_argparser
+from tracerl.pipeline.viewer import render_trajectories, trajectories_from_ids
 from tracerl.sampling import SamplingConfig, generate, load_policy, trajectories_to_frame
 from tracerl.schemas import read_parquet, write_parquet
+
+VIEWER_RESPONSES = 8
 
 
 def load_policy_for(source: str | Path, p: Params):
@@ -130,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     decoded = sum(len(t.response_ids) for t in trajs)
     with stage_output(args.out, stage="rollout") as o:
         write_parquet(df, o.dir / "rollouts.parquet", "rollout")
+        shown = trajs[:VIEWER_RESPONSES]  # the decode order, replayable (logged to MLflow)
+        titles = [f"{task_ids[j]} #{j % k}" for j in range(len(shown))]
+        (o.dir / "trajectory.html").write_text(render_trajectories(
+            trajectories_from_ids(tok, shown, titles), title=f"rollout, iteration {it}"))
         o.metrics.update({
             "num_tasks": len(rendered),
             "num_responses": len(trajs),

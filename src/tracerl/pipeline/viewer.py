@@ -101,3 +101,19 @@ def render_trajectories(trajectories: Sequence[Trajectory], title: str = "TraceR
     # JSON inside <script>: escape "</" so a token cannot close the script element
     payload = json.dumps(data, ensure_ascii=False).replace("</", "<\\/")
     return _PAGE.format(title=html.escape(title), data=payload)
+
+
+def trajectories_from_ids(tokenizer, records, titles: Sequence[str]) -> list[Trajectory]:
+    """Viewer records from sampler trajectories (anything with ``prompt_ids``,
+    ``response_ids``, ``decode_steps``, ``response_len``): the response through EOS, one
+    decoded string per token id."""
+    out = []
+    for rec, title in zip(records, titles):
+        n = rec.response_len
+        out.append(Trajectory(
+            title=title,
+            prompt=tokenizer.decode(list(rec.prompt_ids), skip_special_tokens=False),
+            tokens=[tokenizer.decode([int(t)], skip_special_tokens=False)
+                    for t in rec.response_ids[:n]],
+            steps=list(rec.decode_steps[:n])))
+    return out
