@@ -1,0 +1,85 @@
+"""The Prefect flow ``tracerl`` with the REAL stages on a tiny model: 2 RL iterations
+in-process (value model on), a real Prefect flow run, a real MLflow SQLite backend.
+
+Checks every artifact (schemas, checkpoints, manifests, the trajectory viewer), one MLflow
+child run per stage call under one parent, per-iteration metrics, and the registered
+final policy. (tests/test_flow.py covers resume and re-planning on fast fake stages.)
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from tracerl.config import load_params
+from tracerl.pipeline.layout import RunLayout, is_done, plan_all
+from tracerl.schemas import read_parquet
+from tracerl.tracking import PARENT_TAG, MlflowTracker
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+TINY = {
+    "run": {"name": "real", "iterations": 2, "eval_every": 1, "registered_model": "tiny-policy"},
+    "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1,
+              "intermediate_size": 64, "max_position_embeddings": 128},
+    "data": {"train_size": 40, "heldout_size": 6, "sft_size": 32, "max_difficulty": 1},
+    "sft": {"steps": 4, "batch_size": 8, "warmup_steps": 1},
+    "rollout": {"tasks_per_iter": 4, "responses_per_task": 2, "max_tokens": 16,
+                "batch_size": 8},
+    "reward": {"group_filter": "none"},
+    "policy": {"use_value": True, "micro_batch": 4},
+    "value": {"micro_batch": 4},
+    "evaluate": {"heldout_size": 3},
+}
+
+
+def test_real_stages_two_iterations(tmp_path, monkeypatch):
+    from flows.tracerl_flow import tracerl
+    from prefect.testing.utilities import prefect_test_harness
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY))
+    for var in ("MLFLOW_TRACKING_URI", "TRACERL_RUN_ID", "TRACERL_PARENT_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    with prefect_test_harness(server_startup_timeout=180):
+        summary = tracerl(params_path="params.yaml", project_root=str(tmp_path))
+
+    params = load_params(tmp_path / "params.yaml")
+    layout = RunLayout.from_params(params, base=tmp_path)
+    calls = plan_all(params, layout)
+    assert all(is_done(c) for c in calls)
+    # artifacts, in their declared schemas
+    assert read_parquet(layout.prepare / "heldout.parquet", "task").height == 6
+    for i in range(2):
+        roll = read_parquet(layout.stage_dir("rollout", i) / "rollouts.parquet", "rollout")
+        assert roll.height == 8
+        scored = read_parquet(layout.stage_dir("reward", i) / "scored.parquet", "scored")
+        assert scored.height == 8 and scored["kept"].all()
+        assert (layout.stage_dir("policy", i) / "checkpoint" / "config.json").is_file()
+        assert (layout.stage_dir("value", i) / "advantages.parquet").is_file()
+        assert "<html" in (layout.stage_dir("rollout", i) / "trajectory.html").read_text()
+        assert (layout.stage_dir("curriculum", i) / "decision.json").is_file()
+    # learning curves and DVC metrics
+    curves = json.loads(layout.curves.read_text())
+    assert [r["iteration"] for r in curves] == [0, 1]
+    for key in ("reward.accuracy", "rollout.tokens_per_s", "policy.kl", "policy.clip_fraction",
+                "value.value_loss", "curriculum.level", "iteration.overhead_fraction"):
+        assert all(key in r for r in curves), key
+    assert "evaluate.accuracy" in curves[0]  # eval_every=1; the last one is the final evaluate
+    assert 0 <= summary["final_eval"]["accuracy"] <= 1
+    for s in ("prepare", "sft", "rl", "evaluate"):
+        assert layout.dvc_metrics(s).is_file()
+    # MLflow: one parent, a finished child per stage call, metrics, the registered policy
+    tracker = MlflowTracker(tmp_path)
+    parent_id = json.loads(layout.tracking.read_text())["parent_run_id"]
+    children = tracker.client.search_runs(
+        [tracker.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'",
+        max_results=1000)
+    assert sorted(r.info.run_name for r in children) == sorted(c.label for c in calls)
+    assert all(r.info.status == "FINISHED" for r in children)
+    hist = tracker.client.get_metric_history(parent_id, "policy.kl")
+    assert sorted(m.step for m in hist) == [0, 1]
+    versions = tracker.client.search_model_versions("name='tiny-policy'")
+    assert len(versions) == 1
