@@ -1,0 +1,152 @@
+"""Does the embedded default learn? SFT, then TraceRL and baselines on the same budget.
+
+    source scripts/env.sh && python bench/learning.py [--seeds 0 1 2] [--iterations 30]
+        [--methods trace_rl trace_rl_value random_masking coupled] [--out docs/results]
+
+For each seed: one SFT run of the pipeline (prepare + sft + the SFT model's held-out
+evaluation), then, for each method, the RL part of the pipeline started from that SFT
+checkpoint (``model.init`` = the checkpoint, ``sft.steps: 0``), with the same number of
+iterations, tasks and responses per iteration. Every run is a real flow run (stages,
+manifests, an MLflow parent run named ``learn-s<seed>-<method>``), so the methods sit side
+by side in the MLflow UI. Prints a table of held-out accuracy (greedy, static decoding,
+``evaluate.heldout_size`` tasks) and writes ``<out>/learning.json`` and
+``<out>/learning.png`` (held-out accuracy per iteration, per method).
+
+Parameters not set here come from ``params.yaml``; ``--set section.key=value`` overrides
+any of them for every run (e.g. ``--set policy.lr=1e-4``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+METHODS = {
+    "trace_rl": {"policy": {"method": "trace_rl", "use_value": False}},
+    "trace_rl_value": {"policy": {"method": "trace_rl", "use_value": True}},
+    "random_masking": {"policy": {"method": "random_masking", "use_value": False}},
+    "coupled": {"policy": {"method": "coupled", "use_value": False}},
+}
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_set(items: list[str]) -> dict:
+    over: dict = {}
+    for item in items:
+        key, _, raw = item.partition("=")
+        node = over
+        *path, last = key.split(".")
+        for p in path:
+            node = node.setdefault(p, {})
+        node[last] = yaml.safe_load(raw)
+    return over
+
+
+def run_flow(params: dict, folder: Path, part: str = "all") -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{params['run']['name']}.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    cmd = [sys.executable, "-m", "flows.tracerl_flow", "--params", str(path), "--stage", part]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+
+
+def curve(run_dir: Path) -> list[tuple[int, float]]:
+    rows = json.loads((run_dir / "plots" / "rl_curves.json").read_text())
+    pts = [(r["iteration"] + 1, r["evaluate.accuracy"]) for r in rows if "evaluate.accuracy" in r]
+    final = json.loads((run_dir / "metrics" / "evaluate.json").read_text())["accuracy"]
+    return pts + [(len(rows), final)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--iterations", type=int, default=None, help="default: run.iterations")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    ap.add_argument("--out", type=Path, default=Path("docs/results"))
+    a = ap.parse_args(argv)
+    base = merge(yaml.safe_load(Path("params.yaml").read_text()), parse_set(a.set))
+    if a.iterations:
+        base["run"]["iterations"] = a.iterations
+    work = Path(base["run"]["runs_dir"]) / "learning-params"
+    results: dict = {"params": base, "seeds": {}}
+    for seed in a.seeds:
+        t0 = time.time()
+        sft_p = merge(base, {"run": {"name": f"learn-s{seed}-sft", "seed": seed,
+                                     "iterations": 1}})
+        run_flow(sft_p, work, "sft")
+        sft_dir = Path(base["run"]["runs_dir"]) / sft_p["run"]["name"]
+        ckpt = sft_dir / "sft" / "checkpoint"
+        per: dict = {"sft_seconds": time.time() - t0}
+        for m in a.methods:
+            t1 = time.time()
+            p = merge(base, merge(METHODS[m], {
+                "run": {"name": f"learn-s{seed}-{m}", "seed": seed},
+                "model": {"init": str(ckpt.resolve())},
+                "sft": {"steps": 0},
+            }))
+            run_flow(p, work)
+            rd = Path(base["run"]["runs_dir"]) / p["run"]["name"]
+            sft_acc = json.loads((rd / "metrics" / "rl.json").read_text())["baseline"]["accuracy"]
+            per[m] = {"sft_accuracy": sft_acc, "curve": curve(rd),
+                      "final_accuracy": curve(rd)[-1][1], "seconds": time.time() - t1}
+            print(f"seed {seed} {m:15s} SFT {sft_acc:.3f} -> RL {per[m]['final_accuracy']:.3f} "
+                  f"({per[m]['seconds']:.0f} s)", flush=True)
+        results["seeds"][str(seed)] = per
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "learning.json").write_text(json.dumps(results, indent=2))
+    print_table(results, a.methods)
+    plot(results, a.methods, a.out / "learning.png")
+    return 0
+
+
+def print_table(results: dict, methods: list[str]) -> None:
+    print("\n| method | SFT held-out | final held-out | gain (points) | spread of gain |")
+    print("|---|---:|---:|---:|---:|")
+    for m in methods:
+        sft = [s[m]["sft_accuracy"] for s in results["seeds"].values()]
+        fin = [s[m]["final_accuracy"] for s in results["seeds"].values()]
+        gains = [100 * (f - s) for f, s in zip(fin, sft)]
+        spread = f"{min(gains):+.1f} .. {max(gains):+.1f}"
+        print(f"| {m} | {statistics.mean(sft):.3f} | {statistics.mean(fin):.3f} | "
+              f"{statistics.mean(gains):+.1f} | {spread} |")
+
+
+def plot(results: dict, methods: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for m in methods:
+        seeds = list(results["seeds"].values())
+        its = [x for x, _ in seeds[0][m]["curve"]]
+        mean = [statistics.mean(s[m]["curve"][i][1] for s in seeds) for i in range(len(its))]
+        sft = statistics.mean(s[m]["sft_accuracy"] for s in seeds)
+        ax.plot([0, *its], [sft, *mean], marker="o", label=m)
+    ax.set_xlabel("RL iteration")
+    ax.set_ylabel("held-out accuracy (greedy, static)")
+    ax.set_title(f"embedded default, mean of {len(results['seeds'])} seeds")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
