@@ -37,3 +37,7 @@ export MLFLOW_DISABLE_TELEMETRY=true
 export DO_NOT_TRACK=1
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$cache/torch_extensions}"
 export DVC_NO_ANALYTICS=1
+# OpenMP threads spin-wait between parallel regions; with two torch processes on a small
+# machine that spinning makes both ~40x slower. A bounded spin keeps ~97% of the solo speed
+# and ~11x the default's throughput under contention (docs/benchmarks.md, "CPU threads").
+export GOMP_SPINCOUNT="${GOMP_SPINCOUNT:-10000}"
