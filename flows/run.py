@@ -66,8 +66,8 @@ def print_summary(run_dir: Path) -> None:
         return json.loads(f.read_text()) if f.is_file() else {}
 
     lines = []
-    sft_acc = read("rl").get("baseline", {}).get("accuracy")
-    final_acc = read("evaluate").get("accuracy")
+    head = read("evaluate").get("heldout_accuracy", {})
+    sft_acc, final_acc = head.get("sft"), head.get("final_rl")
     for label, acc in (("SFT model", sft_acc), ("final RL model", final_acc)):
         if acc is not None:
             lines.append(f"  held-out accuracy, {label:15s} {acc:.3f}")
@@ -75,7 +75,7 @@ def print_summary(run_dir: Path) -> None:
         print("\n".join(lines))
     viewers = sorted(run_dir.rglob("trajectory*.html"))
     print("\nwhere to look:")
-    print("  dvc metrics show              (SFT vs final held-out accuracy, per-stage metrics)")
+    print("  dvc metrics show              (heldout_accuracy.sft vs heldout_accuracy.final_rl, ...)")
     print("  dvc plots show                (learning curves -> dvc_plots/index.html)")
     print("  mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1")
     print("                                (one parent run, child runs per stage, checkpoints)")

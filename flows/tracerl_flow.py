@@ -105,7 +105,7 @@ def run_pipeline(orch: Orchestrator, planner: Planner, part: str, submit: Submit
         _require_done(part, [c for calls, _ in iter_calls for c in calls])
     if part in ("all", "evaluate"):
         res = submit(final)
-        orch.write_stage_metrics("evaluate", final.out)
+        summary["heldout_accuracy"] = orch.write_final_metrics(final.out)
         summary["final_eval"] = res.metrics
     summary["curves"] = str(L.curves)
     summary["metrics"] = str(L.root / "metrics")

@@ -71,6 +71,10 @@ def test_real_stages_two_iterations(tmp_path, monkeypatch):
     assert 0 <= summary["final_eval"]["accuracy"] <= 1
     for s in ("prepare", "sft", "rl", "evaluate"):
         assert layout.dvc_metrics(s).is_file()
+    # `dvc metrics show` says which accuracy is the SFT model's and which the final policy's
+    head = json.loads(layout.dvc_metrics("evaluate").read_text())["heldout_accuracy"]
+    baseline = json.loads((layout.baseline_eval / "metrics.json").read_text())["accuracy"]
+    assert head == {"sft": baseline, "final_rl": summary["final_eval"]["accuracy"]}
     # MLflow: one parent, a finished child per stage call, metrics, the registered policy
     tracker = MlflowTracker(tmp_path)
     parent_id = json.loads(layout.tracking.read_text())["parent_run_id"]

@@ -254,6 +254,17 @@ class Orchestrator:
         """Copy a coarse stage's ``metrics.json`` to ``metrics/<dvc_stage>.json``."""
         _write_json(self.layout.dvc_metrics(dvc_stage), read_metrics(out))
 
+    def write_final_metrics(self, out: Path) -> dict[str, Any]:
+        """``metrics/evaluate.json``: the final evaluation, headed by the pair that says
+        which model is which: ``heldout_accuracy.sft`` (the SFT model, before RL) and
+        ``heldout_accuracy.final_rl`` (the final policy). Returns the headline."""
+        final = read_metrics(out)
+        head: dict[str, Any] = {"final_rl": final.get("accuracy")}
+        if is_complete(self.layout.baseline_eval):
+            head["sft"] = read_metrics(self.layout.baseline_eval).get("accuracy")
+        _write_json(self.layout.dvc_metrics("evaluate"), {"heldout_accuracy": head, **final})
+        return head
+
     def register_final(self, policy_dir: Path) -> str | None:
         """Register the final policy's checkpoint in the model registry (once per parent
         run; ``run.registered_model: ""`` disables it). Returns the version."""
