@@ -86,15 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"params": base, "seeds": {}}
     for seed in a.seeds:
         t0 = time.time()
-        sft_p = merge(base, {"run": {"name": f"learn-s{seed}-sft", "seed": seed,
-                                     "iterations": 1}})
+        seeded = {s: {"seed": seed} for s in ("run", "sft", "policy", "value")}
+        sft_p = merge(merge(base, seeded), {"run": {"name": f"learn-s{seed}-sft",
+                                                    "iterations": 1}})
         run_flow(sft_p, work, "sft")
         sft_dir = Path(base["run"]["runs_dir"]) / sft_p["run"]["name"]
         ckpt = sft_dir / "sft" / "checkpoint"
         per: dict = {"sft_seconds": time.time() - t0}
         for m in a.methods:
             t1 = time.time()
-            p = merge(base, merge(METHODS[m], {
+            p = merge(merge(base, seeded), merge(METHODS[m], {
                 "run": {"name": f"learn-s{seed}-{m}", "seed": seed},
                 "model": {"init": str(ckpt.resolve())},
                 "sft": {"steps": 0},

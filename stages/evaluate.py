@@ -15,12 +15,12 @@ from __future__ import annotations
 import json
 import sys
 
-from stages.rollout import decision_for, load_policy_for
 from tracerl.config import load_params
 from tracerl.data import humaneval_tasks, tasks_from_frame
 from tracerl.evaluation import evaluate_tasks
 from tracerl.models import weights_digest
 from tracerl.pipeline.artifacts import stage_output
+from tracerl.pipeline.resolve import curriculum_decision, policy_from_params
 from tracerl.pipeline.stage_cli import parse_stage_args
 from tracerl.rewards.scoring import score_rollouts
 from tracerl.sampling import SamplingConfig
@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_stage_args(argv, "evaluate")
     p = load_params(a.params)
     e, r = p.evaluate, p.rollout
-    dec = decision_for(p, a.iteration or 0, a.input("curriculum"))
-    model, tok = load_policy_for(a.input("policy") or p.model.init, p)
+    dec = curriculum_decision(p, a.input("curriculum"))
+    model, tok = policy_from_params(a.input("policy") or p.model.init, p)
     suites = {}
     if "heldout" in e.benchmarks:
         held = read_parquet(a.require("data") / "heldout.parquet", "task")

@@ -13,7 +13,6 @@ the schedules at iteration 0), renders each prompt with the chat template, and s
 
 from __future__ import annotations
 
-import json
 import random
 import sys
 import time
@@ -22,52 +21,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from tracerl.config import Params, load_params
-from tracerl.curriculum import CurriculumDecision, CurriculumRule, initial_decision
+from tracerl.config import load_params
 from tracerl.data import render_prompt
-from tracerl.models import build_default_tokenizer, build_for_tokenizer, weights_digest
+from tracerl.models import weights_digest
 from tracerl.pipeline.artifacts import stage_output
+from tracerl.pipeline.resolve import curriculum_decision, policy_from_params
 from tracerl.pipeline.stage_cli import stage_argparser
 from tracerl.pipeline.viewer import render_trajectories, trajectories_from_ids
-from tracerl.sampling import SamplingConfig, generate, load_policy, trajectories_to_frame
+from tracerl.sampling import SamplingConfig, generate, trajectories_to_frame
 from tracerl.schemas import read_parquet, write_parquet
 
 VIEWER_RESPONSES = 8
-
-
-def load_policy_for(source: str | Path, p: Params):
-    """``(model, tokenizer)``: the embedded default built from ``model.*`` sizes for
-    ``"tiny"``, else a checkpoint folder (or a stage folder holding ``checkpoint/``)."""
-    m = p.model
-    if str(source) == "tiny":
-        tok = build_default_tokenizer()
-        model = build_for_tokenizer(
-            tok, m.family, block_size=m.block_size, hidden_size=m.hidden_size,
-            num_layers=m.num_layers, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
-            intermediate_size=m.intermediate_size,
-            max_position_embeddings=m.max_position_embeddings, seed=p.run.seed,
-            dtype=getattr(torch, m.dtype))
-        return model.to(p.run.device), tok
-    path = Path(source)
-    for sub in ("checkpoint", "model"):  # a stage folder that holds the checkpoint
-        if not (path / "config.json").is_file() and (path / sub / "config.json").is_file():
-            path = path / sub
-    return load_policy(path, family=m.family, dtype=getattr(torch, m.dtype),
-                       device=p.run.device, block_size=m.block_size)
-
-
-def decision_for(p: Params, iteration: int, folder: Path | None) -> CurriculumDecision:
-    """The curriculum decision of this iteration (the initial one when there is none)."""
-    if folder is not None:
-        return CurriculumDecision.from_dict(json.loads((folder / "decision.json").read_text()))
-    c = p.curriculum
-    rule = CurriculumRule(raise_above=c.raise_above, lower_below=c.lower_below, step=c.step,
-                          min_level=p.data.min_difficulty, max_level=p.data.max_difficulty)
-    return initial_decision(level=c.start_level, rule=rule,
-                            policy=c.policy if c.enabled else "fixed",
-                            block_size=p.model.block_size, max_tokens=p.rollout.max_tokens,
-                            block_size_schedule=c.block_size_schedule,
-                            max_tokens_schedule=c.max_tokens_schedule)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     if tasks_path is None:
         ap.error("pass --tasks TASKS.parquet or --input data=PREPARE_DIR")
     tasks = read_parquet(tasks_path, "task")
-    dec = decision_for(p, it, Path(inputs["curriculum"]) if "curriculum" in inputs else None)
+    dec = curriculum_decision(p, Path(inputs["curriculum"]) if "curriculum" in inputs else None)
     pool = tasks.filter(~tasks["task_id"].is_in(list(dec.exclude)))
     leveled = pool.filter(pool["difficulty"].is_in(list(dec.levels)) | (pool["difficulty"] < 0))
     pool = leveled if leveled.height else pool  # no task at these levels: the whole pool
@@ -105,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = pool[rows]
 
     # 2. Policy and prompts.
-    model, tok = load_policy_for(args.policy or inputs.get("policy") or p.model.init, p)
+    model, tok = policy_from_params(args.policy or inputs.get("policy") or p.model.init, p)
     b, steps = dec.schedule.block_size, r.steps_per_block
     if r.strategy == "low_confidence_static" and steps > b:  # a curriculum block-size change
         print(f"rollout[{it}]: steps_per_block {steps} capped at the scheduled block size {b}")

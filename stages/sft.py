@@ -3,8 +3,8 @@
     python -m stages.sft --params params.yaml --data SFT.parquet|PREPARE_DIR --out DIR
 
 (or the flow's ``--input data=PREPARE_DIR``). Reads ``params.model`` and ``params.sft``.
-The initial model is the embedded default built from ``model.*`` sizes when
-``model.init == "tiny"`` (with the default tokenizer), else the checkpoint ``model.init``.
+The initial model is the embedded default built from ``model.*`` sizes (seeded by
+``run.seed``) when ``model.init == "tiny"``, else the checkpoint ``model.init``.
 SFT data: a parquet (or a folder holding ``sft.parquet``) with ``prompt_ids`` +
 ``response_ids`` (response ending with EOS; optional ``decode_steps`` for trace SFT), or
 text ``prompt`` + ``response``/``reference_solution``. Writes ``checkpoint/``,
@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 from tracerl.config import load_params
-from tracerl.models import build_default_tokenizer, build_for_tokenizer, load_model, save_model
+from tracerl.models import save_model
 from tracerl.pipeline.artifacts import stage_output
+from tracerl.pipeline.resolve import policy_from_params
 from tracerl.pipeline.stage_cli import stage_argparser
 from tracerl.rl import (
     SFTConfig,
@@ -46,23 +47,12 @@ def parse_args(argv):
     return ns
 
 
-def initial_model(m, seed: int):
-    if m.init == "tiny":
-        tok = build_default_tokenizer()
-        return build_for_tokenizer(
-            tok, m.family, block_size=m.block_size, hidden_size=m.hidden_size,
-            num_layers=m.num_layers, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
-            intermediate_size=m.intermediate_size,
-            max_position_embeddings=m.max_position_embeddings, seed=seed), tok
-    return load_model(m.init, family=m.family, block_size=m.block_size)
-
-
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     params = load_params(a.params)
     s, m = params.sft, params.model
     torch.manual_seed(s.seed)
-    model, tok = initial_model(m, s.seed)
+    model, tok = policy_from_params(m.init, params, cached=False)  # trained: not the cache
     samples = read_sft_samples(a.data, tok, eos_id=model.tokens.eos_id, pad_id=model.tokens.pad_id,
                                block_size=model.block_size)
     cfg = pick(TrainConfig, s, micro_batch=s.batch_size // s.grad_accum, total_steps=max(s.steps, 1))
