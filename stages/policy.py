@@ -20,7 +20,7 @@ import torch
 from tracerl.config import load_params
 from tracerl.models import load_model, save_model
 from tracerl.pipeline.artifacts import stage_output
-from tracerl.pipeline.stage_cli import stage_argparser
+from tracerl.pipeline.stage_cli import bind_inputs, stage_argparser
 from tracerl.rl import (
     PolicyConfig,
     TokenScorer,
@@ -39,12 +39,7 @@ def parse_args(argv):
     ap = stage_argparser("policy")
     for flag in ("--policy", "--scored", "--value-advantages", "--reference"):
         ap.add_argument(flag, type=Path, default=None)
-    ns = ap.parse_args(argv)
-    for item in ns.input:  # the flow's --input NAME=PATH (folders)
-        name, _, path = item.partition("=")
-        key = {"value": "value_advantages"}.get(name, name)
-        if hasattr(ns, key) and getattr(ns, key) is None:
-            setattr(ns, key, Path(path))
+    ns = bind_inputs(ap.parse_args(argv), {"value": "value_advantages"})
     if ns.policy is None or ns.scored is None:
         ap.error("--policy and --scored (or --input policy=... --input scored=...) are required")
     return ns

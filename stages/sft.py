@@ -22,7 +22,7 @@ from tracerl.config import load_params
 from tracerl.models import save_model
 from tracerl.pipeline.artifacts import stage_output
 from tracerl.pipeline.resolve import policy_from_params
-from tracerl.pipeline.stage_cli import stage_argparser
+from tracerl.pipeline.stage_cli import bind_inputs, stage_argparser
 from tracerl.rl import (
     SFTConfig,
     TokenScorer,
@@ -37,11 +37,7 @@ from tracerl.rl import (
 def parse_args(argv):
     ap = stage_argparser("sft")
     ap.add_argument("--data", type=Path, default=None)
-    ns = ap.parse_args(argv)
-    for item in ns.input:
-        name, _, path = item.partition("=")
-        if name == "data" and ns.data is None:
-            ns.data = Path(path)
+    ns = bind_inputs(ap.parse_args(argv))
     if ns.data is None:
         ap.error("--data (or --input data=PREPARE_DIR) is required")
     return ns

@@ -21,7 +21,7 @@ import torch
 from tracerl.config import load_params
 from tracerl.models import ValueModel, load_model, load_tokenizer
 from tracerl.pipeline.artifacts import stage_output
-from tracerl.pipeline.stage_cli import stage_argparser
+from tracerl.pipeline.stage_cli import bind_inputs, stage_argparser
 from tracerl.rl import (
     TrainConfig,
     Trainer,
@@ -40,11 +40,7 @@ def parse_args(argv):
     ap = stage_argparser("value")
     for flag in ("--value", "--policy", "--scored"):
         ap.add_argument(flag, default=None)
-    ns = ap.parse_args(argv)
-    for item in ns.input:  # the flow's --input NAME=PATH (folders)
-        name, _, path = item.partition("=")
-        if hasattr(ns, name) and getattr(ns, name) is None:
-            setattr(ns, name, path)
+    ns = bind_inputs(ap.parse_args(argv), convert=str)  # --value may be "none"
     if ns.policy is None or ns.scored is None:
         ap.error("--policy and --scored (or --input policy=... --input scored=...) are required")
     return ns

@@ -69,6 +69,25 @@ def stage_argparser(stage: str) -> argparse.ArgumentParser:
     return ap
 
 
+def bind_inputs(ns: argparse.Namespace, aliases: dict[str, str] | None = None,
+                convert=Path) -> argparse.Namespace:
+    """Fill a stage's own flags left unset from the flow's ``--input NAME=PATH`` entries:
+    ``--input policy=DIR`` sets ``ns.policy`` (``aliases`` maps input names to other
+    attributes, e.g. ``{"value": "value_advantages"}``). Explicit flags win.
+
+    Example:
+        >>> ap = stage_argparser("x"); _ = ap.add_argument("--policy")
+        >>> bind_inputs(ap.parse_args(["--out", "o", "--input", "policy=p"])).policy
+        PosixPath('p')
+    """
+    for item in ns.input:
+        name, _, path = item.partition("=")
+        key = (aliases or {}).get(name, name)
+        if hasattr(ns, key) and getattr(ns, key) is None:
+            setattr(ns, key, convert(path))
+    return ns
+
+
 def parse_stage_args(argv: list[str] | None, stage: str = "stage") -> StageArgs:
     """Parse the common stage arguments (exits with usage on bad arguments)."""
     ap = stage_argparser(stage)
