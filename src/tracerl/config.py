@@ -519,10 +519,7 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
 def params_from_dict(raw: dict[str, Any], source: str = "params.yaml") -> Params:
     problems: list[str] = []
     params = _build(Params, raw, "", problems)
-    if not problems:
-        problems.extend(params.problems())
-    else:  # still report range problems of the sections that parsed
-        problems.extend(params.problems())
+    problems.extend(params.problems())  # range problems too, also of sections that parsed
     if problems:
         raise ConfigError(problems, source)
     return params
@@ -556,16 +553,4 @@ def _merge(base: dict, over: dict) -> dict:
             out[k] = _merge(out[k], v)
         else:
             out[k] = v
-    return out
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Flatten nested params to ``{"section.key": value}`` (for MLflow params)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}.{k}" if prefix else k
-        if isinstance(v, dict):
-            out.update(flatten(v, key))
-        else:
-            out[key] = v
     return out

@@ -315,6 +315,25 @@ def _tensors(s: TraceSample) -> tuple[torch.Tensor, torch.Tensor]:
             torch.as_tensor(list(s.response_ids), dtype=torch.long))
 
 
+def _admitted(samples: Sequence[TraceSample], max_len: int, stats: RowStats):
+    """Check every sample; yield ``(i, sample, prompt, response)`` for those within
+    ``max_len`` (``P + R``; 0 = no limit), counting kept and skipped in ``stats``."""
+    for i, s in enumerate(samples):
+        check_sample(s, i)
+        prompt, response = _tensors(s)
+        if max_len and len(prompt) + len(response) > max_len:
+            stats.skipped_too_long += 1
+            continue
+        stats.samples += 1
+        yield i, s, prompt, response
+
+
+def _finished(rows: list[Row], stats: RowStats) -> tuple[list[Row], RowStats]:
+    stats.rows = len(rows)
+    stats.targets = sum(r.num_targets for r in rows)
+    return rows, stats
+
+
 def _chunks(items: list, size: int) -> list[list]:
     size = size if size > 0 else max(len(items), 1)
     return [items[i:i + size] for i in range(0, len(items), size)]
@@ -340,14 +359,8 @@ def build_trace_rows(samples: Sequence[TraceSample], *, block_size: int | None, 
     """
     rows: list[Row] = []
     stats = RowStats()
-    for i, s in enumerate(samples):
-        check_sample(s, i)
-        prompt, response = _tensors(s)
+    for i, s, prompt, response in _admitted(samples, max_len, stats):
         P, R = len(prompt), len(response)
-        if max_len and P + R > max_len:
-            stats.skipped_too_long += 1
-            continue
-        stats.samples += 1
         steps = (torch.as_tensor(list(s.decode_steps), dtype=torch.long)
                  if s.decode_steps is not None else torch.arange(1, R + 1))
         blocks = response_blocks(P, R, block_size)
@@ -363,9 +376,7 @@ def build_trace_rows(samples: Sequence[TraceSample], *, block_size: int | None, 
             for chunk in _chunks(rounds, copies_per_row):
                 rows.append(block_row(prompt, response, [(m, t) for _, m, t in chunk], block_size,
                                       mask_id, sample=i, rounds=[k for k, _, _ in chunk]))
-    stats.rows = len(rows)
-    stats.targets = sum(r.num_targets for r in rows)
-    return rows, stats
+    return _finished(rows, stats)
 
 
 def random_masks(n: int, lower: float, upper: float, generator: torch.Generator,
@@ -396,14 +407,8 @@ def build_masked_rows(samples: Sequence[TraceSample], *, block_size: int | None,
     """
     rows: list[Row] = []
     stats = RowStats()
-    for i, s in enumerate(samples):
-        check_sample(s, i)
-        prompt, response = _tensors(s)
-        P, R = len(prompt), len(response)
-        if max_len and P + R > max_len:
-            stats.skipped_too_long += 1
-            continue
-        stats.samples += 1
+    for i, s, prompt, response in _admitted(samples, max_len, stats):
+        R = len(response)
         trainable = torch.arange(R) < s.response_len
         for _ in range(times):
             m = random_masks(R, lower, upper, generator, per_position=block_size is not None)
@@ -417,9 +422,7 @@ def build_masked_rows(samples: Sequence[TraceSample], *, block_size: int | None,
                          for k, (a, t) in enumerate(copies)]
             else:
                 rows.append(block_row(prompt, response, copies, block_size, mask_id, sample=i))
-    stats.rows = len(rows)
-    stats.targets = sum(r.num_targets for r in rows)
-    return rows, stats
+    return _finished(rows, stats)
 
 
 # --------------------------------------------------------------------------- batches
