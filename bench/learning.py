@@ -107,9 +107,9 @@ def main(argv: list[str] | None = None) -> int:
                       "final_accuracy": curve(rd)[-1][1], "seconds": time.time() - t1}
             print(f"seed {seed} {m:15s} SFT {sft_acc:.3f} -> RL {per[m]['final_accuracy']:.3f} "
                   f"({per[m]['seconds']:.0f} s)", flush=True)
-        results["seeds"][str(seed)] = per
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "learning.json").write_text(json.dumps(results, indent=2))
+            results["seeds"][str(seed)] = per
+            a.out.mkdir(parents=True, exist_ok=True)  # written as it goes: nothing lost
+            (a.out / "learning.json").write_text(json.dumps(results, indent=2))
     print_table(results, a.methods)
     plot(results, a.methods, a.out / "learning.png")
     return 0

@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     policy = c.policy if c.enabled else "fixed"
     rule = CurriculumRule(raise_above=c.raise_above, lower_below=c.lower_below, step=c.step,
                           min_level=p.data.min_difficulty, max_level=p.data.max_difficulty,
-                          window=c.window, retire_above=c.retire_above if c.enabled else None)
+                          window=c.window, retire_above=c.retire_above if c.enabled else None,
+                          cumulative=c.cumulative)
     shape = dict(block_size=p.model.block_size, max_tokens=p.rollout.max_tokens,
                  block_size_schedule=c.block_size_schedule,
                  max_tokens_schedule=c.max_tokens_schedule)

@@ -9,12 +9,15 @@ Reads ``params.data`` and ``run.seed``. Writes into ``--out``:
 - ``heldout.parquet``: ``data.heldout_size`` held-out tasks (split ``heldout``; the
   generator keeps it disjoint from the train split) over the same levels;
 - ``sft.parquet``: ``prompt`` (user message) + ``reference_solution`` (ending with
-  ``\\boxed{}``) for SFT, from train-split tasks drawn with another seed;
+  ``\\boxed{}``, in ``style`` = ``data.sft_style``, or the boxed answer alone for a
+  ``data.sft_answer_fraction`` of the examples) for SFT, from train-split tasks drawn
+  with another seed;
 - metrics: counts per split and per level.
 """
 
 from __future__ import annotations
 
+import random
 import sys
 
 import polars as pl
@@ -37,17 +40,21 @@ def main(argv: list[str] | None = None) -> int:
     sft = generate_tasks(d.generator, d.sft_size, difficulty=levels, seed=seed + 1, split="train")
     for tasks in (train + heldout, sft):  # SFT and the RL pool may share train problems
         validate_tasks(tasks)
+    pick = random.Random(f"sft-style|{seed}")
+    styles = ["answer" if pick.random() < d.sft_answer_fraction else d.sft_style for _ in sft]
     with stage_output(a.out, stage="prepare") as o:
         write_parquet(tasks_to_frame(train), o.dir / "train.parquet", "task")
         write_parquet(tasks_to_frame(heldout), o.dir / "heldout.parquet", "task")
         pl.DataFrame({
             "task_id": [t.task_id for t in sft],
             "prompt": [t.prompt for t in sft],
-            "reference_solution": [reference_solution(t) for t in sft],
+            "reference_solution": [reference_solution(t, s) for t, s in zip(sft, styles)],
+            "style": styles,
             "difficulty": [t.difficulty for t in sft],
         }).write_parquet(o.dir / "sft.parquet")
         o.metrics.update({"train_tasks": len(train), "heldout_tasks": len(heldout),
-                          "sft_examples": len(sft)})
+                          "sft_examples": len(sft),
+                          "sft_answer_only": sum(s == "answer" for s in styles)})
         for lv in levels:
             o.metrics[f"heldout_level_{lv}"] = sum(t.difficulty == lv for t in heldout)
     print(f"prepare: {len(train)} train, {len(heldout)} held-out, {len(sft)} SFT examples "

@@ -51,6 +51,26 @@ def test_bounds_clamp():
     assert plan([results(("a", 4))], level=2, rule=big).level == 3  # 2 + 2 clamped to 3
 
 
+def test_cumulative_pool_keeps_easier_levels_and_moves_on_the_frontier():
+    cum = CurriculumRule(raise_above=0.8, lower_below=0.2, min_level=0, max_level=3,
+                         cumulative=True)
+    # the level-0 task is solved (4/4) but the level-1 frontier is at 2/4 each: the
+    # decision reads the frontier (0.5, in band), while the pool's rate is 2/3
+    mixed = [TaskResult("easy", 0, 4, 4), TaskResult("f1", 1, 2, 4), TaskResult("f2", 1, 2, 4)]
+    d = plan([mixed], level=1, rule=cum)
+    assert (d.level, d.levels, d.pass_rate) == (1, (0, 1), pytest.approx(2 / 3))
+    assert "0.500" in d.reason  # the frontier's rate
+    # frontier solved (4/4, 4/4) while the easy task slipped (0/4): level up, pool 0..2
+    up = plan([[TaskResult("easy", 0, 0, 4), TaskResult("f1", 1, 4, 4),
+                TaskResult("f2", 1, 4, 4)]], level=1, rule=cum)
+    assert (up.level, up.levels) == (2, (0, 1, 2))
+    # no result at the frontier yet: level kept
+    assert plan([[TaskResult("easy", 0, 4, 4)]], level=2, rule=cum).level == 2
+    first = initial_decision(level=1, rule=cum, policy="pass_rate_band", block_size=4,
+                             max_tokens=32)
+    assert first.levels == (0, 1)
+
+
 def test_exact_threshold_keeps_level():
     # 0.8 is not > 0.8 and 0.2 is not < 0.2: strict comparisons keep the level
     r = CurriculumRule(raise_above=0.8, lower_below=0.2, min_level=0, max_level=3)

@@ -9,6 +9,7 @@ import polars as pl
 import pytest
 
 from tracerl.data import (
+    arithmetic,
     TaskError,
     TaskRecord,
     generate_tasks,
@@ -35,8 +36,42 @@ def test_arithmetic_levels_are_short_correct_and_solved(level):
         expr = t.prompt.removeprefix("What is ").removesuffix("?")
         assert set(expr) <= set("0123456789+-*")
         assert int(t.answer) == eval(expr)  # independent check of the generator's answer
-        sol = reference_solution(t)
-        assert sol.endswith(f"\\boxed{{{t.answer}}}") and score_math(sol, t.answer).correct
+        for style in ("steps", "worked", "answer"):
+            sol = reference_solution(t, style)
+            assert sol.endswith(f"\\boxed{{{t.answer}}}") and score_math(sol, t.answer).correct
+        assert reference_solution(t, "answer") == f"\\boxed{{{t.answer}}}"
+
+
+@pytest.mark.parametrize(("expr", "worked"), [
+    ("47+38", "7+8=15, 4+3+1=8 \\boxed{85}"),  # carry into the tens
+    ("99+99", "9+9=18, 9+9+1=19 \\boxed{198}"),  # carry out of the tens
+    ("10+10", "0+0=0, 1+1=2 \\boxed{20}"),
+    ("58-23", "8-3=5, 5-2=3 \\boxed{35}"),
+    ("52-47", "12-7=5, 5-4-1=0 \\boxed{5}"),  # borrow, leading zero dropped
+    ("23-58", "-(58-23): 8-3=5, 5-2=3 \\boxed{-35}"),  # negative: larger minus smaller
+    ("50-50", "0-0=0, 5-5=0 \\boxed{0}"),
+    ("3+5", "3+5=8 \\boxed{8}"),  # other forms: the step-by-step solution
+    ("7+12-5", "7+12=19, 19-5=14 \\boxed{14}"),
+])
+def test_worked_solution_by_hand(expr, worked):
+    assert arithmetic.worked_solution(f"What is {expr}?") == worked
+
+
+def test_worked_solution_every_two_digit_problem_is_right_and_short():
+    for a in range(10, 100):
+        for b in range(10, 100):
+            for op in "+-":
+                sol = arithmetic.worked_solution(f"What is {a}{op}{b}?")
+                value = a + b if op == "+" else a - b
+                assert sol.endswith(f"\\boxed{{{value}}}") and len(sol) <= 37
+                for step in sol.split(" \\boxed")[0].removeprefix(f"-({b}-{a}): ").split(", "):
+                    lhs, rhs = step.split("=")
+                    assert eval(lhs) == int(rhs), (sol, step)  # noqa: S307 - digits only
+
+
+def test_reference_solution_refuses_unknown_style():
+    with pytest.raises(ValueError, match="style"):
+        reference_solution(TaskRecord("x", "What is 1+2?", "arithmetic", "3"), "essay")
 
 
 def test_arithmetic_is_deterministic_and_levels_grow():

@@ -44,17 +44,21 @@ def test_bad_params_lists_every_problem(tmp_path):
     raw["policy"]["lr"] = "fast"  # wrong type
     raw["curriculum"]["policy"] = "zigzag"  # unknown registry name
     raw["evaluate"]["pass_k"] = [1, 8]  # k > responses_per_task
+    raw["data"]["sft_style"] = "essay"  # unknown solution style
+    raw["data"]["sft_answer_fraction"] = 1.5  # not a fraction
     bad = tmp_path / "params.yaml"
     bad.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError) as e:
         load_params(bad)
     probs = e.value.problems
     msg = str(e.value)
-    assert len(probs) == 6, msg
+    assert len(probs) == 8, msg
     assert "unknown key 'run.iteratons'; did you mean 'iterations'?" in msg
     assert "rollout.responses_per_task must be >= 2" in msg
     assert "rollout.max_tokens (30) must be a multiple of model.block_size (4)" in msg
     assert "'policy.lr' = 'fast' has the wrong type: expected float" in msg
     assert "curriculum.policy 'zigzag' is unknown; valid: fixed, pass_rate_band" in msg
     assert "evaluate.pass_k [8]" in msg
-    assert msg.startswith(f"{bad}: 6 problem(s):")
+    assert "data.sft_style must be one of steps, worked, answer (got 'essay')" in msg
+    assert "data.sft_answer_fraction must be in [0, 1] (got 1.5)" in msg
+    assert msg.startswith(f"{bad}: 8 problem(s):")

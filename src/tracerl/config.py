@@ -114,12 +114,22 @@ class DataParams:
     sft_size: int = 4000
     min_difficulty: int = 0
     max_difficulty: int = 3
+    # SFT targets: solution style (steps | worked | answer), and the fraction of SFT
+    # examples whose target is the boxed answer alone instead (a mixed corpus)
+    sft_style: str = "worked"
+    sft_answer_fraction: float = 0.0
 
     def problems(self) -> list[str]:
         p = []
         for k in ("train_size", "heldout_size", "sft_size"):
             if getattr(self, k) < 1:
                 p.append(f"data.{k} must be >= 1")
+        if self.sft_style not in ("steps", "worked", "answer"):
+            p.append(f"data.sft_style must be one of steps, worked, answer "
+                     f"(got {self.sft_style!r})")
+        if not 0.0 <= self.sft_answer_fraction <= 1.0:
+            p.append(f"data.sft_answer_fraction must be in [0, 1] "
+                     f"(got {self.sft_answer_fraction})")
         if self.min_difficulty > self.max_difficulty:
             p.append("data.min_difficulty must be <= data.max_difficulty")
         return p
@@ -324,6 +334,7 @@ class CurriculumParams:
     window: int = 1  # iterations of pass rates the decision looks at
     step: int = 1  # difficulty levels moved per decision
     start_level: int = 0  # difficulty level of iteration 0, within data.[min,max]_difficulty
+    cumulative: bool = False  # pool = levels min..current (moves on the current level's rate)
     retire_above: float | None = None  # drop tasks whose pass rate >= this (null = keep all)
     # [[from_iteration, value], ...]; empty = model.block_size / rollout.max_tokens throughout
     block_size_schedule: list[list[int]] = field(default_factory=list)

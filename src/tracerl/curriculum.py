@@ -63,6 +63,9 @@ class CurriculumRule:
         window: how many of the most recent iterations the decision looks at.
         retire_above: tasks whose pass rate over the window is ``>=`` this are excluded
             from the next pool (``None`` keeps every task).
+        cumulative: the pool spans ``min_level..level`` (easier levels stay in, so what
+            was learnt there is rehearsed) and ``pass_rate_band`` moves on the pass rate
+            of the tasks at ``level``; otherwise the pool is ``level`` alone.
     """
 
     raise_above: float = 0.8
@@ -72,6 +75,7 @@ class CurriculumRule:
     max_level: int = 0
     window: int = 1
     retire_above: float | None = None
+    cumulative: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -163,14 +167,18 @@ def schedule_problems(schedule: Sequence[Sequence[int]], name: str) -> list[str]
 
 
 # ---------------------------------------------------------------------- policies
-def pool_pass_rate(history: Sequence[Sequence[TaskResult]], window: int) -> float | None:
+def pool_pass_rate(history: Sequence[Sequence[TaskResult]], window: int,
+                   level: int | None = None) -> float | None:
     """Mean per-task pass rate over the last ``window`` iterations (each task-iteration
-    weighs the same); ``None`` if there are no results.
+    weighs the same), of the tasks at difficulty ``level`` only when given; ``None`` if
+    there are no such results.
 
-    >>> pool_pass_rate([[TaskResult("a", 0, 1, 2)], [TaskResult("b", 0, 4, 4)]], window=2)
-    0.75
+    >>> h = [[TaskResult("a", 0, 1, 2)], [TaskResult("b", 1, 4, 4)]]
+    >>> pool_pass_rate(h, window=2), pool_pass_rate(h, window=2, level=0)
+    (0.75, 0.5)
     """
-    rows = [r for it in list(history)[-window:] for r in it if r.total > 0]
+    rows = [r for it in list(history)[-window:] for r in it
+            if r.total > 0 and (level is None or r.difficulty == level)]
     return sum(r.pass_rate for r in rows) / len(rows) if rows else None
 
 
@@ -203,7 +211,8 @@ def fixed_level(history, level, rule):
 
 @register_policy("pass_rate_band")
 def pass_rate_band(history, level, rule):
-    rate = pool_pass_rate(history, rule.window)
+    # a cumulative pool moves on the pass rate of its frontier (the current level's tasks)
+    rate = pool_pass_rate(history, rule.window, level if rule.cumulative else None)
     if rate is None:
         return level, "no results: level kept"
     if rate > rule.raise_above:
@@ -236,6 +245,19 @@ def retired_tasks(history: Sequence[Sequence[TaskResult]], window: int,
             passed[r.task_id] = passed.get(r.task_id, 0) + r.passed
             total[r.task_id] = total.get(r.task_id, 0) + r.total
     return tuple(sorted(t for t in total if total[t] and passed[t] / total[t] >= retire_above))
+
+
+def pool_levels(policy: str, level: int, rule: CurriculumRule) -> tuple[int, ...]:
+    """The levels a pool at ``level`` draws from: all of them under ``fixed``,
+    ``min_level..level`` when ``rule.cumulative``, else ``level`` alone.
+
+    >>> rule = CurriculumRule(min_level=0, max_level=3, cumulative=True)
+    >>> pool_levels("pass_rate_band", 2, rule), pool_levels("fixed", 2, rule)
+    ((0, 1, 2), (0, 1, 2, 3))
+    """
+    if policy == "fixed":
+        return tuple(range(rule.min_level, rule.max_level + 1))
+    return tuple(range(rule.min_level, level + 1)) if rule.cumulative else (level,)
 
 
 def plan_next(
@@ -274,9 +296,7 @@ def plan_next(
     assert rule.min_level <= new_level <= rule.max_level, (
         f"policy {policy} returned level {new_level} outside [{rule.min_level}, {rule.max_level}]"
     )
-    levels = (
-        tuple(range(rule.min_level, rule.max_level + 1)) if policy == "fixed" else (new_level,)
-    )
+    levels = pool_levels(policy, new_level, rule)
     nxt = iteration + 1
     schedule = Schedule(
         block_size=value_at(block_size_schedule, nxt, block_size),
@@ -306,7 +326,7 @@ def initial_decision(
 ) -> CurriculumDecision:
     """The decision iteration 0 samples with (before any results exist)."""
     get_policy(policy)
-    levels = tuple(range(rule.min_level, rule.max_level + 1)) if policy == "fixed" else (level,)
+    levels = pool_levels(policy, level, rule)
     return CurriculumDecision(
         iteration=0,
         level=level,

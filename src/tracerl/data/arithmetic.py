@@ -119,6 +119,51 @@ def generate(n: int, difficulty: int | list[int] = 0, seed: int = 0,
     return out
 
 
+def _column_add(a: int, b: int) -> list[str]:
+    """Column-wise steps of ``a+b`` for two-digit ``a``, ``b``: units, then tens + carry."""
+    u = a % 10 + b % 10
+    carry = "+1" if u >= 10 else ""
+    return [f"{a % 10}+{b % 10}={u}", f"{a // 10}+{b // 10}{carry}={a // 10 + b // 10 + u // 10}"]
+
+
+def _column_sub(x: int, y: int) -> list[str]:
+    """Column-wise steps of ``x-y`` for two-digit ``x >= y``: units (borrowing), tens."""
+    ux, uy = x % 10, y % 10
+    borrow = ux < uy
+    units = f"{10 + ux if borrow else ux}-{uy}={(10 if borrow else 0) + ux - uy}"
+    return [units, f"{x // 10}-{y // 10}{'-1' if borrow else ''}={x // 10 - y // 10 - borrow}"]
+
+
+def worked_solution(prompt: str) -> str | None:
+    """Column-wise worked solution: two-digit sums and differences digit by digit,
+    longer expressions step by step; ``None`` if the prompt is not this generator's.
+
+    Short, local steps (single-digit facts plus a carry or borrow) are what a tiny model
+    gets right; the answer then only copies digits. A negative difference is worked as
+    ``-(larger-smaller)``.
+
+    Example:
+        >>> worked_solution("What is 47+38?")
+        '7+8=15, 4+3+1=8 \\\\boxed{85}'
+        >>> worked_solution("What is 23-58?")
+        '-(58-23): 8-3=5, 5-2=3 \\\\boxed{-35}'
+        >>> worked_solution("What is 52-47?")
+        '12-7=5, 5-4-1=0 \\\\boxed{5}'
+    """
+    m = _EXPR_RE.match(prompt.strip()) if isinstance(prompt, str) else None
+    if not m:
+        return None
+    expr = m.group(1)
+    two = re.fullmatch(r"(\d\d)([+-])(\d\d)", expr)
+    if not two:
+        return solution(prompt)
+    a, op, b = int(two.group(1)), two.group(2), int(two.group(3))
+    if op == "+":
+        return ", ".join(_column_add(a, b)) + f" \\boxed{{{a + b}}}"
+    head = "" if a >= b else f"-({b}-{a}): "
+    return head + ", ".join(_column_sub(max(a, b), min(a, b))) + f" \\boxed{{{a - b}}}"
+
+
 def solution(prompt: str) -> str | None:
     """Worked solution of an arithmetic prompt, ending with ``\\boxed{answer}``; ``None``
     if the prompt is not one of this generator's.

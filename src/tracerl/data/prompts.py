@@ -30,17 +30,25 @@ def render_prompt(tokenizer: Any, task_prompt: str) -> list[int]:
     return [int(i) for i in out]
 
 
-def reference_solution(task: TaskRecord) -> str:
-    """A short worked solution ending with ``\\boxed{answer}`` (SFT targets).
+SOLUTION_STYLES = ("steps", "worked", "answer")
 
-    Arithmetic tasks get their worked steps (``"17+25=42 \\boxed{42}"``); other math
-    tasks get just ``\\boxed{answer}``.
+
+def reference_solution(task: TaskRecord, style: str = "steps") -> str:
+    """A short solution ending with ``\\boxed{answer}`` (SFT targets).
+
+    Styles for arithmetic tasks: ``steps`` restates each operation
+    (``"17+25=42 \\boxed{42}"``), ``worked`` goes column by column
+    (``"7+5=12, 1+2+1=4 \\boxed{42}"``, :func:`tracerl.data.arithmetic.worked_solution`),
+    ``answer`` is the boxed answer alone. Other math tasks always get ``\\boxed{answer}``.
 
     Raises:
-        ValueError: a code task, or a task without an answer.
+        ValueError: an unknown style, a code task, or a task without an answer.
     """
-    if task.source == "arithmetic":
-        sol = arithmetic.solution(task.prompt)
+    if style not in SOLUTION_STYLES:
+        raise ValueError(f"solution style must be one of {SOLUTION_STYLES}, got {style!r}")
+    if task.source == "arithmetic" and style != "answer":
+        sol = (arithmetic.worked_solution if style == "worked" else arithmetic.solution)(
+            task.prompt)
         if sol is not None:
             return sol
     if task.answer is None or not str(task.answer).strip():

@@ -55,7 +55,8 @@ def curriculum_decision(p: Params, folder: Path | None) -> CurriculumDecision:
         return CurriculumDecision.from_dict(json.loads((folder / "decision.json").read_text()))
     c = p.curriculum
     rule = CurriculumRule(raise_above=c.raise_above, lower_below=c.lower_below, step=c.step,
-                          min_level=p.data.min_difficulty, max_level=p.data.max_difficulty)
+                          min_level=p.data.min_difficulty, max_level=p.data.max_difficulty,
+                          cumulative=c.cumulative)
     return initial_decision(level=c.start_level, rule=rule,
                             policy=c.policy if c.enabled else "fixed",
                             block_size=p.model.block_size, max_tokens=p.rollout.max_tokens,
