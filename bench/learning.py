@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         seeded = {s: {"seed": seed} for s in ("run", "sft", "policy", "value")}
         sft_p = merge(merge(base, seeded), {"run": {"name": f"learn-s{seed}-sft",
                                                     "iterations": 1}})
-        run_flow(sft_p, work, "sft")
+        for part in ("prepare", "sft"):
+            run_flow(sft_p, work, part)
         sft_dir = Path(base["run"]["runs_dir"]) / sft_p["run"]["name"]
         ckpt = sft_dir / "sft" / "checkpoint"
         per: dict = {"sft_seconds": time.time() - t0}
