@@ -124,8 +124,10 @@ class DataParams:
         for k in ("train_size", "heldout_size", "sft_size"):
             if getattr(self, k) < 1:
                 p.append(f"data.{k} must be >= 1")
-        if self.sft_style not in ("steps", "worked", "answer"):
-            p.append(f"data.sft_style must be one of steps, worked, answer "
+        from tracerl.data.prompts import SOLUTION_STYLES
+
+        if self.sft_style not in SOLUTION_STYLES:
+            p.append(f"data.sft_style must be one of {', '.join(SOLUTION_STYLES)} "
                      f"(got {self.sft_style!r})")
         if not 0.0 <= self.sft_answer_fraction <= 1.0:
             p.append(f"data.sft_answer_fraction must be in [0, 1] "
