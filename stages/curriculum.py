@@ -15,16 +15,15 @@ import sys
 
 import polars as pl
 
-from tracerl.config import load_params
-from tracerl.curriculum import (
-    CurriculumDecision,
-    CurriculumRule,
-    TaskResult,
-    initial_decision,
-    plan_next,
-)
+from tracerl.curriculum import TaskResult, plan_next
 from tracerl.pipeline.artifacts import stage_output
-from tracerl.pipeline.stage_cli import parse_stage_args
+from tracerl.pipeline.resolve import (
+    curriculum_decision,
+    curriculum_policy,
+    curriculum_rule,
+    schedule_shape,
+)
+from tracerl.pipeline.stage_cli import load_stage_params, parse_stage_args
 from tracerl.schemas import read_parquet
 
 DECISION = "decision.json"
@@ -42,20 +41,11 @@ def task_results(scored: pl.DataFrame, tasks: pl.DataFrame) -> list[TaskResult]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_stage_args(argv, "curriculum")
-    p = load_params(args.params)
-    c, it = p.curriculum, args.iteration or 0
-    policy = c.policy if c.enabled else "fixed"
-    rule = CurriculumRule(raise_above=c.raise_above, lower_below=c.lower_below, step=c.step,
-                          min_level=p.data.min_difficulty, max_level=p.data.max_difficulty,
-                          window=c.window, retire_above=c.retire_above if c.enabled else None,
-                          cumulative=c.cumulative)
-    shape = dict(block_size=p.model.block_size, max_tokens=p.rollout.max_tokens,
-                 block_size_schedule=c.block_size_schedule,
-                 max_tokens_schedule=c.max_tokens_schedule)
+    p = load_stage_params(args.params, "curriculum")
+    it = args.iteration or 0
+    policy, rule, shape = curriculum_policy(p), curriculum_rule(p), schedule_shape(p)
     prev_dir = args.input("curriculum")
-    prev = (CurriculumDecision.from_dict(json.loads((prev_dir / DECISION).read_text()))
-            if prev_dir else initial_decision(level=c.start_level, rule=rule, policy=policy,
-                                              **shape))
+    prev = curriculum_decision(p, prev_dir)
     tasks = read_parquet(args.require("data") / "train.parquet", "task")
     history = [task_results(read_parquet(d / "scored.parquet", "scored"), tasks)
                for d in args.inputs.get("scored", [])]

@@ -15,21 +15,19 @@ from __future__ import annotations
 import json
 import sys
 
-from tracerl.config import load_params
 from tracerl.data import humaneval_tasks, tasks_from_frame
 from tracerl.evaluation import evaluate_tasks
 from tracerl.models import weights_digest
 from tracerl.pipeline.artifacts import stage_output
-from tracerl.pipeline.resolve import curriculum_decision, policy_from_params
-from tracerl.pipeline.stage_cli import parse_stage_args
+from tracerl.pipeline.resolve import curriculum_decision, policy_from_params, sampling_config
+from tracerl.pipeline.stage_cli import load_stage_params, parse_stage_args
 from tracerl.rewards.scoring import score_rollouts
-from tracerl.sampling import SamplingConfig
 from tracerl.schemas import read_parquet, write_parquet
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_stage_args(argv, "evaluate")
-    p = load_params(a.params)
+    p = load_stage_params(a.params, "evaluate")
     e, r = p.evaluate, p.rollout
     dec = curriculum_decision(p, a.input("curriculum"))
     model, tok = policy_from_params(a.input("policy") or p.model.init, p)
@@ -52,13 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     with stage_output(a.out, stage="evaluate") as o:
         for name, tasks in suites.items():
             for strategy in e.strategies:
-                b = dec.schedule.block_size
-                cfg = SamplingConfig(
-                    block_size=b, steps_per_block=min(r.steps_per_block, b),
-                    max_tokens=dec.schedule.max_tokens, strategy=strategy,
-                    dynamic_threshold=r.dynamic_threshold, entropy_bound=r.entropy_bound,
-                    temperature=e.temperature, top_k=e.top_k, top_p=e.top_p,
-                    batch_size=r.batch_size)
+                cfg = sampling_config(p, dec, strategy=strategy, temperature=e.temperature,
+                                      top_k=e.top_k, top_p=e.top_p)
                 res, scored = evaluate_tasks(
                     model, tok, tasks, cfg, k=e.responses_per_task, pass_ks=e.pass_k,
                     score=lambda f, t=tasks: score(f, t), seed=p.run.seed, policy_id=pid)

@@ -17,10 +17,9 @@ from pathlib import Path
 
 import torch
 
-from tracerl.config import load_params
 from tracerl.models import load_model, save_model
 from tracerl.pipeline.artifacts import stage_output
-from tracerl.pipeline.stage_cli import bind_inputs, stage_argparser
+from tracerl.pipeline.stage_cli import bind_inputs, load_stage_params, stage_argparser
 from tracerl.rl import (
     PolicyConfig,
     TokenScorer,
@@ -47,7 +46,7 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    params = load_params(a.params)
+    params = load_stage_params(a.params, "policy")
     p, m = params.policy, params.model
     torch.manual_seed(p.seed + (a.iteration or 0))
     model, tok = load_model(checkpoint_dir(a.policy), family=m.family, block_size=m.block_size)

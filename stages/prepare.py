@@ -22,16 +22,15 @@ import sys
 
 import polars as pl
 
-from tracerl.config import load_params
 from tracerl.data import generate_tasks, reference_solution, tasks_to_frame, validate_tasks
 from tracerl.pipeline.artifacts import stage_output
-from tracerl.pipeline.stage_cli import parse_stage_args
+from tracerl.pipeline.stage_cli import load_stage_params, parse_stage_args
 from tracerl.schemas import write_parquet
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_stage_args(argv, "prepare")
-    params = load_params(a.params)
+    params = load_stage_params(a.params, "prepare")
     d, seed = params.data, params.run.seed
     levels = list(range(d.min_difficulty, d.max_difficulty + 1))
     train = generate_tasks(d.generator, d.train_size, difficulty=levels, seed=seed, split="train")

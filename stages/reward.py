@@ -12,10 +12,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from tracerl.config import load_params
 from tracerl.data import tasks_from_frame
 from tracerl.pipeline.artifacts import stage_output
-from tracerl.pipeline.stage_cli import stage_argparser
+from tracerl.pipeline.stage_cli import load_stage_params, stage_argparser
 from tracerl.rewards import limits_from, score_rollouts
 from tracerl.schemas import read_parquet, write_parquet
 
@@ -37,7 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    p = load_params(args.params).reward
+    p = load_stage_params(args.params, "reward").reward
     rollouts = read_parquet(args.rollouts, "rollout")
     tasks = {t.task_id: t for t in tasks_from_frame(read_parquet(args.tasks, "task"))}
     scored, metrics = score_rollouts(

@@ -21,14 +21,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from tracerl.config import load_params
 from tracerl.data import render_prompt
 from tracerl.models import weights_digest
 from tracerl.pipeline.artifacts import stage_output
-from tracerl.pipeline.resolve import curriculum_decision, policy_from_params
-from tracerl.pipeline.stage_cli import stage_argparser
+from tracerl.pipeline.resolve import curriculum_decision, policy_from_params, sampling_config
+from tracerl.pipeline.stage_cli import load_stage_params, stage_argparser
 from tracerl.pipeline.viewer import render_trajectories, trajectories_from_ids
-from tracerl.sampling import SamplingConfig, generate, trajectories_to_frame
+from tracerl.sampling import generate, trajectories_to_frame
 from tracerl.schemas import read_parquet, write_parquet
 
 VIEWER_RESPONSES = 8
@@ -47,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (sep and name and path):
             ap.error(f"--input expects NAME=PATH, got {item!r}")
         inputs[name] = path
-    p = load_params(args.params)
+    p = load_stage_params(args.params, "rollout")
     r, it = p.rollout, args.iteration or 0
     seed = p.run.seed if args.seed is None else args.seed
     if p.run.threads:
@@ -70,15 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 2. Policy and prompts.
     model, tok = policy_from_params(args.policy or inputs.get("policy") or p.model.init, p)
-    b, steps = dec.schedule.block_size, r.steps_per_block
-    if r.strategy == "low_confidence_static" and steps > b:  # a curriculum block-size change
-        print(f"rollout[{it}]: steps_per_block {steps} capped at the scheduled block size {b}")
-        steps = b
-    cfg = SamplingConfig(
-        block_size=b, steps_per_block=steps,
-        max_tokens=dec.schedule.max_tokens, strategy=r.strategy,
-        dynamic_threshold=r.dynamic_threshold, entropy_bound=r.entropy_bound,
-        temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, batch_size=r.batch_size)
+    cfg = sampling_config(p, dec)
     k = r.responses_per_task
     rendered = [render_prompt(tok, text) for text in chosen["prompt"].to_list()]
     prompts = [ids for ids in rendered for _ in range(k)]

@@ -18,11 +18,10 @@ from pathlib import Path
 
 import torch
 
-from tracerl.config import load_params
 from tracerl.models import save_model
 from tracerl.pipeline.artifacts import stage_output
 from tracerl.pipeline.resolve import policy_from_params
-from tracerl.pipeline.stage_cli import bind_inputs, stage_argparser
+from tracerl.pipeline.stage_cli import bind_inputs, load_stage_params, stage_argparser
 from tracerl.rl import (
     SFTConfig,
     TokenScorer,
@@ -45,7 +44,7 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    params = load_params(a.params)
+    params = load_stage_params(a.params, "sft")
     s, m = params.sft, params.model
     torch.manual_seed(s.seed)
     model, tok = policy_from_params(m.init, params, cached=False)  # trained: not the cache

@@ -18,10 +18,9 @@ from pathlib import Path
 
 import torch
 
-from tracerl.config import load_params
 from tracerl.models import ValueModel, load_model, load_tokenizer
 from tracerl.pipeline.artifacts import stage_output
-from tracerl.pipeline.stage_cli import bind_inputs, stage_argparser
+from tracerl.pipeline.stage_cli import bind_inputs, load_stage_params, stage_argparser
 from tracerl.rl import (
     TrainConfig,
     Trainer,
@@ -48,7 +47,7 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    params = load_params(a.params)
+    params = load_stage_params(a.params, "value")
     v, m = params.value, params.model
     torch.manual_seed(v.seed + (a.iteration or 0))
     if a.value in (None, "none", ""):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tracerl.pipeline.runners import STAGE_IMAGES
+from tracerl.pipeline.registry import STAGES
 
 CONTAINERS = Path(__file__).resolve().parents[1] / "containers"
 DOCKERFILES = sorted(CONTAINERS.glob("Dockerfile.*"))
@@ -18,7 +18,7 @@ DOCKERFILES = sorted(CONTAINERS.glob("Dockerfile.*"))
 
 def test_one_dockerfile_per_image_kind():
     kinds = {p.name.removeprefix("Dockerfile.") for p in DOCKERFILES}
-    assert set(STAGE_IMAGES.values()) <= kinds
+    assert {spec.resources.image for _, spec in STAGES.items()} <= kinds
     assert {"cpu", "train-gpu", "rollout-gpu", "sandbox"} <= kinds
 
 

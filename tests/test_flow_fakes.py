@@ -19,9 +19,8 @@ from pathlib import Path
 
 import polars as pl
 
-from tracerl.config import load_params
 from tracerl.pipeline.artifacts import is_complete, read_metrics, stage_output
-from tracerl.pipeline.stage_cli import parse_stage_args
+from tracerl.pipeline.stage_cli import load_stage_params, parse_stage_args
 from tracerl.schemas import read_parquet, write_parquet
 from tracerl.tracking import stage_run
 
@@ -50,14 +49,15 @@ def sft(a, p, out):
 
 def rollout(a, p, out):
     w = weight(a.require("policy"))
-    (out.dir / "rollouts.json").write_text(json.dumps({"w": w}))
+    (out.dir / "rollouts.json").write_text(json.dumps(
+        {"w": w, "k": p.rollout.responses_per_task, "block_size": p.model.block_size}))
     (out.dir / "trajectory.html").write_text("<html><body>replay</body></html>")
     out.metrics.update(response_length=10.0 + w, tokens_per_s=100.0)
 
 
 def reward(a, p, out):
-    w = json.loads((a.require("rollout") / "rollouts.json").read_text())["w"]
-    k = p.rollout.responses_per_task
+    roll = json.loads((a.require("rollout") / "rollouts.json").read_text())
+    w, k = roll["w"], roll["k"]
     rows = []
     for t in range(N_TASKS):
         passed = min(k, max(0, w + 1 - (t % 4)))  # easier tasks pass more
@@ -65,7 +65,7 @@ def reward(a, p, out):
             rows.append({"task_id": f"t{t}", "sample_index": s, "prompt_ids": [1],
                          "response_ids": [2], "decode_steps": [1], "logprobs": [-0.1],
                          "response_len": 1, "finish_reason": "eos", "num_forward": 1,
-                         "block_size": p.model.block_size, "policy_id": str(w),
+                         "block_size": roll["block_size"], "policy_id": str(w),
                          "response_text": "x", "correct": s < passed,
                          "reward": float(s < passed), "advantage": 0.0, "kept": True})
     df = pl.DataFrame(rows)
@@ -111,7 +111,7 @@ def log_label(stage, argv):
 
 def run(stage, argv):
     a, label, log = log_label(stage, argv)
-    p = load_params(a.params)
+    p = load_stage_params(a.params, stage)
     with stage_output(a.out, stage=stage) as out:
         (out.dir / "partial.bin").write_bytes(b"0" * 16)
         if os.environ.get("FAKE_CRASH") == label:

@@ -91,8 +91,11 @@ def stage_output(out_dir: str | os.PathLike, *, stage: str, extra: dict | None =
             raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
         shutil.rmtree(out)
     os.replace(tmp, out)
+    from tracerl.pipeline.stage_cli import params_reads
+
     manifest = {
         "stage": stage,
+        "params_read": params_reads(stage),
         "started": t0,
         "seconds": time.time() - t0,
         "files": files,

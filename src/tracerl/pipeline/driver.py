@@ -31,13 +31,14 @@ from typing import Any
 
 from tracerl.pipeline.artifacts import MANIFEST, METRICS, is_complete, read_manifest, read_metrics
 from tracerl.pipeline.layout import (
-    ITERATION_STAGES,
-    STAGE_SECTIONS,
+    SECONDS_FIELD,
     RunLayout,
     StageCall,
     is_done,
+    params_read,
     stamp_key,
 )
+from tracerl.pipeline.registry import ITERATION_STAGES, STAGES
 from tracerl.pipeline.runners import Runner, StageFailed
 from tracerl.tracking import (
     PARENT_RUN_ENV,
@@ -48,8 +49,7 @@ from tracerl.tracking import (
     numeric_metrics,
 )
 
-CHECKPOINT_STAGES = ("sft", "policy", "value")  # their checkpoint folders are logged
-CHECKPOINT_DIRS = ("checkpoint", "model")
+CHECKPOINT_DIRS = ("checkpoint", "model")  # where a policy folder keeps its weights
 
 
 @dataclass
@@ -163,7 +163,7 @@ class Orchestrator:
             tags["tracerl.iteration"] = call.iteration
         with self.tracker.start_run(call.label, parent_run_id=self.parent_run_id,
                                     tags=tags) as child:
-            self.tracker.log_params({s: self.params_dict[s] for s in STAGE_SECTIONS[call.stage]})
+            self.tracker.log_params(params_read(call.stage, self.params_dict))
             env = {RUN_ID_ENV: child, "TRACERL_TRACKER": self.params.run.tracker}
             if self.parent_run_id and self.params.run.tracker != "null":
                 env[PARENT_RUN_ENV] = self.parent_run_id
@@ -174,7 +174,7 @@ class Orchestrator:
             seconds = time.perf_counter() - t0
             if not is_complete(call.out):
                 raise StageFailed(call, f"it exited 0 but wrote no {MANIFEST}")
-            stamp_key(call)
+            stamp_key(call, seconds)
             metrics = read_metrics(call.out)
             step = call.iteration if call.iteration is not None else 0
             self.tracker.log_metrics({**metrics, "seconds": seconds}, step=step)
@@ -192,10 +192,9 @@ class Orchestrator:
                 self.tracker.log_artifact(call.out / name)
         for page in sorted(call.out.glob("*.html")):
             self.tracker.log_artifact(page)
-        if call.stage in CHECKPOINT_STAGES:
-            for d in CHECKPOINT_DIRS:
-                if (call.out / d).is_dir():
-                    self.tracker.log_artifact(call.out / d, artifact_path=d)
+        for d in STAGES.get(call.stage).checkpoints:
+            if (call.out / d).is_dir():
+                self.tracker.log_artifact(call.out / d, artifact_path=d)
 
     # ------------------------------------------------------------------ summaries
     def record_iteration(self, i: int, wall_seconds: float | None,
@@ -230,7 +229,8 @@ class Orchestrator:
             if is_complete(d):
                 for k, v in numeric_metrics(read_metrics(d)).items():
                     row[f"{s}.{k}"] = v
-                row[f"{s}.seconds"] = read_manifest(d).get("seconds", 0.0)
+                # the runner's wall time of the stage (stamped by run_call)
+                row[f"{s}.seconds"] = read_manifest(d).get(SECONDS_FIELD, float("nan"))
         t = self.layout.iteration(i) / "timing.json"
         if t.is_file():
             for k, v in json.loads(t.read_text()).items():

@@ -20,7 +20,8 @@ One folder per pipeline run, ``<runs_dir>/<run.name>/``::
 Every stage folder is written by :func:`tracerl.pipeline.artifacts.stage_output` (temp
 folder renamed on success, manifest last). The orchestrator then stamps the manifest
 with the call's **key**: a digest of the stage, its iteration, the ``params.yaml``
-sections it reads and the keys of its inputs (a Merkle chain). A folder counts as done
+sections it reads (declared once, in :mod:`tracerl.pipeline.registry`) and the keys of
+its inputs (a Merkle chain). A folder counts as done
 only when its manifest carries the key of the current plan, so a resumed run continues at
 the first unfinished stage, and a changed parameter re-runs exactly the stages downstream
 of it (the same rule DVC applies to the coarse stages).
@@ -37,20 +38,12 @@ from pathlib import Path
 from typing import Any
 
 from tracerl.pipeline.artifacts import MANIFEST, is_complete, read_manifest
+from tracerl.pipeline.registry import ITERATION_STAGES, STAGES
 
-# params.yaml sections each stage reads: its DVC ``params:`` and its key.
-STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
-    "prepare": ("data",),
-    "sft": ("model", "sft"),
-    "rollout": ("model", "rollout"),
-    "reward": ("reward", "rollout"),
-    "value": ("model", "value"),
-    "policy": ("model", "policy"),
-    "curriculum": ("curriculum", "data", "model", "rollout"),
-    "evaluate": ("evaluate", "model", "rollout"),
-}
-ITERATION_STAGES = ("rollout", "reward", "value", "policy", "curriculum")
 KEY_FIELD = "tracerl_key"  # manifest field stamped by the orchestrator
+SECONDS_FIELD = "tracerl_wall_seconds"  # the runner's wall time of the call, stamped too
+__all__ = ["ITERATION_STAGES", "KEY_FIELD", "Planner", "RunLayout", "StageCall", "is_done",
+           "plan_all", "params_read", "stage_key", "stamp_key"]
 
 
 @dataclass(frozen=True)
@@ -158,12 +151,24 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def params_read(stage: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """The values of the params a stage declares it reads (registry ``reads``):
+    whole sections, or single keys as ``{"run": {"seed": 0}}``."""
+    out: dict[str, Any] = {}
+    for r in STAGES.get(stage).reads:
+        sec, _, key = r.partition(".")
+        if key:
+            out.setdefault(sec, {})[key] = params[sec][key]
+        else:
+            out[sec] = params[sec]
+    return out
+
+
 def stage_key(stage: str, iteration: int | None, params: Mapping[str, Any],
-              input_keys: Iterable[str], seed: int) -> str:
-    """Digest of what a call's output depends on: stage, iteration, seed, the params
-    sections it reads (``params`` is ``Params.to_dict()``) and its inputs' keys."""
-    sections = {s: params[s] for s in STAGE_SECTIONS[stage]}
-    return _digest([stage, iteration, seed, sections, sorted(input_keys)])
+              input_keys: Iterable[str]) -> str:
+    """Digest of what a call's output depends on: stage, iteration, the params it reads
+    (``params`` is ``Params.to_dict()``; the registry's ``reads``) and its inputs' keys."""
+    return _digest([stage, iteration, params_read(stage, params), sorted(input_keys)])
 
 
 def is_done(call: StageCall) -> bool:
@@ -206,11 +211,12 @@ class Planner:
 
     def _call(self, stage: str, iteration: int | None, out: Path,
               inputs: Mapping[str, Sequence[Path]]) -> StageCall:
+        undeclared = sorted(set(inputs) - set(STAGES.get(stage).inputs))
+        assert not undeclared, f"{stage}: inputs {undeclared} are not declared in its registry entry"
         ins = {k: tuple(v) for k, v in inputs.items() if v}
         missing = [str(p) for v in ins.values() for p in v if p not in self.keys]
         assert not missing, f"{stage}: inputs planned out of order: {missing}"
-        key = stage_key(stage, iteration, self.p, [self.keys[p] for v in ins.values() for p in v],
-                        self.params.run.seed)
+        key = stage_key(stage, iteration, self.p, [self.keys[p] for v in ins.values() for p in v])
         self.keys[out] = key
         return StageCall(stage, out, iteration, ins, key)
 
@@ -282,10 +288,13 @@ def plan_all(params: Any, layout: RunLayout) -> list[StageCall]:
     return calls
 
 
-def stamp_key(call: StageCall) -> None:
-    """Record ``call.key`` in the finished output's manifest (atomic rewrite)."""
+def stamp_key(call: StageCall, seconds: float | None = None) -> None:
+    """Record ``call.key`` (and the runner's wall ``seconds``) in the finished output's
+    manifest (atomic rewrite)."""
     m = read_manifest(call.out)
     m[KEY_FIELD] = call.key
+    if seconds is not None:
+        m[SECONDS_FIELD] = seconds
     tmp = call.out / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(m, indent=2, sort_keys=True, default=str))
     os.replace(tmp, call.out / MANIFEST)

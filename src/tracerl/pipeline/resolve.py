@@ -49,16 +49,47 @@ def policy_from_params(source: str | os.PathLike, p: Params, *, cached: bool = T
                 block_size=m.block_size)
 
 
+def curriculum_policy(p: Params) -> str:
+    """The curriculum policy in force: ``curriculum.policy``, or ``fixed`` when disabled."""
+    return p.curriculum.policy if p.curriculum.enabled else "fixed"
+
+
+def curriculum_rule(p: Params) -> CurriculumRule:
+    """The one translation of ``params.curriculum`` (and the data's level range) into the
+    library's :class:`~tracerl.curriculum.CurriculumRule`."""
+    c = p.curriculum
+    return CurriculumRule(raise_above=c.raise_above, lower_below=c.lower_below, step=c.step,
+                          min_level=p.data.min_difficulty, max_level=p.data.max_difficulty,
+                          window=c.window, retire_above=c.retire_above if c.enabled else None,
+                          cumulative=c.cumulative)
+
+
+def schedule_shape(p: Params) -> dict:
+    """Block size and token budget with their schedules, for the curriculum library."""
+    c = p.curriculum
+    return dict(block_size=p.model.block_size, max_tokens=p.rollout.max_tokens,
+                block_size_schedule=c.block_size_schedule,
+                max_tokens_schedule=c.max_tokens_schedule)
+
+
 def curriculum_decision(p: Params, folder: Path | None) -> CurriculumDecision:
     """The decision in ``folder/decision.json``, or the initial one (iteration 0)."""
     if folder is not None:
         return CurriculumDecision.from_dict(json.loads((folder / "decision.json").read_text()))
-    c = p.curriculum
-    rule = CurriculumRule(raise_above=c.raise_above, lower_below=c.lower_below, step=c.step,
-                          min_level=p.data.min_difficulty, max_level=p.data.max_difficulty,
-                          cumulative=c.cumulative)
-    return initial_decision(level=c.start_level, rule=rule,
-                            policy=c.policy if c.enabled else "fixed",
-                            block_size=p.model.block_size, max_tokens=p.rollout.max_tokens,
-                            block_size_schedule=c.block_size_schedule,
-                            max_tokens_schedule=c.max_tokens_schedule)
+    return initial_decision(level=p.curriculum.start_level, rule=curriculum_rule(p),
+                            policy=curriculum_policy(p), **schedule_shape(p))
+
+
+def sampling_config(p: Params, decision: CurriculumDecision, **overrides):
+    """The one :class:`~tracerl.sampling.SamplingConfig` of rollout and evaluation:
+    ``params.rollout`` with the block size and token budget the curriculum decision puts
+    in force (steps per block capped at the block size, for a scheduled smaller block),
+    then ``overrides`` (evaluation's strategy, temperature, top-k, top-p)."""
+    from tracerl.sampling import SamplingConfig
+
+    r, b = p.rollout, decision.schedule.block_size
+    cfg = dict(block_size=b, steps_per_block=min(r.steps_per_block, b),
+               max_tokens=decision.schedule.max_tokens, strategy=r.strategy,
+               dynamic_threshold=r.dynamic_threshold, entropy_bound=r.entropy_bound,
+               temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, batch_size=r.batch_size)
+    return SamplingConfig(**{**cfg, **overrides})

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 from urllib.parse import urlparse
 
 from tracerl.pipeline.layout import StageCall
+from tracerl.pipeline.registry import STAGES, stage_module
 from tracerl.tracking import TRACKING_URI_ENV
 
 
@@ -76,7 +77,7 @@ class InProcessRunner:
         self.package = package
 
     def run(self, call: StageCall, params_path: Path, env: Mapping[str, str]) -> None:
-        module = importlib.import_module(f"{self.package}.{call.stage}")
+        module = importlib.import_module(stage_module(call.stage, self.package))
         main = getattr(module, "main", None)
         if main is None:
             raise StageFailed(call, f"{module.__name__} has no main(argv)")
@@ -104,7 +105,7 @@ class SubprocessRunner:
         self.python = python or sys.executable
 
     def command(self, call: StageCall, params_path: Path) -> list[str]:
-        return [self.python, "-m", f"{self.package}.{call.stage}", *call.argv(params_path)]
+        return [self.python, "-m", stage_module(call.stage, self.package), *call.argv(params_path)]
 
     def run(self, call: StageCall, params_path: Path, env: Mapping[str, str]) -> None:
         full_env = {**os.environ, **{k: str(v) for k, v in env.items()}}
@@ -118,17 +119,6 @@ class SubprocessRunner:
 
 
 # ---------------------------------------------------------------------- containers
-GPU_STAGES = frozenset({"sft", "rollout", "value", "policy", "evaluate"})
-STAGE_IMAGES = {  # image kind per stage (see containers/)
-    "prepare": "cpu",
-    "sft": "train-gpu",
-    "rollout": "rollout-gpu",
-    "reward": "cpu",
-    "value": "train-gpu",
-    "policy": "train-gpu",
-    "curriculum": "cpu",
-    "evaluate": "rollout-gpu",
-}
 WORKDIR = PurePosixPath("/workspace")
 # host environment variables forwarded into containers (never secrets by default)
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY",
@@ -145,8 +135,10 @@ class ContainerRunner:
     Args:
         project_root: host folder of the project (holds ``params.yaml``).
         runs_dir: host folder of pipeline artifacts, mounted read-write.
-        image_tag: images are ``tracerl-<kind>:<tag>``, kind per :data:`STAGE_IMAGES`.
-        gpu: request GPUs for :data:`GPU_STAGES`; when False every stage runs in the
+        image_tag: images are ``tracerl-<kind>:<tag>``, kind from the stage's registry
+            entry (``resources.image``).
+        gpu: request GPUs for the stages whose ``resources.gpu`` is set; when False every
+            stage runs in the
             CPU image without device requests.
         gpus: GPUs per GPU stage (-1 = all).
         images: per-stage image overrides (``{"rollout": "myreg/rollout:1.2"}``).
@@ -174,7 +166,7 @@ class ContainerRunner:
     def image(self, stage: str) -> str:
         if stage in self.images:
             return self.images[stage]
-        kind = STAGE_IMAGES.get(stage, "cpu") if self.gpu else "cpu"
+        kind = STAGES.get(stage).resources.image if self.gpu else "cpu"
         return f"tracerl-{kind}:{self.image_tag}"
 
     def container_path(self, host: str | os.PathLike) -> str:
@@ -207,7 +199,7 @@ class ContainerRunner:
         from docker.types import DeviceRequest
 
         params_in = str(WORKDIR / "params.yaml")
-        command = ["python", "-m", f"stages.{call.stage}",
+        command = ["python", "-m", STAGES.get(call.stage).module,
                    *call.argv(params_path, path_map=self.container_path)]
         # argv's --params must point at the read-only mount
         command[command.index("--params") + 1] = params_in
@@ -236,7 +228,7 @@ class ContainerRunner:
             spec["user"] = f"{os.getuid()}:{os.getgid()}"
         if host_net:
             spec["network_mode"] = "host"
-        if self.gpu and call.stage in GPU_STAGES:
+        if self.gpu and STAGES.get(call.stage).resources.gpu:
             spec["device_requests"] = [DeviceRequest(count=self.gpus, capabilities=[["gpu"]])]
             spec["shm_size"] = self.shm_size
         return spec

@@ -9,7 +9,8 @@ and exposes ``main(argv: list[str] | None = None) -> int`` (0 on success), which
 in-process runner calls directly. A stage
 
 1. parses its arguments with :func:`parse_stage_args`,
-2. loads ``params.yaml`` (``tracerl.config.load_params``) and reads its sections,
+2. loads ``params.yaml`` with :func:`load_stage_params` and reads the sections its
+   registry entry declares (:mod:`tracerl.pipeline.registry`; any other read fails),
 3. calls the library,
 4. writes its outputs and metrics through ``tracerl.pipeline.artifacts.stage_output``
    into ``--out`` (temp folder renamed on success, manifest last),
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -99,3 +101,79 @@ def parse_stage_args(argv: list[str] | None, stage: str = "stage") -> StageArgs:
             ap.error(f"--input expects NAME=PATH, got {item!r}")
         inputs.setdefault(name, []).append(Path(path))
     return StageArgs(ns.params, ns.out, ns.iteration, inputs)
+
+
+# ---------------------------------------------------------------------- guarded params
+class UndeclaredParamsRead(RuntimeError):
+    """A stage read a params section or key its registry entry does not declare."""
+
+
+# stage name -> the params entries it read in its latest run (recorded in its manifest)
+_READS: dict[str, set[str]] = {}
+
+
+def params_reads(stage: str) -> list[str]:
+    """The params entries ``stage`` read since its params were loaded (sorted)."""
+    return sorted(_READS.get(stage, ()))
+
+
+class _SectionView:
+    """One params section of which a stage may read only some keys."""
+
+    def __init__(self, stage: str, section: str, obj: Any, keys: frozenset[str]):
+        self._stage, self._section, self._obj, self._keys = stage, section, obj, keys
+
+    def __getattr__(self, key: str) -> Any:
+        if key.startswith("_"):
+            raise AttributeError(key)
+        if key not in self._keys:
+            raise UndeclaredParamsRead(_undeclared(self._stage, f"{self._section}.{key}"))
+        _READS.setdefault(self._stage, set()).add(f"{self._section}.{key}")
+        return getattr(self._obj, key)
+
+
+class StageParams:
+    """``tracerl.config.Params`` as one stage may see it: only what its registry entry
+    (:mod:`tracerl.pipeline.registry`) declares in ``reads``. Reading anything else
+    raises :class:`UndeclaredParamsRead`, so a stage's cache key (which digests exactly
+    the declared reads) can never miss a value the stage uses. Every read is recorded
+    (:func:`params_reads`; the stage's manifest lists them as ``params_read``)."""
+
+    def __init__(self, stage: str, params: Any):
+        from tracerl.pipeline.registry import STAGES
+
+        self._stage, self._params = stage, params
+        self._whole: set[str] = set()
+        self._keys: dict[str, set[str]] = {}
+        for r in STAGES.get(stage).reads:
+            sec, _, key = r.partition(".")
+            if key:
+                self._keys.setdefault(sec, set()).add(key)
+            else:
+                self._whole.add(sec)
+        _READS[stage] = set()
+
+    def __getattr__(self, section: str) -> Any:
+        if section.startswith("_"):
+            raise AttributeError(section)
+        if section in self._whole:
+            _READS.setdefault(self._stage, set()).add(section)
+            return getattr(self._params, section)
+        if section in self._keys:
+            return _SectionView(self._stage, section, getattr(self._params, section),
+                                frozenset(self._keys[section]))
+        raise UndeclaredParamsRead(_undeclared(self._stage, section))
+
+
+def _undeclared(stage: str, what: str) -> str:
+    return (f"stage {stage!r} read params '{what}', which its registry entry does not "
+            f"declare: add it to the stage's reads in src/tracerl/pipeline/registry.py "
+            f"(then regenerate dvc.yaml: python -m tracerl.pipeline.dvcgen --write)")
+
+
+def load_stage_params(path: str | Path, stage: str) -> StageParams:
+    """Load and validate ``params.yaml`` (every problem listed, as
+    :func:`tracerl.config.load_params`) and return the view ``stage`` may read."""
+    from tracerl.config import load_params
+
+    return StageParams(stage, load_params(path))

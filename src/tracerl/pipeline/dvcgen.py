@@ -1,0 +1,188 @@
+"""dvc.yaml, generated from the stage registry (:mod:`tracerl.pipeline.registry`).
+
+    python -m tracerl.pipeline.dvcgen           # print what dvc.yaml must be
+    python -m tracerl.pipeline.dvcgen --write   # write it
+    python -m tracerl.pipeline.dvcgen --check   # exit 1 when dvc.yaml is stale
+
+Each coarse DVC stage (a part of :data:`~tracerl.pipeline.registry.DVC_PARTS`) gets
+
+- ``params``: the union of what its registry stages read, plus what the flow reads to
+  plan it: a stage reading a value means DVC re-runs it when that value changes;
+- ``deps``: the output folders of its upstream parts, and its code: the files that the
+  stage modules (and, for the RL loop, the flow) import, found by following their
+  ``import`` statements (also those inside functions) through ``stages/``, ``flows/`` and
+  ``src/tracerl/``; a package whose files are all needed is listed as its folder (a
+  ``.py`` file that a module names in a string, e.g. to run it by path, counts as
+  imported when it lies beside that module);
+- ``outs``/``metrics``/``plots``: the part's folder, its metrics file, the curves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+import yaml
+
+from tracerl.pipeline.registry import DVC_PARTS, PLOTS, STAGES
+
+ROOT = Path(__file__).resolve().parents[3]  # the project: src/tracerl/pipeline/ -> root
+RUN = "${run.runs_dir}/${run.name}"
+HEADER = """\
+# GENERATED from the stage registry (src/tracerl/pipeline/registry.py): do not edit.
+# Regenerate after changing a stage's declaration: python -m tracerl.pipeline.dvcgen --write
+# (tests/test_pipeline_registry.py fails while this file is stale).
+#
+# The coarse DAG: prepare -> sft -> rl -> evaluate. DVC decides *whether* a stage re-runs
+# (deps, params, outs), Prefect runs the RL loop inside `rl` (a cycle DVC cannot express),
+# MLflow records what happened (one parent run for the four stages). Paths come from
+# params.yaml (run.runs_dir, run.name) through DVC's own templating.
+#   dvc repro                          the whole pipeline on the embedded default
+#   dvc exp run -S policy.lr=1e-4      an experiment; re-runs rl and evaluate only
+#   dvc exp show / dvc metrics show / dvc plots show
+"""
+
+
+# ---------------------------------------------------------------------- code deps
+def _module_file(module: str, root: Path) -> Path | None:
+    """The project file of ``module`` (``tracerl.x.y``, ``stages.z``, ``flows.w``)."""
+    parts = module.split(".")
+    base = root / "src" if parts[0] == "tracerl" else root
+    if parts[0] not in ("tracerl", "stages", "flows"):
+        return None
+    for cand in (base.joinpath(*parts).with_suffix(".py"), base.joinpath(*parts, "__init__.py")):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def _imports(path: Path) -> set[str]:
+    """Project modules ``path`` imports (anywhere in the file), with their parents."""
+    tree = ast.parse(path.read_text(), str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)  # submodules
+    out = set()
+    for n in names:
+        parts = n.split(".")
+        out.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return out
+
+
+def _siblings_named(path: Path) -> set[Path]:
+    """``.py`` files beside ``path`` whose names appear as strings in it (read by path)."""
+    names = {n.value for n in ast.walk(ast.parse(path.read_text()))
+             if isinstance(n, ast.Constant) and isinstance(n.value, str)
+             and n.value.endswith(".py") and "/" not in n.value}
+    return {path.with_name(n) for n in names if path.with_name(n).is_file()}
+
+
+def code_closure(modules: Iterable[str], root: Path = ROOT) -> set[Path]:
+    """Every project file the ``modules`` import, transitively (relative to ``root``)."""
+    todo = [".".join(m.split(".")[:i]) for m in modules for i in range(1, m.count(".") + 2)]
+    seen: set[str] = set()
+    files: set[Path] = set()
+    while todo:
+        m = todo.pop()
+        if m in seen:
+            continue
+        seen.add(m)
+        f = _module_file(m, root)
+        if f is None:
+            continue
+        files.add(f)
+        files.update(_siblings_named(f))
+        todo.extend(_imports(f) - seen)
+    return {f.relative_to(root) for f in files}
+
+
+def collapse(files: set[Path], root: Path = ROOT) -> list[str]:
+    """Files as DVC deps: a package folder whose every ``.py`` file is needed is listed
+    as the folder (deepest first), other files one by one."""
+    files = set(files)
+    out: list[str] = []
+    dirs = sorted({f.parent for f in files}, key=lambda d: -len(d.parts))
+    for d in dirs:
+        if d.name in ("src", "") or d == Path("."):
+            continue
+        all_py = {p.relative_to(root) for p in (root / d).rglob("*.py")}
+        if all_py and all_py <= files | {Path(x) for x in out}:
+            files -= all_py
+            out = [x for x in out if not Path(x).is_relative_to(d)]
+            out.append(str(d))
+    return sorted(out + [str(f) for f in files])
+
+
+# ---------------------------------------------------------------------- dvc.yaml
+def _params(reads: Iterable[str]) -> list[str]:
+    reads = set(reads)
+    whole = {r for r in reads if "." not in r}
+    return sorted(r for r in reads if "." not in r or r.split(".")[0] not in whole)
+
+
+def dvc_stages(root: Path = ROOT) -> dict:
+    stages = {}
+    for name, part in DVC_PARTS.items():
+        modules = [STAGES.get(s).module for s in part.stages]
+        if part.orchestration:
+            modules.append("flows.tracerl_flow")
+        deps = [f"{RUN}/{u}" for u in part.upstream] + collapse(code_closure(modules, root), root)
+        reads = [r for s in part.stages for r in STAGES.get(s).reads] + list(part.flow_reads)
+        cmd = f"python -m flows.tracerl_flow --stage {name}"
+        out: str | dict = f"{RUN}/{name}"
+        entry: dict = {"cmd": cmd if part.prefect else cmd + " --no-prefect",
+                       "deps": deps, "params": _params(reads),
+                       "outs": [{out: {"persist": True}} if part.persist else out],
+                       "metrics": [f"{RUN}/metrics/{name}.json"]}
+        if part.orchestration:
+            entry["plots"] = [{f"{RUN}/plots/rl_curves.json": {
+                "x": "iteration", "y": "reward.accuracy",
+                "title": "train accuracy per RL iteration"}}]
+        stages[name] = entry
+    return stages
+
+
+def dvc_plots() -> list[dict]:
+    return [{name: {"template": "linear", "x": "iteration",
+                    "y": {f"{RUN}/plots/rl_curves.json": list(keys)}}}
+            for name, keys in PLOTS.items()]
+
+
+def render(root: Path = ROOT) -> str:
+    """The text dvc.yaml must have."""
+    body = yaml.safe_dump({"stages": dvc_stages(root)}, sort_keys=False, width=100)
+    plots = yaml.safe_dump({"plots": dvc_plots()}, sort_keys=False, width=100)
+    return (HEADER + "\n" + body + "\n# learning curves over RL iterations (`dvc plots show`); "
+            "one row per iteration\n" + plots)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tracerl.pipeline.dvcgen", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--write", action="store_true", help="write dvc.yaml")
+    g.add_argument("--check", action="store_true", help="exit 1 when dvc.yaml is stale")
+    a = ap.parse_args(argv)
+    text, path = render(), ROOT / "dvc.yaml"
+    if a.write:
+        path.write_text(text)
+        print(f"wrote {path.name}")
+    elif a.check:
+        if not path.is_file() or path.read_text() != text:
+            print("dvc.yaml is stale: run python -m tracerl.pipeline.dvcgen --write",
+                  file=sys.stderr)
+            return 1
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
