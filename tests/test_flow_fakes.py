@@ -31,68 +31,77 @@ def weight(policy_dir):
     return int((Path(policy_dir) / "checkpoint" / "weights.txt").read_text())
 
 
+def checkpoint(out, name, value):
+    for d in ("checkpoint", "trainer_state"):
+        (out.dir / d).mkdir()
+    (out.dir / "checkpoint" / name).write_text(str(value))
+    (out.dir / "trainer_state" / "state.txt").write_text("0")
+
+
 def prepare(a, p, out):
     df = pl.DataFrame({
         "task_id": [f"t{i}" for i in range(N_TASKS)], "source": ["fake"] * N_TASKS,
         "prompt": [f"{i}+1=" for i in range(N_TASKS)], "answer": [str(i + 1) for i in range(N_TASKS)],
         "difficulty": [i % 4 for i in range(N_TASKS)], "split": ["train"] * N_TASKS,
     })
-    write_parquet(df, out.dir / "train.parquet", "task")
-    out.metrics["train_tasks"] = N_TASKS
+    for name in ("train", "heldout", "sft"):
+        write_parquet(df, out.dir / f"{name}.parquet", "task")
+    out.metrics.update(train_tasks=N_TASKS, heldout_tasks=N_TASKS, sft_examples=N_TASKS)
 
 
 def sft(a, p, out):
-    (out.dir / "checkpoint").mkdir()
-    (out.dir / "checkpoint" / "weights.txt").write_text("1")
-    out.metrics["loss"] = 1.0
+    checkpoint(out, "weights.txt", 1)
+    out.metrics.update(loss=1.0, nll=1.0, lr=1e-3, grad_norm=1.0, tokens_per_s=100.0)
 
 
 def rollout(a, p, out):
-    w = weight(a.require("policy"))
-    (out.dir / "rollouts.json").write_text(json.dumps(
-        {"w": w, "k": p.rollout.responses_per_task, "block_size": p.model.block_size}))
+    w, k = weight(a.require("policy")), p.rollout.responses_per_task
+    rows = [{"task_id": f"t{t}", "sample_index": s, "prompt_ids": [1], "response_ids": [2],
+             "decode_steps": [1], "logprobs": [-0.1], "response_len": 1, "finish_reason": "eos",
+             "num_forward": 1, "block_size": p.model.block_size, "policy_id": str(w),
+             "response_text": "x"} for t in range(N_TASKS) for s in range(k)]
+    write_parquet(pl.DataFrame(rows), out.dir / "rollouts.parquet", "rollout")
     (out.dir / "trajectory.html").write_text("<html><body>replay</body></html>")
-    out.metrics.update(response_length=10.0 + w, tokens_per_s=100.0)
+    out.metrics.update(response_length=10.0 + w, tokens_per_s=100.0, forward_per_token=1.0,
+                       block_size=p.model.block_size, max_tokens=p.rollout.max_tokens, level=0)
 
 
 def reward(a, p, out):
-    roll = json.loads((a.require("rollout") / "rollouts.json").read_text())
-    w, k = roll["w"], roll["k"]
-    rows = []
-    for t in range(N_TASKS):
-        passed = min(k, max(0, w + 1 - (t % 4)))  # easier tasks pass more
-        for s in range(k):
-            rows.append({"task_id": f"t{t}", "sample_index": s, "prompt_ids": [1],
-                         "response_ids": [2], "decode_steps": [1], "logprobs": [-0.1],
-                         "response_len": 1, "finish_reason": "eos", "num_forward": 1,
-                         "block_size": roll["block_size"], "policy_id": str(w),
-                         "response_text": "x", "correct": s < passed,
-                         "reward": float(s < passed), "advantage": 0.0, "kept": True})
-    df = pl.DataFrame(rows)
+    df = read_parquet(a.require("rollout") / "rollouts.parquet", "rollout")
+    w, k = int(df["policy_id"][0]), int(df["sample_index"].max()) + 1
+    passed = [min(k, max(0, w + 1 - (int(t[1:]) % 4))) for t in df["task_id"]]  # easier pass more
+    correct = [s < n for s, n in zip(df["sample_index"], passed)]
+    df = df.with_columns(correct=pl.Series(correct), reward=pl.Series([float(c) for c in correct]),
+                         advantage=pl.lit(0.0), kept=pl.lit(True))
     write_parquet(df, out.dir / "scored.parquet", "scored")
-    out.metrics.update(accuracy=float(df["correct"].mean()), reward_mean=float(df["reward"].mean()))
+    out.metrics.update(accuracy=float(df["correct"].mean()), mean_reward=float(df["reward"].mean()),
+                       kept_responses=df.height)
 
 
 def value(a, p, out):
-    (out.dir / "checkpoint").mkdir()
-    (out.dir / "checkpoint" / "value.txt").write_text(str(a.iteration))
-    out.metrics["value_loss"] = 0.5 / (a.iteration + 1)
+    checkpoint(out, "value.txt", a.iteration)
+    pl.DataFrame({"task_id": ["t0"], "sample_index": [0], "advantages": [[0.0]]}).write_parquet(
+        out.dir / "advantages.parquet")
+    out.metrics.update(value_loss=0.5 / (a.iteration + 1), explained_var=0.0, grad_norm=1.0,
+                       lr=p.value.lr)
 
 
 def policy(a, p, out):
     w = weight(a.require("policy")) + 1
-    (out.dir / "checkpoint").mkdir()
-    (out.dir / "checkpoint" / "weights.txt").write_text(str(w))
+    checkpoint(out, "weights.txt", w)
     with stage_run("policy", iteration=a.iteration) as t:  # step-wise metrics, TRACERL_RUN_ID
         for step in range(3):
             t.log_metrics({"train_loss": 1.0 / (w + step)}, step=step)
-    out.metrics.update(kl=0.01 * w, clip_fraction=0.1, loss=1.0 / w, lr=p.policy.lr)
+    out.metrics.update(kl=0.01 * w, clip_fraction=0.1, loss=1.0 / w, lr=p.policy.lr,
+                       ratio_max=1.1, entropy=1.0, grad_norm=1.0)
 
 
 def evaluate(a, p, out):
     w = weight(a.require("policy"))
     cfg = {"strategy": p.evaluate.strategies[0], "temperature": p.evaluate.temperature}
-    (out.dir / "scores.json").write_text(json.dumps([{"accuracy": 0.2 + 0.1 * w, **cfg}]))
+    (out.dir / "eval.json").write_text(json.dumps([{"accuracy": 0.2 + 0.1 * w, **cfg}]))
+    held = read_parquet(a.require("data") / "heldout.parquet", "task")
+    held.write_parquet(out.dir / "samples_heldout.parquet")
     out.metrics.update(accuracy=0.2 + 0.1 * w)
 
 

@@ -20,6 +20,7 @@ For each call it
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -38,7 +39,12 @@ from tracerl.pipeline.layout import (
     params_read,
     stamp_key,
 )
-from tracerl.pipeline.registry import ITERATION_STAGES, STAGES
+from tracerl.pipeline.registry import (
+    ITERATION_STAGES,
+    STAGES,
+    missing_metrics,
+    missing_outputs,
+)
 from tracerl.pipeline.runners import Runner, StageFailed
 from tracerl.tracking import (
     PARENT_RUN_ENV,
@@ -49,6 +55,7 @@ from tracerl.tracking import (
     numeric_metrics,
 )
 
+log = logging.getLogger(__name__)
 CHECKPOINT_DIRS = ("checkpoint", "model")  # where a policy folder keeps its weights
 
 
@@ -174,8 +181,15 @@ class Orchestrator:
             seconds = time.perf_counter() - t0
             if not is_complete(call.out):
                 raise StageFailed(call, f"it exited 0 but wrote no {MANIFEST}")
-            stamp_key(call, seconds)
+            lacking = missing_outputs(call.stage, call.out)
+            if lacking:
+                raise StageFailed(call, f"it wrote none of its declared outputs {lacking}")
             metrics = read_metrics(call.out)
+            absent = missing_metrics(call.stage, metrics)
+            if absent:  # e.g. an update with no trainable rows: a gap in the curves
+                log.warning("%s: declared metrics %s absent from metrics.json", call.label,
+                            absent)
+            stamp_key(call, seconds)
             step = call.iteration if call.iteration is not None else 0
             self.tracker.log_metrics({**metrics, "seconds": seconds}, step=step)
             self._log_outputs(call)

@@ -247,3 +247,17 @@ def problems() -> list[str]:
             elif metric != "seconds" and metric not in STAGES.get(stage).metrics:
                 out.append(f"plot {plot}: {k!r} is not a declared metric of stage {stage}")
     return out
+
+
+def missing_outputs(stage: str, out_dir) -> list[str]:
+    """Declared output files (patterns) of ``stage`` that its finished folder lacks."""
+    from pathlib import Path
+
+    out = Path(out_dir)
+    return [pat for pat in STAGES.get(stage).outputs
+            if not any(p.is_file() for p in out.glob(pat))]
+
+
+def missing_metrics(stage: str, metrics: dict) -> list[str]:
+    """Declared metrics of ``stage`` absent from its ``metrics.json`` (``metrics``)."""
+    return [k for k in STAGES.get(stage).metrics if k not in metrics]
