@@ -28,7 +28,7 @@ from tracerl.schemas import read_parquet, write_parquet
 def main(argv: list[str] | None = None) -> int:
     a = parse_stage_args(argv, "evaluate")
     p = load_stage_params(a.params, "evaluate")
-    e, r = p.evaluate, p.rollout
+    e = p.evaluate
     dec = curriculum_decision(p, a.input("curriculum"))
     model, tok = policy_from_params(a.input("policy") or p.model.init, p)
     suites = {}

@@ -9,9 +9,9 @@ import polars as pl
 import pytest
 
 from tracerl.data import (
-    arithmetic,
     TaskError,
     TaskRecord,
+    arithmetic,
     generate_tasks,
     humaneval_tasks,
     load_hf_tasks,

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from stage_contract import assert_run_meets_contract
 from test_flow_fakes import write_fake_stages, write_params
 from tracerl.config import load_params
 from tracerl.pipeline.layout import RunLayout, is_done, plan_all
@@ -95,6 +96,7 @@ def test_two_iterations_end_to_end(project, clean_run):
     # every planned stage ran once, in order, and its output is complete and stamped
     assert labels(log) == [c.label for c in calls]
     assert all(is_done(c) for c in calls)
+    assert_run_meets_contract(calls, layout)  # the same contract the real stages meet
     assert [c.label for c in calls][3:8] == ["rollout[0]", "reward[0]", "value[0]",
                                              "policy[0]", "curriculum[0]"]
     # DVC metrics, learning curves, summary

@@ -82,7 +82,7 @@ def value(a, p, out):
     checkpoint(out, "value.txt", a.iteration)
     pl.DataFrame({"task_id": ["t0"], "sample_index": [0], "advantages": [[0.0]]}).write_parquet(
         out.dir / "advantages.parquet")
-    out.metrics.update(value_loss=0.5 / (a.iteration + 1), explained_var=0.0, grad_norm=1.0,
+    out.metrics.update(value_loss=0.5 / (a.iteration + 1), value_mean=0.1, explained_var=0.0, grad_norm=1.0,
                        lr=p.value.lr)
 
 

@@ -13,6 +13,7 @@ import json
 import pytest
 import yaml
 
+from stage_contract import assert_run_meets_contract
 from tracerl.config import load_params
 from tracerl.pipeline.layout import RunLayout, is_done, plan_all
 from tracerl.schemas import read_parquet
@@ -50,6 +51,7 @@ def test_real_stages_two_iterations(tmp_path, monkeypatch):
     layout = RunLayout.from_params(params, base=tmp_path)
     calls = plan_all(params, layout)
     assert all(is_done(c) for c in calls)
+    assert_run_meets_contract(calls, layout)  # the same contract the fake stages meet
     # artifacts, in their declared schemas
     assert read_parquet(layout.prepare / "heldout.parquet", "task").height == 6
     for i in range(2):

@@ -136,7 +136,7 @@ declare(StageSpec(
     reads=("model", "value"),
     inputs=("scored", "policy", "value"),
     outputs=("checkpoint/*", "trainer_state/*", "advantages.parquet"),
-    metrics=("value_loss", "explained_var", "grad_norm", "lr"),
+    metrics=("value_loss", "value_mean", "explained_var", "grad_norm", "lr"),
     checkpoints=("checkpoint",),
     loop="iteration",
     resources=TRAIN,
@@ -209,7 +209,7 @@ DVC_PARTS: dict[str, DvcPart] = {
 PLOTS: dict[str, tuple[str, ...]] = {
     "rl_reward": ("reward.accuracy", "reward.mean_reward"),
     "rl_policy": ("policy.loss", "policy.kl", "policy.clip_fraction", "policy.entropy"),
-    "rl_value": ("value.value_loss", "value.explained_var"),
+    "rl_value": ("value.value_loss", "value.value_mean"),
     "rl_rollout": ("rollout.response_length", "rollout.tokens_per_s"),
     "rl_seconds": ("rollout.seconds", "reward.seconds", "policy.seconds"),
     "rl_eval": ("evaluate.accuracy",),
@@ -218,8 +218,9 @@ PLOTS: dict[str, tuple[str, ...]] = {
 
 def problems() -> list[str]:
     """Inconsistencies of the declarations themselves (a test keeps this empty)."""
-    from tracerl.config import Params
     import dataclasses
+
+    from tracerl.config import Params
 
     out = []
     sections = {f.name: f.type for f in dataclasses.fields(Params)}
