@@ -36,6 +36,7 @@ from prefect.cache_policies import NO_CACHE
 from tracerl.config import ConfigError, Params, load_params
 from tracerl.pipeline.driver import Orchestrator, StageResult
 from tracerl.pipeline.layout import Planner, RunLayout, StageCall, is_done, plan_all
+from tracerl.pipeline.lock import RunLocked
 from tracerl.pipeline.runners import make_runner
 from tracerl.tracking import make_tracker
 
@@ -202,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunLocked as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     print_where_to_look(summary)
     return 0
 

@@ -190,6 +190,17 @@ def test_kill_9_mid_stage_resumes(project, clean_run):
     assert labels(log)[len(before):][:2] == ["reward[1]", "value[1]"]
     assert not list(iter1.glob(".reward.tmp-*"))
     assert final_numbers(project, "killed") == final_numbers(project, "clean")
+    # the killed stage's child run was closed as KILLED when the parent run reopened
+    tracker = MlflowTracker(project)
+    parent_id = json.loads((project / "runs" / "killed" / "tracking.json").read_text())[
+        "parent_run_id"]
+    children = tracker.client.search_runs(
+        [tracker.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'",
+        max_results=1000)
+    status = sorted((r.info.run_name, r.info.status) for r in children
+                    if r.info.run_name == "reward[1]")
+    assert status == [("reward[1]", "FINISHED"), ("reward[1]", "KILLED")]
+    assert all(r.info.status != "RUNNING" for r in children)
 
 
 def test_changed_param_reruns_only_downstream(project, clean_run):
@@ -234,3 +245,90 @@ def test_part_needs_its_upstream(project):
                                   project_root=project, package="fake_stages")
     with pytest.raises(RuntimeError, match=r"upstream stages \['prepare', 'sft'\]"):
         run_pipeline(orch, planner, "rl", orch.run_call)
+
+
+def _main(project: Path, log: Path, *args: str, **env: str) -> int:
+    from flows.tracerl_flow import main
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(project)
+        mp.setenv("FAKE_LOG", str(log))
+        for k, v in env.items():
+            mp.setenv(k, v)
+        return main(["--no-prefect", "--package", "fake_stages", *args])
+
+
+def test_damaged_artifacts_are_detected_and_rerun(project, clean_run, capsys):
+    """Flipped bytes and a truncated file: the stage that wrote them runs again, and so
+    does everything computed from them; the result equals the clean run's."""
+    import shutil
+
+    shutil.copytree(project / "runs" / "clean", project / "runs" / "damaged")
+    (project / "runs" / "damaged" / ".writer.lock").unlink(missing_ok=True)
+    iter0 = project / "runs" / "damaged" / "rl" / "iter_0"
+    roll = iter0 / "rollout" / "rollouts.parquet"
+    data = bytearray(roll.read_bytes())
+    data[100:164] = bytes(b ^ 0xFF for b in data[100:164])  # 64 flipped bytes, same size
+    roll.write_bytes(bytes(data))
+    scored = project / "runs" / "damaged" / "rl" / "iter_1" / "reward" / "scored.parquet"
+    scored.write_bytes(scored.read_bytes()[:50])  # truncated
+    log = project / "damaged.log"
+    assert _main(project, log, "--run-name", "damaged") == 0
+    out = capsys.readouterr().out
+    assert f"rollout[0] runs again: output damaged: {roll}: content differs" in out
+    assert f"{scored}: 50 bytes, the manifest says" in out
+    ran = labels(log)
+    assert ran[0] == "rollout[0]" and "reward[0]" in ran and "reward[1]" in ran
+    assert "prepare" not in ran and "sft" not in ran and "evaluate" not in ran  # baseline kept
+    assert final_numbers(project, "damaged") == final_numbers(project, "clean")
+
+
+def test_params_are_frozen_per_run(project, clean_run, capsys):
+    """Editing params.yaml mid-run changes nothing in that run; the next launch says what
+    changed and re-plans."""
+    import yaml
+
+    params = project / "params_edit.yaml"
+    write_params(params, policy={"use_value": True, "lr": 1e-3})
+    log = project / "edit.log"
+    rc = _main(project, log, "--params", str(params), "--run-name", "edited",
+               FAKE_EDIT=f"reward[0]|{params}|lr: 0.001|lr: 0.005")
+    assert rc == 0 and "lr: 0.005" in params.read_text()  # the user's edit happened
+    for i in (0, 1):  # both updates ran with the launch value
+        m = json.loads((project / "runs" / "edited" / "rl" / f"iter_{i}" / "policy" /
+                        "metrics.json").read_text())
+        assert m["lr"] == pytest.approx(1e-3)
+    frozen = yaml.safe_load((project / "runs" / "edited" / "params.yaml").read_text())
+    assert frozen["policy"]["lr"] == pytest.approx(1e-3)
+    capsys.readouterr()
+    assert _main(project, log, "--params", str(params), "--run-name", "edited") == 0
+    assert "policy.lr: 0.001 -> 0.005" in capsys.readouterr().out
+    m = json.loads((project / "runs" / "edited" / "rl" / "iter_0" / "policy" /
+                    "metrics.json").read_text())
+    assert m["lr"] == pytest.approx(5e-3)
+
+
+def test_one_writer_per_run_folder(project, clean_run, capsys):
+    """A second writer is refused with the holder named; a dead holder's lock is stale;
+    a live writer's temp folder is never cleaned by another process."""
+    root = project / "runs" / "clean"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom tracerl.pipeline.lock import writer_lock\n"
+         f"with writer_lock({str(root)!r}):\n    print('held', flush=True)\n    time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        live_tmp = root / "rl" / "iter_1" / f".policy.tmp-{holder.pid}"
+        live_tmp.mkdir()
+        log = project / "lock.log"
+        assert _main(project, log, "--run-name", "clean") == 3
+        err = capsys.readouterr().err
+        assert f"is being written by pid {holder.pid}" in err and "another run name" in err
+        assert labels(log) == []
+    finally:
+        holder.kill()
+        holder.wait()
+    (root / "rl" / "iter_1" / "policy" / "manifest.json").unlink()  # a stage to redo
+    assert _main(project, log, "--run-name", "clean") == 0  # the dead holder's lock is stale
+    assert not live_tmp.exists()  # its writer is gone now: cleaned
+    assert not (root / ".writer.lock").exists()  # released on exit

@@ -6,7 +6,8 @@ write real artifacts (task and scored parquet files with the declared schemas) t
 ``stage_output``, and produce deterministic metrics. The curriculum stage is the real
 ``stages.curriculum``. ``FAKE_LOG`` (a file) records every stage invocation;
 ``FAKE_CRASH=<label>`` makes that stage raise mid-way; ``FAKE_HANG=<label>`` makes it
-touch ``<FAKE_LOG>.hang`` and sleep (for kill tests).
+touch ``<FAKE_LOG>.hang`` and sleep (for kill tests); ``FAKE_EDIT=<label>|<file>|<old>|<new>``
+makes it edit a file as a user would mid-run.
 """
 
 from __future__ import annotations
@@ -125,6 +126,10 @@ def run(stage, argv):
         (out.dir / "partial.bin").write_bytes(b"0" * 16)
         if os.environ.get("FAKE_CRASH") == label:
             raise RuntimeError(f"injected crash in {label}")
+        edit = os.environ.get("FAKE_EDIT", "").split("|")  # label|file|old|new: a user's edit
+        if edit[0] == label:
+            f = Path(edit[1])
+            f.write_text(f.read_text().replace(edit[2], edit[3]))
         if os.environ.get("FAKE_HANG") == label:
             Path(log + ".hang").touch()
             time.sleep(600)

@@ -35,6 +35,28 @@ def is_complete(out_dir: str | os.PathLike) -> bool:
     return (Path(out_dir) / MANIFEST).is_file()
 
 
+def verify_outputs(out_dir: str | os.PathLike) -> list[str]:
+    """What differs between a finished folder and its manifest: each listed file must
+    exist with the recorded size and sha256 (sizes first: a cheap check that catches
+    truncation; hashes always, since a flipped byte keeps the size). Empty when intact."""
+    out = Path(out_dir)
+    try:
+        files = read_manifest(out)["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return [f"{out / MANIFEST}: unreadable ({e})"]
+    found = []
+    for rel, rec in files.items():
+        f = out / rel
+        if not f.is_file():
+            found.append(f"{f}: missing (the manifest lists {rec['bytes']} bytes)")
+        elif f.stat().st_size != rec["bytes"]:
+            found.append(f"{f}: {f.stat().st_size} bytes, the manifest says {rec['bytes']}")
+        elif sha256_file(f) != rec["sha256"]:
+            found.append(f"{f}: content differs from the manifest (sha256 "
+                         f"{rec['sha256'][:12]}...)")
+    return found
+
+
 def read_manifest(out_dir: str | os.PathLike) -> dict[str, Any]:
     return json.loads((Path(out_dir) / MANIFEST).read_text())
 

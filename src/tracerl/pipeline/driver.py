@@ -7,14 +7,22 @@ folder and the numbers of its ``metrics.json``.
 
 For each call it
 
-1. skips the call when its output is complete and stamped with the call's key (resume);
+1. skips the call when its output is complete, stamped with the call's key, every file
+   matches its manifest (size and sha256), and none of its inputs was written again in
+   this run (resume); a damaged output is named and its stage runs again, and so does
+   everything computed from it;
 2. opens an MLflow child run of the pipeline's parent run (``mlflow.parentRunId``) and
    logs the stage's ``params.yaml`` sections;
 3. runs the stage through the runner, passing the run ids in the environment;
-4. checks the manifest exists, stamps the key, logs ``metrics.json`` (to the child at
+4. checks the manifest and the declared outputs exist (the stage registry), stamps the key
+   and the runner's wall time, logs ``metrics.json`` (to the child at
    ``step=iteration``, and to the parent as ``<stage>.<metric>``), the stage's seconds,
    the manifest, any ``*.html`` page (trajectory viewer) and checkpoint folders;
 5. ends the child run FINISHED, or FAILED when the stage failed.
+
+While the parent run is open the orchestrator holds the run folder's writer lock
+(:mod:`tracerl.pipeline.lock`); child runs a killed stage left RUNNING are closed as
+KILLED when the parent run is reopened.
 """
 
 from __future__ import annotations
@@ -35,10 +43,11 @@ from tracerl.pipeline.layout import (
     SECONDS_FIELD,
     RunLayout,
     StageCall,
-    is_done,
+    not_done_reason,
     params_read,
     stamp_key,
 )
+from tracerl.pipeline.lock import pid_alive, writer_lock
 from tracerl.pipeline.registry import (
     ITERATION_STAGES,
     STAGES,
@@ -48,10 +57,12 @@ from tracerl.pipeline.registry import (
 from tracerl.pipeline.runners import Runner, StageFailed
 from tracerl.tracking import (
     PARENT_RUN_ENV,
+    PARENT_TAG,
     RUN_ID_ENV,
     TRACKING_URI_ENV,
     MlflowTracker,
     Tracker,
+    flatten_params,
     numeric_metrics,
 )
 
@@ -81,9 +92,13 @@ def git_sha(cwd: str | os.PathLike | None = None) -> str:
 
 
 def _clean_temp(out: Path) -> None:
-    """Remove temp folders a killed stage left beside ``out`` (``.<name>.tmp-<pid>``)."""
+    """Remove temp folders a killed stage left beside ``out`` (``.<name>.tmp-<pid>``):
+    only those of this process or of a process that no longer runs (their writer)."""
     if out.parent.is_dir():
         for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+            pid = tmp.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid)):
+                continue
             shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -115,6 +130,9 @@ class Orchestrator:
         self.runner = runner
         self.tracker = tracker
         self.parent_run_id: str | None = None
+        # outputs (re)written by this orchestrator: a damaged output that runs again
+        # invalidates what was computed from it, even under an unchanged key
+        self.rewritten: set[Path] = set()
 
     # ------------------------------------------------------------------ parent run
     def parent_run(self, plan_key: str, tags: Mapping[str, Any] | None = None):
@@ -142,8 +160,11 @@ class Orchestrator:
                                              end_on_exit=True)
             else:
                 ctx = self.tracker.start_run(self.layout.root.name, tags=all_tags)
-            with ctx as rid:
+            with writer_lock(self.layout.root), ctx as rid:
+                self.freeze_params()
                 self.parent_run_id = rid
+                if existing:
+                    self._close_zombies(existing)
                 if not existing:
                     self.tracker.log_params(self.params_dict)
                     _write_json(self.layout.tracking, {"parent_run_id": rid, "plan_key": plan_key,
@@ -158,11 +179,59 @@ class Orchestrator:
     def _uri(self) -> str:
         return getattr(self.tracker, "tracking_uri", "")
 
+    def freeze_params(self) -> Path:
+        """Write the params this run is planned with to ``<run>/params.yaml`` (under the
+        writer lock) and point every stage at that file: editing the live params.yaml
+        mid-run changes nothing until the next launch, which re-plans with new keys and
+        says which values changed."""
+        import yaml
+
+        frozen = self.layout.frozen_params
+        if frozen.is_file() and self.params_path.resolve() != frozen.resolve():
+            before = flatten_params(yaml.safe_load(frozen.read_text()) or {})
+            now = flatten_params(self.params_dict)
+            changed = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}"
+                       for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+            if changed:
+                print(f"[tracerl] params differ from the last launch of {self.layout.root.name}"
+                      f" (the stages that read them run again): {'; '.join(changed)}",
+                      flush=True)
+        if self.params_path.resolve() != frozen.resolve():
+            frozen.parent.mkdir(parents=True, exist_ok=True)
+            tmp = frozen.with_name(f".{frozen.name}.tmp")
+            tmp.write_text("# the params this run was launched with (written by the flow; "
+                           "every stage reads this file)\n"
+                           + yaml.safe_dump(self.params_dict, sort_keys=False))
+            os.replace(tmp, frozen)
+            self.params_path = frozen
+        return frozen
+
+    def _close_zombies(self, parent_id: str) -> None:
+        """Child runs still RUNNING under a reopened parent belong to killed stages (the
+        writer lock rules out a live one): mark them KILLED."""
+        if not isinstance(self.tracker, MlflowTracker):
+            return
+        c = self.tracker.client
+        for r in c.search_runs([self.tracker.experiment_id], max_results=10000,
+                               filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}' "
+                                             "and attributes.status = 'RUNNING'"):
+            c.set_terminated(r.info.run_id, status="KILLED")
+            log.warning("closed child run %s (%s) of a killed stage as KILLED",
+                        r.info.run_name, r.info.run_id)
+
     # ------------------------------------------------------------------ one call
     def run_call(self, call: StageCall) -> StageResult:
         """Run ``call`` unless it is already done; see the module docstring."""
-        if is_done(call):
+        reason = not_done_reason(call)
+        stale_input = next((p for paths in call.inputs.values() for p in paths
+                            if p in self.rewritten), None)
+        if reason is None and stale_input is None:
             return StageResult(call.label, str(call.out), True, 0.0, read_metrics(call.out))
+        if reason is None:
+            reason = f"its input {stale_input} was written again"
+        if reason.startswith(("output damaged", "unreadable")) or stale_input is not None:
+            log.warning("%s runs again: %s", call.label, reason)
+            print(f"[tracerl] {call.label} runs again: {reason}", flush=True)
         _clean_temp(call.out)
         tags = {"tracerl.stage": call.stage, "tracerl.runner": self.runner.name,
                 "tracerl.key": call.key}
@@ -198,6 +267,7 @@ class Orchestrator:
                 {f"{call.stage}.{k}": v for k, v in {**metrics, "seconds": seconds}.items()},
                 step=step,
             )
+        self.rewritten.add(call.out)  # what reads it must run again too
         return StageResult(call.label, str(call.out), False, seconds, metrics)
 
     def _log_outputs(self, call: StageCall) -> None:

@@ -16,14 +16,17 @@ One folder per pipeline run, ``<runs_dir>/<run.name>/``::
     metrics/<dvc stage>.json       DVC metrics (outside the outs: DVC forbids overlap)
     plots/rl_curves.json           DVC plots: one row per RL iteration
     tracking.json                  the MLflow parent run, reused when a run resumes
+    params.yaml                    the params of the launch (frozen; stages read this)
+    .writer.lock                   held by the one process writing the run
 
 Every stage folder is written by :func:`tracerl.pipeline.artifacts.stage_output` (temp
 folder renamed on success, manifest last). The orchestrator then stamps the manifest
 with the call's **key**: a digest of the stage, its iteration, the ``params.yaml``
 sections it reads (declared once, in :mod:`tracerl.pipeline.registry`) and the keys of
 its inputs (a Merkle chain). A folder counts as done
-only when its manifest carries the key of the current plan, so a resumed run continues at
-the first unfinished stage, and a changed parameter re-runs exactly the stages downstream
+only when its manifest carries the key of the current plan and every file still has the
+size and sha256 the manifest recorded, so a resumed run continues at the first unfinished
+(or damaged) stage, and a changed parameter re-runs exactly the stages downstream
 of it (the same rule DVC applies to the coarse stages).
 """
 
@@ -37,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tracerl.pipeline.artifacts import MANIFEST, is_complete, read_manifest
+from tracerl.pipeline.artifacts import MANIFEST, is_complete, read_manifest, verify_outputs
 from tracerl.pipeline.registry import ITERATION_STAGES, STAGES
 
 KEY_FIELD = "tracerl_key"  # manifest field stamped by the orchestrator
@@ -132,6 +135,11 @@ class RunLayout:
         return self.root / "plots" / "rl_curves.json"
 
     @property
+    def frozen_params(self) -> Path:
+        """The params the run was launched with; every stage of the run reads them."""
+        return self.root / "params.yaml"
+
+    @property
     def tracking(self) -> Path:
         return self.root / "tracking.json"
 
@@ -171,11 +179,26 @@ def stage_key(stage: str, iteration: int | None, params: Mapping[str, Any],
     return _digest([stage, iteration, params_read(stage, params), sorted(input_keys)])
 
 
-def is_done(call: StageCall) -> bool:
-    """True when ``call.out`` finished and its manifest carries ``call.key``."""
+def not_done_reason(call: StageCall) -> str | None:
+    """Why ``call`` must run (None when its output is complete, stamped with
+    ``call.key`` and every file matches the manifest's size and sha256)."""
     if not is_complete(call.out):
-        return False
-    return read_manifest(call.out).get(KEY_FIELD) == call.key
+        return "no finished output"
+    try:
+        key = read_manifest(call.out).get(KEY_FIELD)
+    except (OSError, ValueError) as e:
+        return f"unreadable manifest ({e})"
+    if key != call.key:
+        return "its params or inputs changed" if key else "not stamped by the orchestrator"
+    damaged = verify_outputs(call.out)
+    if damaged:
+        return "output damaged: " + "; ".join(damaged)
+    return None
+
+
+def is_done(call: StageCall) -> bool:
+    """True when ``call.out`` finished, carries ``call.key`` and is intact."""
+    return not_done_reason(call) is None
 
 
 def first_unfinished(calls: Sequence[StageCall]) -> int | None:
