@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -296,8 +295,9 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "counters": dict(self.counters),
-            "rng": {"generator": self.generator.get_state(), "torch": torch.get_rng_state(),
-                    "python": random.getstate()},
+            # the process-global Python RNG is not saved: no training code draws from it,
+            # and its unseeded state would make equal runs' trainer states differ
+            "rng": {"generator": self.generator.get_state(), "torch": torch.get_rng_state()},
         }
 
     def save(self, out_dir: str | Path) -> Path:
@@ -354,5 +354,4 @@ class Trainer:
         self.counters.update(state["counters"])
         self.generator.set_state(state["rng"]["generator"])
         torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
         return True
