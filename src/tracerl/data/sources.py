@@ -103,6 +103,14 @@ def generate_tasks(name: str, n: int, difficulty: int | Sequence[int] | None = 0
                      f"reasoning-gym datasets (e.g. rg:basic_arithmetic, rg:chain_sum)")
 
 
+def longest_prompt(name: str, difficulty: int | Sequence[int]) -> str | None:
+    """The longest prompt a generator writes at these levels, where cheaply knowable
+    (``arithmetic``); ``None`` otherwise (then the prepare stage measures the tasks)."""
+    if name == "arithmetic":
+        return arithmetic.longest_prompt(difficulty)  # type: ignore[arg-type]
+    return None
+
+
 # --------------------------------------------------------------------------- human-eval
 
 
