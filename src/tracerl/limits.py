@@ -102,3 +102,18 @@ def init_problem(init: str) -> str | None:
     if not p.is_dir():
         return f"model.init {init!r} is a file; give the checkpoint folder that holds it"
     return None
+
+
+def too_long(prompt_lens: Sequence[int], context: int | None,
+             budgets: Sequence[tuple[int, int]]) -> list[int]:
+    """Indices of prompts whose canvas exceeds ``context`` under some budget (none when
+    the context is unknown).
+
+    >>> too_long([10, 30], 64, [(4, 32)])  # 8 + 32 = 40 fits, 28 + 32 = 60 fits
+    []
+    >>> too_long([10, 36], 64, [(4, 32)])  # 36 + 32 = 68 does not
+    [1]
+    """
+    if context is None:
+        return []
+    return [i for i, n in enumerate(prompt_lens) if longest_canvas(n, budgets) > context]
