@@ -58,3 +58,20 @@ def test_init_kind(tmp_path, monkeypatch):
     (tmp_path / "org" / "name").mkdir()
     assert init_kind("org/name") == "path"  # on disk: a local folder wins
     assert init_kind("./org") == init_kind("ckpt") == init_kind("/abs/x") == "path"
+
+
+def test_prompt_fit_measures_a_checkpoint_with_its_own_tokenizer_and_context(
+        tmp_path, default_tokenizer):
+    from tracerl.limits import prompt_fit
+    from tracerl.models import build_for_tokenizer, save_model
+
+    model = build_for_tokenizer(default_tokenizer, "sdar", max_position_embeddings=64)
+    save_model(model, default_tokenizer, tmp_path / "stage" / "checkpoint")
+    # the checkpoint's context (64), not model.max_position_embeddings (999), decides;
+    # a stage folder holding checkpoint/ is accepted like the pipeline's policy inputs
+    fits = prompt_fit(str(tmp_path / "stage"), 999, [(4, 32)])
+    longest = "x" * (32 - DEFAULT_CHAT_OVERHEAD)  # 32 ids: 32 + 32 = 64 positions
+    assert fits(longest) and not fits(longest + "xxxx")
+    tiny = prompt_fit("tiny", 64, [(4, 32)])
+    assert tiny(longest) and not tiny(longest + "xxxx")
+    assert prompt_fit("org/name", 64, [(4, 32)]) is None  # a hub id: known only once loaded

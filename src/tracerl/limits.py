@@ -117,3 +117,33 @@ def too_long(prompt_lens: Sequence[int], context: int | None,
     if context is None:
         return []
     return [i for i, n in enumerate(prompt_lens) if longest_canvas(n, budgets) > context]
+
+
+def prompt_fit(init: str, max_position_embeddings: int,
+               budgets: Sequence[tuple[int, int]]):
+    """``fits(prompt_text) -> bool`` for the model ``model.init`` names, or None where the
+    context is not knowable before loading (a hub id: the rollout skips what does not fit).
+
+    The embedded default needs no tokenizer; a local checkpoint folder (or a stage folder
+    holding ``checkpoint/`` or ``model/``) is measured with its own tokenizer and the
+    context of its config.json.
+    """
+    kind = init_kind(init)
+    if kind == "tiny":
+        return lambda text: longest_canvas(default_prompt_tokens(text),
+                                           budgets) <= max_position_embeddings
+    if kind == "hub":
+        return None
+    import json
+
+    from tracerl.data.prompts import render_prompt
+    from tracerl.models import load_tokenizer
+    from tracerl.pipeline.resolve import checkpoint_folder
+
+    folder = checkpoint_folder(init)
+    cfg = json.loads((folder / "config.json").read_text())
+    context = cfg.get("max_position_embeddings") or cfg.get("max_sequence_length")
+    if not context:
+        return None
+    tok = load_tokenizer(folder)
+    return lambda text: longest_canvas(len(render_prompt(tok, text)), budgets) <= context
