@@ -76,3 +76,18 @@ class Skipped:
         p = Path(path)
         p.write_text("".join(json.dumps(e, sort_keys=True) + "\n" for e in self.entries))
         return p
+
+
+def skip_too_long(prompt_lens: list[int], task_ids: list[str], context: int | None,
+                  budgets: list[tuple[int, int]], log: Skipped) -> list[int]:
+    """Record every prompt that does not fit ``context`` under ``budgets`` as
+    ``too_long`` (by task id) and return the indices of those that do."""
+    from tracerl.limits import longest_canvas, too_long
+
+    log.considered += len(prompt_lens)
+    bad = set(too_long(prompt_lens, context, budgets))
+    for i in sorted(bad):
+        log.add("too_long", task_ids[i], "",
+                f"{prompt_lens[i]} prompt ids need {longest_canvas(prompt_lens[i], budgets)} "
+                f"positions with (block size, max_tokens) {budgets}, the context is {context}")
+    return [i for i in range(len(prompt_lens)) if i not in bad]
