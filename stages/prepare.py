@@ -17,10 +17,12 @@ Reads ``params.data`` and ``run.seed``. Writes into ``--out``:
 - metrics: counts per split and per level, ``skipped_<reason>`` counts.
 
 ``data.generator: file`` reads ``data.train_file`` / ``data.heldout_file`` instead of a
-generator. Bad records (unreadable, no answer, prompt too long for ``model`` with the
-run's ``rollout.max_tokens`` and curriculum schedules, train prompt also held out) are
-skipped and counted; past ``data.max_skip_fraction`` the stage fails naming the files
-and task ids, before any training (:mod:`tracerl.data.prepare`).
+generator. Bad records (unreadable, no answer, train prompt also held out) are skipped
+and counted. Prompts too long for ``model`` with the run's ``rollout.max_tokens`` and
+curriculum schedules stay in the outputs (which depend on ``data`` and ``run.seed``
+only; rollout and evaluate skip and count them) but are checked here: past
+``data.max_skip_fraction``, skipped now or later, the stage fails naming the files and
+task ids, before any training (:mod:`tracerl.data.prepare`).
 """
 
 from __future__ import annotations
@@ -70,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
                           **prep.skipped.metrics()})
         for lv in levels:
             o.metrics[f"heldout_level_{lv}"] = sum(t.difficulty == lv for t in heldout)
+    if prep.too_long:
+        print(f"prepare: {len(prep.too_long)} prompts do not fit the model's context with "
+              f"the run's budget; rollout and evaluate will skip them: "
+              f"{', '.join(prep.too_long[:10])}{' ...' if len(prep.too_long) > 10 else ''}")
     print(f"prepare: {len(train)} train, {len(heldout)} held-out, {len(sft)} SFT examples, "
           f"{len(prep.skipped)} records skipped -> {a.out}")
     return 0

@@ -5,9 +5,13 @@ Sources: a procedural generator (``arithmetic``, ``rg:<name>``: ``n`` tasks per 
 over the difficulty levels) or local task files (``file``: every readable row, at most
 ``n`` per split by a seeded sample kept in file order; SFT examples from the train
 file's tasks that have an answer). Records that cannot be used are skipped into a
-:class:`~tracerl.data.skips.Skipped` log: unreadable or invalid rows, prompts that do not
-fit the model's context with the run's generation budget (``fits``), train prompts that
-are also held out. Past ``max_skip_fraction`` of the records considered, it fails.
+:class:`~tracerl.data.skips.Skipped` log: unreadable or invalid rows, train prompts that
+are also held out. The outputs depend on the data and the seed only.
+
+Prompts that do not fit the model's context with the run's generation budget (``fits``)
+are kept in the outputs (the rollout and evaluate stages skip and count them against the
+budget in force then), but counted here too: past ``max_skip_fraction`` of the records
+considered, skipped now or later, it fails before any training.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ class PreparedTasks:
     heldout: list[TaskRecord]
     sft: list[TaskRecord]
     sft_styles: list[str]  # per SFT example: the solution style, or "answer"
-    skipped: Skipped = field(default_factory=Skipped)
+    skipped: Skipped = field(default_factory=Skipped)  # left out of the outputs
+    too_long: list[str] = field(default_factory=list)  # kept; skipped by rollout/evaluate
 
 
 def prepare_tasks(generator: str, *, train_size: int, heldout_size: int, sft_size: int,
@@ -45,13 +50,9 @@ def prepare_tasks(generator: str, *, train_size: int, heldout_size: int, sft_siz
         ValueError: a task file is empty (naming it).
     """
     log = Skipped()
-
-    def keep(tasks: list[TaskRecord], where: str) -> list[TaskRecord]:
-        return tasks if fits is None else _keep_fitting(tasks, fits, log, where)
-
     if generator == "file":
-        train = keep(_read(train_file, "train", train_size, seed, log), train_file)
-        heldout = keep(_read(heldout_file, "heldout", heldout_size, seed, log), heldout_file)
+        train = _read(train_file, "train", train_size, seed, log)
+        heldout = _read(heldout_file, "heldout", heldout_size, seed, log)
         held_prompts = {t.prompt for t in heldout}
         kept = []
         for t in train:
@@ -74,15 +75,24 @@ def prepare_tasks(generator: str, *, train_size: int, heldout_size: int, sft_siz
         for tasks in (train + heldout, sft):  # SFT and the RL pool may share train problems
             validate_tasks(tasks)
         log.considered += len(train) + len(heldout) + len(sft)
-        train, heldout, sft = (keep(ts, generator) for ts in (train, heldout, sft))
         sources = f"generator {generator}"
-    log.check(max_skip_fraction, f"prepare ({sources})")
+    # what the later stages will skip: checked now, together with what was skipped here
+    later = dataclasses.replace(log, entries=list(log.entries))
+    if fits is not None:
+        seen: set[str] = set()
+        for t in train + heldout + sft:
+            if t.task_id not in seen and not fits(t.prompt):
+                where = (train_file if t.split == "train" else heldout_file) or generator
+                later.add("too_long", t.task_id, where,
+                          "the prompt and the generation budget exceed the model's context")
+            seen.add(t.task_id)
+    later.check(max_skip_fraction, f"prepare ({sources})")
     for name, tasks in (("train", train), ("held-out", heldout), ("SFT", sft)):
         if not tasks:
             raise SkipError(f"prepare ({sources}): no usable {name} task left")
     pick = random.Random(f"sft-style|{seed}")
     styles = ["answer" if pick.random() < sft_answer_fraction else sft_style for _ in sft]
-    return PreparedTasks(train, heldout, sft, styles, log)
+    return PreparedTasks(train, heldout, sft, styles, log, later.ids("too_long"))
 
 
 def _read(path: str, split: str, n: int, seed: int, log: Skipped) -> list[TaskRecord]:
@@ -96,15 +106,3 @@ def _sample(tasks: list[TaskRecord], n: int, key: str) -> list[TaskRecord]:
     if len(tasks) <= n:
         return tasks
     return [tasks[i] for i in sorted(random.Random(key).sample(range(len(tasks)), n))]
-
-
-def _keep_fitting(tasks: list[TaskRecord], fits: Callable[[str], bool], log: Skipped,
-                  where: str) -> list[TaskRecord]:
-    kept = []
-    for t in tasks:
-        if fits(t.prompt):
-            kept.append(t)
-        else:
-            log.add("too_long", t.task_id, where,
-                    "the prompt and the generation budget exceed the model's context")
-    return kept
