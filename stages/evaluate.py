@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         return scored
 
     # tasks whose prompt does not fit the model's context are skipped and counted by id
-    b, budget = dec.schedule.block_size, [(dec.schedule.block_size, dec.schedule.max_tokens)]
+    budget = [(dec.schedule.block_size, dec.schedule.max_tokens)]
     context = getattr(model.config, "max_position_embeddings", None)
     skipped = {}
     for name, tasks in suites.items():
@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             o.metrics.update(skipped[name].metrics(f"{name}."))
             skipped[name].write(o.dir / f"skipped_{name}.jsonl")
             for strategy in e.strategies:
+                b = dec.schedule.block_size
                 cfg = SamplingConfig(
                     block_size=b, steps_per_block=min(r.steps_per_block, b),
                     max_tokens=dec.schedule.max_tokens, strategy=strategy,

@@ -6,8 +6,8 @@ import json
 
 import polars as pl
 import pytest
-from conftest import params_file
 
+from conftest import params_file
 from tracerl.evaluation import pass_at_k, summarize
 
 

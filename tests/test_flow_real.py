@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import params_file
 
+from conftest import params_file
 from tracerl.config import load_params
 from tracerl.pipeline.layout import RunLayout, is_done, plan_all
 from tracerl.schemas import read_parquet

@@ -6,9 +6,9 @@ import json
 
 import polars as pl
 import pytest
-from conftest import params_file
 from stages import prepare
 
+from conftest import params_file
 from tracerl.pipeline.artifacts import is_complete, read_metrics
 from tracerl.rewards.math_answers import extract_boxed
 from tracerl.schemas import read_parquet

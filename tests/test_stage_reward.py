@@ -7,9 +7,9 @@ import json
 import polars as pl
 import pytest
 import yaml
-from conftest import params_file
 from stages.reward import main
 
+from conftest import params_file
 from tracerl.data import TaskRecord, tasks_to_frame
 from tracerl.pipeline.artifacts import is_complete, read_metrics
 from tracerl.schemas import read_parquet, write_parquet

@@ -6,8 +6,8 @@ import json
 
 import polars as pl
 import pytest
-from conftest import params_file
 
+from conftest import params_file
 from tracerl.pipeline.artifacts import is_complete, read_metrics
 from tracerl.schemas import read_parquet, write_parquet
 
