@@ -44,16 +44,21 @@ def test_a_library_writer_that_hits_a_full_disk_names_the_file(tmp_path, error):
     assert not is_complete(out) and _leftovers(out) == []  # no temp folder left behind
 
 
-def test_oserror_enospc_names_its_own_file(tmp_path, monkeypatch):
-    out = tmp_path / "rollout"
+def _full_for(name: str):
+    """``Path.write_text`` that hits a full disk when it writes a file called ``name``."""
     real = Path.write_text
 
-    def full(self, *a, **k):
-        if self.name == "rollouts.parquet":
+    def write_text(self, *a, **k):
+        if self.name == name:
             raise OSError(errno.ENOSPC, "No space left on device", str(self))
         return real(self, *a, **k)
 
-    monkeypatch.setattr(Path, "write_text", full)
+    return write_text
+
+
+def test_oserror_enospc_names_its_own_file(tmp_path, monkeypatch):
+    out = tmp_path / "rollout"
+    monkeypatch.setattr(Path, "write_text", _full_for("rollouts.parquet"))
     with pytest.raises(DiskFullError) as e:
         with stage_output(out, stage="rollout") as o:
             (o.dir / "trajectory.html").write_text("<html>")
@@ -65,17 +70,10 @@ def test_oserror_enospc_names_its_own_file(tmp_path, monkeypatch):
 
 def test_a_full_disk_while_finishing_is_reported_too(tmp_path, monkeypatch):
     out = tmp_path / "reward"
-    real = Path.write_text
-
-    def full(self, *a, **k):
-        if self.name == "metrics.json":
-            raise OSError(errno.ENOSPC, "No space left on device", str(self))
-        return real(self, *a, **k)
-
     with pytest.raises(DiskFullError, match=r"while writing \S*metrics.json"):
         with stage_output(out, stage="reward") as o:
             (o.dir / "scored.parquet").write_text("rows")
-            monkeypatch.setattr(Path, "write_text", full)
+            monkeypatch.setattr(Path, "write_text", _full_for("metrics.json"))
     assert not is_complete(out) and _leftovers(out) == []
 
 
