@@ -5,9 +5,12 @@ stage), the Prefect flow and every stage CLI, all through :func:`load_params`. E
 quantity is stated once (e.g. the block size lives in ``model.block_size`` and both the
 sampler and the trainer read it there).
 
-Loading collects *every* problem (unknown keys with the nearest valid name, wrong types,
-out-of-range values, cross-section inconsistencies) and raises one :class:`ConfigError`
-that lists them all with how to fix each, before any work starts. Only stage CLIs see
+Loading collects *every* problem (missing sections, unknown keys with the nearest valid
+name, wrong types with a hint for YAML's pitfalls, out-of-range values, cross-section
+inconsistencies, paths that do not exist, a context too short for the longest prompt plus
+the generation budget) and raises one :class:`ConfigError` that lists them all with how to
+fix each, before any work starts. A file must state every section; the dataclass defaults
+equal params.yaml's values (tests/test_params.py), so nothing runs on a second set. Only stage CLIs see
 :class:`Params`; library functions take flat, typed arguments.
 """
 
@@ -599,9 +602,7 @@ def _yaml_hint(value: Any, tp: Any) -> str:
             x = float(value)
         except ValueError:
             return ""
-        if x == int(x):
-            return f"; write a plain integer: {int(x)}"
-        return ""
+        return f"; write a plain integer: {int(x)}" if x.is_integer() else ""
     if str in accepts and isinstance(value, bool):
         return ("; YAML reads unquoted yes/no/on/off/true/false as booleans: put the value "
                 "in quotes, e.g. 'no'")
