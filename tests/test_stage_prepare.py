@@ -37,7 +37,7 @@ def test_prepare_writes_disjoint_splits_and_sft_targets(tmp_path):
     m = read_metrics(out)
     assert m["heldout_tasks"] == 60 and m["sft_examples"] == 200
     assert sum(m[f"heldout_level_{lv}"] for lv in (1, 2, 3)) == 60
-    assert m["skipped_too_long"] == 0 and (out / "skipped.jsonl").read_text() == ""
+    assert m["skipped_no_answer"] == 0 and (out / "skipped.jsonl").read_text() == ""
 
 
 def test_prepare_mixes_answer_only_targets_by_fraction(tmp_path):
@@ -94,8 +94,9 @@ def test_prepare_reads_task_files_and_skips_bad_records_by_task_id(tmp_path, mon
     for prompt, sol in zip(sft["prompt"], sft["reference_solution"]):
         assert extract_boxed(sol) == str(eval(prompt[8:-1]))  # noqa: S307 - our digits
     m = read_metrics(out)
-    assert (m["skipped_not_utf8"], m["skipped_no_answer"], m["skipped_too_long"],
-            m["skipped_in_heldout"], m["train_tasks"]) == (1, 1, 0, 1, 13)
+    assert (m["skipped_not_utf8"], m["skipped_no_answer"], m["skipped_in_heldout"],
+            m["train_tasks"]) == (1, 1, 1, 13)
+    assert "skipped_too_long" not in m  # kept here; rollout and evaluate skip and count it
     skipped = [json.loads(x) for x in (out / "skipped.jsonl").read_text().splitlines()]
     assert {(e["reason"], e["task_id"]) for e in skipped} == {
         ("not_utf8", None), ("no_answer", "no-answer"), ("in_heldout", "leak")}

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from tracerl.data.records import TaskRecord, validate_tasks
-from tracerl.data.skips import SkipError, Skipped
+from tracerl.data.skips import REASONS, RECORD_REASONS, SkipError, Skipped
 from tracerl.data.sources import generate_tasks, load_local_tasks
 
 
@@ -49,7 +49,7 @@ def prepare_tasks(generator: str, *, train_size: int, heldout_size: int, sft_siz
         TaskError: generated tasks are invalid, or a file repeats a task id.
         ValueError: a task file is empty (naming it).
     """
-    log = Skipped()
+    log = Skipped(reasons=RECORD_REASONS)
     if generator == "file":
         train = _read(train_file, "train", train_size, seed, log)
         heldout = _read(heldout_file, "heldout", heldout_size, seed, log)
@@ -77,7 +77,7 @@ def prepare_tasks(generator: str, *, train_size: int, heldout_size: int, sft_siz
         log.considered += len(train) + len(heldout) + len(sft)
         sources = f"generator {generator}"
     # what the later stages will skip: checked now, together with what was skipped here
-    later = dataclasses.replace(log, entries=list(log.entries))
+    later = Skipped(REASONS, log.considered, list(log.entries))
     if fits is not None:
         seen: set[str] = set()
         for t in train + heldout + sft:

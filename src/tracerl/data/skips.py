@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 REASONS = ("not_utf8", "not_json", "no_answer", "invalid", "too_long", "in_heldout")
+RECORD_REASONS = tuple(r for r in REASONS if r != "too_long")  # what a record itself lacks
 SKIPPED_FILE = "skipped.jsonl"
 
 
