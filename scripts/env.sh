@@ -1,43 +1,63 @@
-# Sourced by the project's commands: creates the project's virtual env (.venv) on first use,
-# re-installs only when pyproject.toml or requirements/cpu.lock changed, and sets the
-# offline-friendly environment every tool of the pipeline needs.
+# Sourced by the project's commands (and by researchers: `source scripts/env.sh`): creates
+# the project's virtual env (.venv) on first use, re-installs only when pyproject.toml or
+# requirements/cpu.lock changed, and sets the offline-friendly environment every tool of
+# the pipeline needs.
+# It never changes the caller's shell options: no `set -e` here (in an interactive shell
+# the next failing command would close the terminal); every step checks its own status
+# and a failure returns non-zero. scripts/run.sh and scripts/test.sh set -euo pipefail
+# themselves, so they stop there.
 # Installer: plain pip (it reads pip's own configuration, where a CPU torch wheel may be
 # found). torch==2.13.0 is pinned; any other torch spec would pull CUDA packages.
-set -euo pipefail
-TRACERL_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-export TRACERL_ROOT
-PY="${TRACERL_PYTHON:-python3}"
-VENV="$TRACERL_ROOT/.venv"
-STAMP="$VENV/.tracerl-install-stamp"
-want="$(cat "$TRACERL_ROOT/pyproject.toml" "$TRACERL_ROOT/requirements/cpu.lock" | sha256sum | cut -c1-16)"
-if [ ! -x "$VENV/bin/python" ]; then
-  echo "[tracerl] creating virtual env in .venv"
-  "$PY" -m venv "$VENV"
+_tracerl_env() {
+  local py venv stamp want f
+  TRACERL_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)" || return 1
+  export TRACERL_ROOT
+  py="${TRACERL_PYTHON:-python3}"
+  venv="$TRACERL_ROOT/.venv"
+  stamp="$venv/.tracerl-install-stamp"
+  for f in pyproject.toml requirements/cpu.lock; do
+    [ -f "$TRACERL_ROOT/$f" ] || { echo "[tracerl] missing $TRACERL_ROOT/$f" >&2; return 1; }
+  done
+  want="$(cat "$TRACERL_ROOT/pyproject.toml" "$TRACERL_ROOT/requirements/cpu.lock" | sha256sum | cut -c1-16)"
+  if [ ! -x "$venv/bin/python" ]; then
+    echo "[tracerl] creating virtual env in .venv"
+    "$py" -m venv "$venv" || { echo "[tracerl] could not create $venv with $py" >&2; return 1; }
+  fi
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    echo "[tracerl] installing pinned dependencies (first run takes a few minutes)"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade "pip==26.3" >/dev/null 2>&1 || true
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+      -c "$TRACERL_ROOT/requirements/cpu.lock" -e "$TRACERL_ROOT[dev]" \
+      || { echo "[tracerl] installing the pinned dependencies failed (see above)" >&2; return 1; }
+    echo "$want" > "$stamp" || return 1
+  fi
+  # shellcheck disable=SC1091
+  source "$venv/bin/activate" || return 1
+  local cache="$TRACERL_ROOT/.cache"
+  mkdir -p "$cache" || return 1
+  export PYTHONPATH="$TRACERL_ROOT${PYTHONPATH:+:$PYTHONPATH}"
+  export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
+  export TRANSFORMERS_OFFLINE="${TRANSFORMERS_OFFLINE:-1}"
+  export HF_HUB_DISABLE_TELEMETRY=1
+  export TOKENIZERS_PARALLELISM=false
+  export PREFECT_SERVER_ANALYTICS_ENABLED=false
+  export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="${PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS:-180}"
+  export PREFECT_HOME="${PREFECT_HOME:-$cache/prefect}"
+  export MLFLOW_DISABLE_TELEMETRY=true
+  export DO_NOT_TRACK=1
+  export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$cache/torch_extensions}"
+  export DVC_NO_ANALYTICS=1
+  # OpenMP threads spin-wait between parallel regions; with two torch processes on a small
+  # machine that spinning makes both ~40x slower. A bounded spin keeps ~97% of the solo speed
+  # and ~11x the default's throughput under contention (docs/benchmarks.md, "CPU threads").
+  export GOMP_SPINCOUNT="${GOMP_SPINCOUNT:-10000}"
+}
+_tracerl_status=0
+_tracerl_env || _tracerl_status=$?  # in a || list, a caller's set -e cannot fire inside
+unset -f _tracerl_env
+# `return` when sourced; `exit` when run as a script (then nothing persists anyway)
+if [ "$_tracerl_status" -ne 0 ]; then
+  unset _tracerl_status
+  return 1 2>/dev/null || exit 1
 fi
-if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$want" ]; then
-  echo "[tracerl] installing pinned dependencies (first run takes a few minutes)"
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade "pip==26.3" >/dev/null 2>&1 || true
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-    -c "$TRACERL_ROOT/requirements/cpu.lock" -e "$TRACERL_ROOT[dev]"
-  echo "$want" > "$STAMP"
-fi
-# shellcheck disable=SC1091
-source "$VENV/bin/activate"
-cache="$TRACERL_ROOT/.cache"
-mkdir -p "$cache"
-export PYTHONPATH="$TRACERL_ROOT${PYTHONPATH:+:$PYTHONPATH}"
-export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
-export TRANSFORMERS_OFFLINE="${TRANSFORMERS_OFFLINE:-1}"
-export HF_HUB_DISABLE_TELEMETRY=1
-export TOKENIZERS_PARALLELISM=false
-export PREFECT_SERVER_ANALYTICS_ENABLED=false
-export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="${PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS:-180}"
-export PREFECT_HOME="${PREFECT_HOME:-$cache/prefect}"
-export MLFLOW_DISABLE_TELEMETRY=true
-export DO_NOT_TRACK=1
-export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$cache/torch_extensions}"
-export DVC_NO_ANALYTICS=1
-# OpenMP threads spin-wait between parallel regions; with two torch processes on a small
-# machine that spinning makes both ~40x slower. A bounded spin keeps ~97% of the solo speed
-# and ~11x the default's throughput under contention (docs/benchmarks.md, "CPU threads").
-export GOMP_SPINCOUNT="${GOMP_SPINCOUNT:-10000}"
+unset _tracerl_status

@@ -8,6 +8,9 @@ size, steps and budget of ``model``/``rollout`` (or the curriculum's schedule at
 iteration). Writes ``eval.json`` (every score next to its full decoding config),
 ``samples_<benchmark>_<strategy>.parquet`` (scored responses) and metrics: ``accuracy``
 (held-out avg@k of the first strategy, the headline) and ``<benchmark>.<strategy>.<metric>``.
+A task whose prompt does not fit the model's context with the budget is skipped and
+counted by task id (``<benchmark>.skipped_too_long``, ``skipped_<benchmark>.jsonl``);
+past ``data.max_skip_fraction`` of a benchmark the stage fails.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from __future__ import annotations
 import json
 import sys
 
-from tracerl.data import humaneval_tasks, tasks_from_frame
+from tracerl.data import humaneval_tasks, render_prompt, tasks_from_frame
+from tracerl.data.skips import Skipped, skip_too_long
 from tracerl.evaluation import evaluate_tasks
 from tracerl.models import weights_digest
 from tracerl.pipeline.artifacts import stage_output
@@ -45,10 +49,23 @@ def main(argv: list[str] | None = None) -> int:
                                    verify_timeout_s=p.reward.verify_timeout_s)
         return scored
 
+    # tasks whose prompt does not fit the model's context are skipped and counted by id
+    budget = [(dec.schedule.block_size, dec.schedule.max_tokens)]
+    context = getattr(model.config, "max_position_embeddings", None)
+    skipped = {}
+    for name, tasks in suites.items():
+        skipped[name] = Skipped(reasons=("too_long",))
+        keep = skip_too_long([len(render_prompt(tok, t.prompt)) for t in tasks],
+                             [t.task_id for t in tasks], context, budget, skipped[name])
+        skipped[name].check(p.data.max_skip_fraction, f"evaluate {name}")
+        suites[name] = [tasks[j] for j in keep]
+
     results: dict = {}
     pid = weights_digest(model)
     with stage_output(a.out, stage="evaluate") as o:
         for name, tasks in suites.items():
+            o.metrics.update(skipped[name].metrics(f"{name}."))
+            skipped[name].write(o.dir / f"skipped_{name}.jsonl")
             for strategy in e.strategies:
                 cfg = sampling_config(p, dec, strategy=strategy, temperature=e.temperature,
                                       top_k=e.top_k, top_p=e.top_p)

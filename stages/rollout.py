@@ -4,11 +4,15 @@
         (--input data=PREPARE_DIR | --tasks TASKS.parquet)
         [--input policy=DIR | --policy CHECKPOINT_DIR|tiny] [--input curriculum=DIR] [--seed S]
 
-Reads ``params.model`` and ``params.rollout``. Samples ``rollout.tasks_per_iter`` tasks
-(seeded by ``run.seed`` and the iteration) from the pool the curriculum decision allows
-(difficulty levels, retired tasks, block size and budget; ``curriculum.start_level`` and
-the schedules at iteration 0), renders each prompt with the chat template, and samples
-``rollout.responses_per_task`` responses each with :func:`tracerl.sampling.generate`.
+Reads ``params.model``, ``params.rollout`` and ``data.max_skip_fraction``. Samples
+``rollout.tasks_per_iter`` tasks (seeded by ``run.seed`` and the iteration) from the pool
+the curriculum decision allows (difficulty levels, retired tasks, block size and budget;
+``curriculum.start_level`` and the schedules at iteration 0), renders each prompt with
+the chat template, and samples ``rollout.responses_per_task`` responses each with
+:func:`tracerl.sampling.generate`.
+A sampled task whose prompt does not fit the model's context with this iteration's
+budget is skipped and counted by task id (metric ``skipped_too_long``, ``skipped.jsonl``);
+past ``data.max_skip_fraction`` of the sampled tasks the stage fails.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from tracerl.data import render_prompt
+from tracerl.data.skips import SKIPPED_FILE, Skipped, skip_too_long
 from tracerl.models import weights_digest
 from tracerl.pipeline.artifacts import stage_output
 from tracerl.pipeline.resolve import curriculum_decision, policy_from_params, sampling_config
@@ -72,8 +77,16 @@ def main(argv: list[str] | None = None) -> int:
     cfg = sampling_config(p, dec)
     k = r.responses_per_task
     rendered = [render_prompt(tok, text) for text in chosen["prompt"].to_list()]
+    chosen_ids = chosen["task_id"].to_list()
+    # a prompt too long for the model is skipped and counted by task id, not fatal
+    skipped = Skipped(reasons=("too_long",))
+    keep = skip_too_long([len(x) for x in rendered], chosen_ids,
+                         getattr(model.config, "max_position_embeddings", None),
+                         [(cfg.block_size, cfg.max_tokens)], skipped)
+    skipped.check(p.data.max_skip_fraction, f"rollout[{it}] of {tasks_path}")
+    rendered, chosen_ids = [rendered[j] for j in keep], [chosen_ids[j] for j in keep]
     prompts = [ids for ids in rendered for _ in range(k)]
-    task_ids = [t for t in chosen["task_id"].to_list() for _ in range(k)]
+    task_ids = [t for t in chosen_ids for _ in range(k)]
 
     # 3. Sample.
     gen = torch.Generator().manual_seed(seed * 1_000_003 + it)
@@ -88,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     decoded = sum(len(t.response_ids) for t in trajs)
     with stage_output(args.out, stage="rollout") as o:
         write_parquet(df, o.dir / "rollouts.parquet", "rollout")
+        skipped.write(o.dir / SKIPPED_FILE)
         shown = trajs[:VIEWER_RESPONSES]  # the decode order, replayable (logged to MLflow)
         titles = [f"{task_ids[j]} #{j % k}" for j in range(len(shown))]
         (o.dir / "trajectory.html").write_text(render_trajectories(
@@ -105,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             "steps_per_block": cfg.steps_per_block,
             "max_tokens": cfg.max_tokens,
             "level": dec.level,
+            **skipped.metrics(),
         })
         o.info["sampling"] = {**cfg.__dict__, "seed": seed, "iteration": it}
     m = o.metrics

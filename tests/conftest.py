@@ -82,3 +82,18 @@ def build_release_checkpoint(out: Path, *, layers: int = 2, hidden: int = 16, he
 @pytest.fixture()
 def release_checkpoint(tmp_path):
     return build_release_checkpoint(tmp_path / "sdar-release")
+
+
+REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+def params_file(path: Path, **sections) -> Path:
+    """Write the repository's params.yaml (every section stated, as loading requires) with
+    ``sections`` merged over it key by key; returns ``path``."""
+    import yaml
+
+    raw = yaml.safe_load(REPO_PARAMS.read_text())
+    for name, values in sections.items():
+        raw[name].update(values)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path

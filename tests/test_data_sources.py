@@ -195,3 +195,47 @@ def test_task_record_problems():
     assert "neither an answer" in TaskRecord("a", "p", "s").problems()[0]
     with pytest.raises(TaskError, match="duplicate"):
         validate_tasks([TaskRecord("a", "p", "s", "1"), TaskRecord("a", "p", "s", "1")])
+
+
+def test_local_file_skips_are_recorded_by_reason_and_task_id(tmp_path):
+    from tracerl.data.skips import SkipError, Skipped
+
+    p = tmp_path / "mixed.jsonl"
+    p.write_bytes(b"\n".join([
+        json.dumps({"task_id": "ok-1", "prompt": "What is 1+1?", "answer": "2"}).encode(),
+        b'{"task_id": "bad-utf8", "prompt": "What is \xff?", "answer": "1"}',
+        b'{"task_id": "cut-off", "prompt": ',
+        json.dumps({"task_id": "no-ans", "prompt": "What is 2+2?"}).encode(),
+        json.dumps({"task_id": "blank", "prompt": "What is 3+3?", "answer": " "}).encode(),
+        json.dumps({"task_id": "ok-2", "prompt": "What is 4+4?", "answer": "8"}).encode(),
+    ]) + b"\n")
+    log = Skipped()
+    tasks, n = load_local_tasks(p, skip_invalid=True, skipped=log)
+    assert [t.task_id for t in tasks] == ["ok-1", "ok-2"] and n == 4 and log.considered == 6
+    assert [(e["reason"], e["task_id"], e["where"]) for e in log.entries] == [
+        ("not_utf8", None, "mixed.jsonl line 2"), ("not_json", None, "mixed.jsonl line 3"),
+        ("no_answer", "no-ans", "mixed.jsonl line 4"), ("no_answer", "blank", "mixed.jsonl line 5")]
+    m = log.metrics()
+    assert (m["skipped_not_utf8"], m["skipped_not_json"], m["skipped_no_answer"],
+            m["skipped_too_long"]) == (1, 1, 2, 0)
+    log.check(0.7, "train")  # 4 of 6 is within 0.7
+    with pytest.raises(SkipError) as e:
+        log.check(0.5, "train")
+    msg = str(e.value)
+    assert "train: skipped 4 of 6 records" in msg and "no-ans (no_answer" in msg
+    assert "mixed.jsonl line 2" in msg and "data.max_skip_fraction = 0.5" in msg
+    out = log.write(tmp_path / "skipped.jsonl")
+    assert [json.loads(x)["task_id"] for x in out.read_text().splitlines()] == [
+        None, None, "no-ans", "blank"]
+
+
+def test_empty_task_file_is_an_error_naming_it(tmp_path):
+    for name in ("empty.jsonl", "blank.jsonl"):
+        (tmp_path / name).write_text("" if name == "empty.jsonl" else "\n \n")
+        with pytest.raises(ValueError, match=f"task file .*{name} is empty"):
+            load_local_tasks(tmp_path / name, skip_invalid=True)
+    q = tmp_path / "empty.parquet"
+    pl.DataFrame({"prompt": [], "answer": []}, schema={"prompt": pl.String,
+                                                       "answer": pl.String}).write_parquet(q)
+    with pytest.raises(ValueError, match="empty.parquet is empty"):
+        load_local_tasks(q)

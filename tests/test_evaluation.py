@@ -6,8 +6,8 @@ import json
 
 import polars as pl
 import pytest
-import yaml
 
+from conftest import params_file
 from tracerl.evaluation import pass_at_k, summarize
 
 
@@ -33,12 +33,11 @@ def test_summarize_avg_and_pass_at_k():
 def test_evaluate_stage_records_decoding_config(tmp_path):
     from stages import evaluate, prepare
 
-    params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({
-        "data": {"train_size": 20, "heldout_size": 6, "sft_size": 10},
-        "rollout": {"max_tokens": 8, "batch_size": 8},
-        "evaluate": {"heldout_size": 3, "responses_per_task": 2, "pass_k": [1, 2]},
-    }))
+    params = params_file(
+        tmp_path / "params.yaml",
+        data={"train_size": 20, "heldout_size": 6, "sft_size": 10},
+        rollout={"max_tokens": 8, "batch_size": 8},
+        evaluate={"heldout_size": 3, "responses_per_task": 2, "pass_k": [1, 2]})
     prep = tmp_path / "prepare"
     assert prepare.main(["--params", str(params), "--out", str(prep)]) == 0
     out = tmp_path / "eval"
@@ -55,3 +54,34 @@ def test_evaluate_stage_records_decoding_config(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["accuracy"] == ev["low_confidence_static"]["accuracy"]
     assert "heldout.low_confidence_dynamic.pass@2" in metrics
+
+
+def test_evaluate_stage_skips_an_overlong_prompt_by_task_id(tmp_path):
+    from stages import evaluate
+
+    from tracerl.data import TaskRecord, tasks_to_frame
+    from tracerl.schemas import write_parquet
+
+    prep = tmp_path / "prepare"
+    prep.mkdir()
+    held = [TaskRecord("h0", "What is 1+1?", "arithmetic", "2", split="heldout"),
+            TaskRecord("h-long", "What is " + "1+" * 60 + "1?", "arithmetic", "61",
+                       split="heldout"),
+            TaskRecord("h1", "What is 2+2?", "arithmetic", "4", split="heldout")]
+    write_parquet(tasks_to_frame(held), prep / "heldout.parquet", "task")
+    small = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1,
+             "intermediate_size": 64, "max_position_embeddings": 96}
+    argv = ["--input", f"data={prep}", "--input", "policy=tiny"]
+    params = params_file(tmp_path / "params.yaml", model=small, rollout={"max_tokens": 8},
+                         data={"max_difficulty": 0, "max_skip_fraction": 0.5},
+                         evaluate={"strategies": ["low_confidence_static"]})
+    out = tmp_path / "eval"
+    assert evaluate.main(["--params", str(params), "--out", str(out), *argv]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["heldout.skipped_too_long"] == 1 and m["heldout.low_confidence_static.tasks"] == 2
+    (entry,) = [json.loads(x) for x in (out / "skipped_heldout.jsonl").read_text().splitlines()]
+    assert entry["task_id"] == "h-long"
+    params_file(params, model=small, rollout={"max_tokens": 8},
+                data={"max_difficulty": 0, "max_skip_fraction": 0.2})
+    with pytest.raises(ValueError, match=r"(?s)evaluate heldout: skipped 1 of 3 .*- h-long"):
+        evaluate.main(["--params", str(params), "--out", str(tmp_path / "e2"), *argv])

@@ -229,7 +229,8 @@ def test_changed_param_reruns_only_downstream(project, clean_run):
 def test_bad_params_fail_before_any_work(project, capsys):
     from flows.tracerl_flow import main
 
-    (project / "bad.yaml").write_text("run: {iterations: 0, nmae: x}\nrollout: {responses_per_task: 1}\n")
+    write_params(project / "bad.yaml", run={"iterations": 0, "nmae": "x"},
+                 rollout={"responses_per_task": 1})
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(project)
         assert main(["--no-prefect", "--params", "bad.yaml", "--run-name", "bad"]) == 2

@@ -47,6 +47,7 @@ def prepare(a, p, out):
     })
     for name in ("train", "heldout", "sft"):
         write_parquet(df, out.dir / f"{name}.parquet", "task")
+    (out.dir / "skipped.jsonl").write_text("")
     out.metrics.update(train_tasks=N_TASKS, heldout_tasks=N_TASKS, sft_examples=N_TASKS)
 
 

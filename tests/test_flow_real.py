@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import yaml
 
+from conftest import params_file
 from stage_contract import assert_run_meets_contract
 from tracerl.config import load_params
 from tracerl.pipeline.layout import RunLayout, is_done, plan_all
@@ -40,7 +40,7 @@ def test_real_stages_two_iterations(tmp_path, monkeypatch):
     from flows.tracerl_flow import tracerl
     from prefect.testing.utilities import prefect_test_harness
 
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY))
+    params_file(tmp_path / "params.yaml", **TINY)
     for var in ("MLFLOW_TRACKING_URI", "TRACERL_RUN_ID", "TRACERL_PARENT_RUN_ID"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.chdir(tmp_path)

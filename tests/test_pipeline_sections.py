@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from conftest import params_file
 from tracerl.pipeline.artifacts import read_manifest
 from tracerl.pipeline.registry import STAGES
 
@@ -50,7 +51,7 @@ CHANGES = [
 def _run(tmp_path, raw):
     from flows.tracerl_flow import build, run_pipeline
 
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    params_file(tmp_path / "params.yaml", **raw)
     _, orch, planner, plan_key = build("params.yaml", project_root=tmp_path)
     ran, calls = [], {}
 

@@ -6,8 +6,10 @@ import json
 
 import polars as pl
 import pytest
+import yaml
 from stages.reward import main
 
+from conftest import params_file
 from tracerl.data import TaskRecord, tasks_to_frame
 from tracerl.pipeline.artifacts import is_complete, read_metrics
 from tracerl.schemas import read_parquet, write_parquet
@@ -33,7 +35,7 @@ def _rollouts(rows):
 
 
 def _write(tmp_path, rollouts, tasks, params="reward:\n  group_filter: zero_variance\n"):
-    (tmp_path / "params.yaml").write_text(params)
+    params_file(tmp_path / "params.yaml", **yaml.safe_load(params))
     write_parquet(rollouts, tmp_path / "rollouts.parquet", "rollout")
     write_parquet(tasks_to_frame(tasks), tmp_path / "tasks.parquet", "task")
     return ["--params", str(tmp_path / "params.yaml"), "--rollouts", str(tmp_path / "rollouts.parquet"),
@@ -102,7 +104,7 @@ def test_bad_params_and_missing_inputs_fail_clearly(tmp_path):
                   "reward:\n  group_filter: sometimes\n")
     with pytest.raises(ConfigError, match="group_filter"):
         main(args)
-    (tmp_path / "params.yaml").write_text("reward: {}\n")
+    params_file(tmp_path / "params.yaml")
     with pytest.raises(FileNotFoundError):
         main(["--params", str(tmp_path / "params.yaml"), "--rollouts", str(tmp_path / "nope.parquet"),
               "--tasks", str(tmp_path / "tasks.parquet"), "--out", str(tmp_path / "o")])
@@ -111,7 +113,7 @@ def test_bad_params_and_missing_inputs_fail_clearly(tmp_path):
 def test_flow_input_contract(tmp_path):
     """The flow passes folders: --input rollout=DIR (rollouts.parquet), --input data=DIR."""
     rows = [("a", "\\boxed{4}", "eos", 4), ("a", "\\boxed{5}", "eos", 4)]
-    (tmp_path / "params.yaml").write_text("reward:\n  group_filter: none\n")
+    params_file(tmp_path / "params.yaml", reward={"group_filter": "none"})
     write_parquet(_rollouts(rows), tmp_path / "roll" / "rollouts.parquet", "rollout")
     write_parquet(tasks_to_frame(TASKS[:1]), tmp_path / "prep" / "train.parquet", "task")
     assert main(["--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "reward"),

@@ -7,21 +7,22 @@ import json
 import polars as pl
 import pytest
 
+from conftest import params_file
 from tracerl.pipeline.artifacts import is_complete, read_metrics
 from tracerl.schemas import read_parquet, write_parquet
 
-PARAMS = """
-run: {seed: 3}
-model: {hidden_size: 32, num_layers: 2, num_heads: 2, num_kv_heads: 1, intermediate_size: 64,
-        max_position_embeddings: 128}
-rollout: {tasks_per_iter: 3, responses_per_task: 2, max_tokens: 8, batch_size: 4}
-curriculum: {start_level: 0}
-"""
+PARAMS = {
+    "run": {"seed": 3},
+    "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1,
+              "intermediate_size": 64, "max_position_embeddings": 128},
+    "rollout": {"tasks_per_iter": 3, "responses_per_task": 2, "max_tokens": 8, "batch_size": 4},
+    "curriculum": {"start_level": 0},
+}
 
 
 @pytest.fixture()
 def project(tmp_path):
-    (tmp_path / "params.yaml").write_text(PARAMS)
+    params_file(tmp_path / "params.yaml", **PARAMS)
     tasks = pl.DataFrame({
         "task_id": [f"t{i}" for i in range(6)],
         "source": ["arithmetic"] * 6,
@@ -110,3 +111,31 @@ def test_policy_cache_reuses_and_reloads(tmp_path, default_tokenizer):
     b, _ = load_policy(ckpt)
     assert b is not a  # rewritten checkpoint: loaded again
     clear_policy_cache()
+
+
+def test_rollout_skips_an_overlong_prompt_by_task_id(project):
+    from stages.rollout import main
+
+    from tracerl.data.skips import SkipError
+
+    # t9's prompt needs 19 + 200 ids: more than the 128 positions of the model
+    tasks = pl.DataFrame({
+        "task_id": ["t0", "t9", "t1"], "source": ["arithmetic"] * 3,
+        "prompt": ["0+0=?", "1+" * 100, "1+1=?"], "answer": ["0", "101", "2"],
+        "tests": [None] * 3, "difficulty": [0, 0, 0], "split": ["train"] * 3})
+    write_parquet(tasks, project / "tasks.parquet", "task")
+    argv = ["--params", str(project / "params.yaml"), "--tasks", str(project / "tasks.parquet"),
+            "--policy", "tiny", "--iteration", "0"]
+    params_file(project / "params.yaml", **PARAMS, data={"max_skip_fraction": 0.5})
+    assert main(argv + ["--out", str(project / "r")]) == 0
+    df = read_parquet(project / "r" / "rollouts.parquet", "rollout")
+    assert sorted(set(df["task_id"])) == ["t0", "t1"] and df.height == 4
+    assert read_metrics(project / "r")["skipped_too_long"] == 1
+    (entry,) = [json.loads(x) for x in (project / "r" / "skipped.jsonl").read_text().splitlines()]
+    assert entry["task_id"] == "t9" and entry["reason"] == "too_long"
+    assert "the context is 128" in entry["problem"]
+    # one of three is more than a 0.2 threshold allows: the stage fails naming the task
+    params_file(project / "params.yaml", **PARAMS, data={"max_skip_fraction": 0.2})
+    with pytest.raises(SkipError, match=r"rollout\[0\] of .*tasks.parquet: skipped 1 of 3 "
+                                        r"records \(skipped_too_long 1\)[^\n]*\n  - t9 \(too_long"):
+        main(argv + ["--out", str(project / "r2")])

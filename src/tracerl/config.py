@@ -5,9 +5,12 @@ stage), the Prefect flow and every stage CLI, all through :func:`load_params`. E
 quantity is stated once (e.g. the block size lives in ``model.block_size`` and both the
 sampler and the trainer read it there).
 
-Loading collects *every* problem (unknown keys with the nearest valid name, wrong types,
-out-of-range values, cross-section inconsistencies) and raises one :class:`ConfigError`
-that lists them all with how to fix each, before any work starts. Only stage CLIs see
+Loading collects *every* problem (missing sections, unknown keys with the nearest valid
+name, wrong types with a hint for YAML's pitfalls, out-of-range values, cross-section
+inconsistencies, paths that do not exist, a context too short for the longest prompt plus
+the generation budget) and raises one :class:`ConfigError` that lists them all with how to
+fix each, before any work starts. A file must state every section; the dataclass defaults
+equal params.yaml's values (tests/test_params.py), so nothing runs on a second set. Only stage CLIs see
 :class:`Params`; library functions take flat, typed arguments.
 """
 
@@ -46,8 +49,8 @@ class RunParams:
     name: str = "default"
     seed: int = 0
     runs_dir: str = "runs"  # artifacts of flow runs: runs/<name>/iter_<i>/<stage>/
-    iterations: int = 8  # RL iterations
-    eval_every: int = 2  # evaluate every k iterations (and after the last)
+    iterations: int = 30  # RL iterations
+    eval_every: int = 5  # evaluate every k iterations (and after the last)
     runner: Literal["inprocess", "subprocess", "container"] = "inprocess"
     device: str = "cpu"
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
@@ -74,8 +77,9 @@ class RunParams:
 @dataclass(frozen=True)
 class ModelParams:
     family: Literal["sdar", "llada", "dream"] = "sdar"
-    # "tiny" builds the embedded default from the sizes below; anything else is a local
-    # folder or a hub id of a real checkpoint (SDAR/TraDo/LLaDA/Dream).
+    # "tiny" builds the embedded default from the sizes below; anything else is a hub id
+    # "org/name" or a local folder (that must exist) of a real checkpoint
+    # (SDAR/TraDo/LLaDA/Dream); the rule is in tracerl.limits.
     init: str = "tiny"
     block_size: int = 4  # the one block size: sampler and trainer both read it here
     dtype: Literal["float32", "bfloat16"] = "float32"
@@ -88,9 +92,13 @@ class ModelParams:
     max_position_embeddings: int = 512
 
     def problems(self) -> list[str]:
+        from tracerl.limits import init_problem
+
         p = []
         if self.block_size < 1:
             p.append("model.block_size must be >= 1")
+        if (bad := init_problem(self.init)) is not None:
+            p.append(bad)
         if self.init == "tiny":
             if self.hidden_size % self.num_heads:
                 p.append(
@@ -107,8 +115,12 @@ class ModelParams:
 
 @dataclass(frozen=True)
 class DataParams:
-    # procedural generator of the embedded default (offline); see tracerl.data
+    # task source: "arithmetic" (the embedded default), "rg:<name>" (a reasoning-gym
+    # dataset) or "file" (local task files train_file / heldout_file, see params.yaml)
     generator: str = "arithmetic"
+    train_file: str = ""  # generator "file": RL pool and SFT tasks (.jsonl or .parquet)
+    heldout_file: str = ""  # generator "file": held-out tasks (.jsonl or .parquet)
+    # sizes: tasks generated, or at most this many read from a file (a seeded sample)
     train_size: int = 4000
     heldout_size: int = 500
     sft_size: int = 4000
@@ -117,7 +129,10 @@ class DataParams:
     # SFT targets: solution style (steps | worked | answer), and the fraction of SFT
     # examples whose target is the boxed answer alone instead (a mixed corpus)
     sft_style: str = "worked"
-    sft_answer_fraction: float = 0.0
+    sft_answer_fraction: float = 0.45
+    # bad records (unreadable, no answer, prompt too long for the model) are skipped and
+    # counted by task id; a stage fails when it skips more than this fraction
+    max_skip_fraction: float = 0.1
 
     def problems(self) -> list[str]:
         p = []
@@ -132,8 +147,44 @@ class DataParams:
         if not 0.0 <= self.sft_answer_fraction <= 1.0:
             p.append(f"data.sft_answer_fraction must be in [0, 1] "
                      f"(got {self.sft_answer_fraction})")
+        if not 0.0 <= self.max_skip_fraction <= 1.0:
+            p.append(f"data.max_skip_fraction must be in [0, 1] (got {self.max_skip_fraction})")
         if self.min_difficulty > self.max_difficulty:
             p.append("data.min_difficulty must be <= data.max_difficulty")
+        p += self._source_problems()
+        return p
+
+    def _source_problems(self) -> list[str]:
+        g = self.generator
+        if g == "arithmetic":
+            from tracerl.data.arithmetic import LEVELS
+
+            if self.min_difficulty < LEVELS[0] or self.max_difficulty > LEVELS[-1]:
+                return [f"data.min_difficulty..max_difficulty must lie in {LEVELS[0]}.."
+                        f"{LEVELS[-1]} for the arithmetic generator (got {self.min_difficulty}"
+                        f"..{self.max_difficulty})"]
+            return []
+        if g.startswith("rg:"):
+            from tracerl.data.sources import _rg_names
+
+            return [] if g[3:] in _rg_names() else [
+                f"data.generator {g!r}: no reasoning-gym dataset {g[3:]!r}; valid: rg:"
+                + ", rg:".join(_rg_names())]
+        if g != "file":
+            return [f"data.generator {g!r} is unknown; use 'arithmetic', 'rg:<reasoning-gym "
+                    "dataset>' or 'file' (with data.train_file and data.heldout_file)"]
+        p = []
+        for key in ("train_file", "heldout_file"):
+            f = getattr(self, key)
+            if not f:
+                p.append(f"data.generator 'file' needs data.{key}: a .jsonl or .parquet file")
+            elif not f.endswith((".jsonl", ".parquet")):
+                p.append(f"data.{key} {f!r} must be a .jsonl or .parquet file")
+            elif not Path(f).is_file():
+                p.append(f"data.{key} {f!r} does not exist (relative paths are read from "
+                         "the folder the pipeline runs in, the project root)")
+            elif Path(f).stat().st_size == 0:
+                p.append(f"data.{key} {f!r} is empty: it holds no tasks")
         return p
 
 
@@ -142,11 +193,11 @@ class SFTParams:
     # semi_ar: block SFT (block models); trace: TraceRL rounds from step maps (or left to
     # right); random_masking: full-attention SFT (LLaDA/Dream)
     method: Literal["semi_ar", "trace", "random_masking"] = "semi_ar"
-    steps: int = 600  # optimizer steps
+    steps: int = 2000  # optimizer steps
     batch_size: int = 32  # examples per optimizer step (micro_batch x grad_accum x ranks)
     grad_accum: int = 1
-    lr: float = 1e-3
-    warmup_steps: int = 20
+    lr: float = 2e-3
+    warmup_steps: int = 50
     schedule: Literal["constant", "cosine"] = "cosine"  # cosine decays over `steps`
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
@@ -184,7 +235,7 @@ class SFTParams:
 class RolloutParams:
     tasks_per_iter: int = 32
     responses_per_task: int = 8  # group size k
-    max_tokens: int = 32  # generation budget; must be a multiple of model.block_size
+    max_tokens: int = 40  # generation budget; must be a multiple of model.block_size
     steps_per_block: int = 4  # T, denoising steps per block
     strategy: Literal[
         "low_confidence_static", "low_confidence_dynamic", "entropy_bounded", "sequential"
@@ -238,7 +289,7 @@ class RewardParams:
 class PolicyParams:
     method: Literal["trace_rl", "random_masking", "coupled"] = "trace_rl"
     use_value: bool = False  # token advantages from the value model (GAE over steps)
-    lr: float = 2e-4
+    lr: float = 1e-4
     epochs: int = 1  # passes over one iteration's rows
     micro_batch: int = 16  # rows per forward
     grad_accum: int = 1
@@ -253,10 +304,10 @@ class PolicyParams:
     upper_p: float = 0.9
     mask_times: int = 1  # random_masking / coupled rows per sample (full-attention models)
     weight_decay: float = 0.0
-    warmup_steps: int = 0
-    schedule: Literal["constant", "cosine"] = "constant"  # over the whole run, never reset
-    total_steps: int = 0  # cosine horizon in optimizer steps of the run
-    min_lr_ratio: float = 0.0
+    warmup_steps: int = 5
+    schedule: Literal["constant", "cosine"] = "cosine"  # over the whole run, never reset
+    total_steps: int = 300  # cosine horizon in optimizer steps of the run
+    min_lr_ratio: float = 0.1
     copies_per_row: int = 0  # noisy copies packed per row (0 = all rounds; 1 = reference)
     max_len: int = 0  # skip (and count) samples with prompt + response longer (0 = no limit)
     shuffle: bool = True
@@ -336,7 +387,7 @@ class CurriculumParams:
     window: int = 1  # iterations of pass rates the decision looks at
     step: int = 1  # difficulty levels moved per decision
     start_level: int = 0  # difficulty level of iteration 0, within data.[min,max]_difficulty
-    cumulative: bool = False  # pool = levels min..current (moves on the current level's rate)
+    cumulative: bool = True  # pool = levels min..current (moves on the current level's rate)
     retire_above: float | None = None  # drop tasks whose pass rate >= this (null = keep all)
     # [[from_iteration, value], ...]; empty = model.block_size / rollout.max_tokens throughout
     block_size_schedule: list[list[int]] = field(default_factory=list)
@@ -465,7 +516,32 @@ class Params:
                 f"({b}) leaves static steps that unmask nothing; use steps_per_block <= block_size"
             )
         p.extend(self.curriculum.cross_problems(self))
+        p.extend(self._context_problems())
         return p
+
+    def _context_problems(self) -> list[str]:
+        """The embedded default's context must hold the generator's longest prompt plus
+        every budget of the run (task files and real checkpoints: the prepare stage)."""
+        from tracerl.data.sources import longest_prompt
+        from tracerl.limits import default_prompt_tokens, longest_canvas, run_budgets
+
+        m, d, c = self.model, self.data, self.curriculum
+        levels = list(range(d.min_difficulty, d.max_difficulty + 1))
+        if m.init != "tiny" or not levels or m.block_size < 1 or d._source_problems():
+            return []
+        text = longest_prompt(d.generator, levels)
+        if text is None:
+            return []
+        budgets = run_budgets(m.block_size, self.rollout.max_tokens, c.block_size_schedule,
+                              c.max_tokens_schedule)
+        need = longest_canvas(default_prompt_tokens(text), budgets)
+        if need <= m.max_position_embeddings:
+            return []
+        return [f"model.max_position_embeddings ({m.max_position_embeddings}) is below what "
+                f"the longest prompt needs: {text!r} is {default_prompt_tokens(text)} tokens, "
+                f"and with the run's budgets (block size, max_tokens) {budgets} decoding needs "
+                f"{need} positions; raise model.max_position_embeddings to >= {need} or lower "
+                "rollout.max_tokens (and curriculum.max_tokens_schedule)"]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -502,6 +578,41 @@ def _describe(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _yaml_float(x: float) -> str:
+    """``x`` written so that YAML 1.1 reads a float: ``1e-4`` -> ``1.0e-4``."""
+    mant, exp = f"{x:e}".split("e")
+    mant = mant.rstrip("0")
+    mant += "0" if mant.endswith(".") else ""
+    return f"{mant}e{int(exp):+d}" if int(exp) else mant
+
+
+def _yaml_hint(value: Any, tp: Any) -> str:
+    """How to write ``value`` so that YAML reads it as ``tp`` (YAML 1.1 pitfalls)."""
+    accepts = typing.get_args(tp) if typing.get_origin(tp) in (types.UnionType,
+                                                                typing.Union) else (tp,)
+    if float in accepts and isinstance(value, str):
+        try:
+            x = float(value)
+        except ValueError:
+            return ""
+        return (f"; YAML reads {value!r} as text, not a number (a float needs a dot and a "
+                f"signed exponent): write {_yaml_float(x)}")
+    if int in accepts and isinstance(value, str | float) and not isinstance(value, bool):
+        try:
+            x = float(value)
+        except ValueError:
+            return ""
+        return f"; write a plain integer: {int(x)}" if x.is_integer() else ""
+    if str in accepts and isinstance(value, bool):
+        return ("; YAML reads unquoted yes/no/on/off/true/false as booleans: put the value "
+                "in quotes, e.g. 'no'")
+    if str in accepts and isinstance(value, int | float):
+        return f"; YAML reads it as a number: put it in quotes, e.g. '{value}'"
+    if bool in accepts and isinstance(value, int | str):
+        return "; write true or false"
+    return ""
+
+
 def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
     """Build dataclass ``cls`` from ``raw``, appending every problem found."""
     if raw is None:
@@ -523,14 +634,25 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, where, problems)
         elif not _type_ok(value, tp):
-            problems.append(f"'{where}' = {value!r} has the wrong type: expected {_describe(tp)}")
+            problems.append(f"'{where}' = {value!r} has the wrong type: expected "
+                            f"{_describe(tp)}{_yaml_hint(value, tp)}")
         else:
             kwargs[key] = float(value) if tp is float else value
     return cls(**kwargs)
 
 
-def params_from_dict(raw: dict[str, Any], source: str = "params.yaml") -> Params:
+def params_from_dict(raw: dict[str, Any], source: str = "params.yaml", *,
+                     require_sections: bool = False) -> Params:
+    """Validate ``raw`` into :class:`Params`, listing every problem in one ConfigError.
+
+    ``require_sections`` (what :func:`load_params` asks for a file): every section must
+    be stated, so that nothing runs on a default nobody wrote down. Programmatic callers
+    may leave sections out; a section's defaults equal the repository's params.yaml
+    (tests/test_params.py proves it).
+    """
     problems: list[str] = []
+    if require_sections:
+        problems.extend(missing_sections(raw))
     params = _build(Params, raw, "", problems)
     problems.extend(params.problems())  # range problems too, also of sections that parsed
     if problems:
@@ -538,8 +660,24 @@ def params_from_dict(raw: dict[str, Any], source: str = "params.yaml") -> Params
     return params
 
 
+def missing_sections(raw: Any) -> list[str]:
+    """One problem per section of :class:`Params` absent from ``raw`` (or one for an
+    empty file)."""
+    if raw is None or raw == {}:
+        return ["the file is empty: start from the repository's params.yaml, which states "
+                "every section and key"]
+    if not isinstance(raw, dict):
+        return []  # reported by _build
+    return [
+        f"section '{f.name}:' is missing; copy it from the repository's params.yaml (or "
+        f"write '{f.name}: {{}}' to take its embedded defaults on purpose)"
+        for f in dataclasses.fields(Params) if f.name not in raw
+    ]
+
+
 def load_params(path: str | os.PathLike = "params.yaml", overrides: dict | None = None) -> Params:
     """Load and validate ``params.yaml``; ``overrides`` is a nested dict merged on top.
+    Every section must be stated in the file (:func:`missing_sections`).
 
     Raises:
         FileNotFoundError: the file does not exist.
@@ -551,12 +689,14 @@ def load_params(path: str | os.PathLike = "params.yaml", overrides: dict | None 
             f"parameters file not found: {path}. Run from the project root or pass --params."
         )
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError([f"not valid YAML: {e}"], str(path)) from e
+    if raw is None or raw == {}:
+        raise ConfigError(missing_sections(raw), str(path))
     if overrides:
-        raw = _merge(raw, overrides)
-    return params_from_dict(raw, str(path))
+        raw = _merge(raw, overrides) if isinstance(raw, dict) else raw
+    return params_from_dict(raw, str(path), require_sections=True)
 
 
 def _merge(base: dict, over: dict) -> dict:

@@ -48,6 +48,26 @@ def _draw(level: int, rng: random.Random) -> str:
     raise ValueError(f"arithmetic difficulty must be in 0..5, got {level}")
 
 
+class _Largest:
+    """A stand-in random source that always draws the top of the range."""
+
+    @staticmethod
+    def randint(a: int, b: int) -> int:
+        return b
+
+
+def longest_prompt(levels: int | list[int]) -> str:
+    """The longest prompt text the generator writes at ``levels`` (every operand range
+    is positive and ascending, so the top of each range has the most digits).
+
+    Example:
+        >>> longest_prompt([0, 1])
+        'What is 99+99?'
+    """
+    levels = [levels] if isinstance(levels, int) else list(levels)
+    return max((_PROMPT.format(_draw(lv, _Largest())) for lv in levels), key=len)
+
+
 def split_of(text: str) -> str:
     """``heldout`` for about 20 % of problem texts (by hash), else ``train``."""
     h = int(hashlib.sha256(f"arithmetic|{text}".encode()).hexdigest()[:8], 16)

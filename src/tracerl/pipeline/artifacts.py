@@ -9,6 +9,7 @@ at the first stage whose output has no manifest (see :func:`is_complete`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -99,9 +100,21 @@ def stage_output(out_dir: str | os.PathLike, *, stage: str, extra: dict | None =
     handle = StageOutput(tmp)
     try:
         yield handle
-    except BaseException:
+    except BaseException as e:
+        _raise_disk_full(e, tmp, out, stage)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    try:
+        _finish(tmp, out, handle, stage=stage, t0=t0, extra=extra, overwrite=overwrite)
+    except Exception as e:
+        _raise_disk_full(e, tmp if tmp.exists() else out, out, stage)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _finish(tmp: Path, out: Path, handle: StageOutput, *, stage: str, t0: float,
+            extra: dict | None, overwrite: bool) -> None:
+    """Metrics, file hashes, rename into place, manifest last."""
     (tmp / METRICS).write_text(json.dumps(handle.metrics, indent=2, sort_keys=True, default=float))
     files = {
         str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
@@ -113,11 +126,12 @@ def stage_output(out_dir: str | os.PathLike, *, stage: str, extra: dict | None =
             raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
         shutil.rmtree(out)
     os.replace(tmp, out)
-    from tracerl.pipeline.stage_cli import params_reads
+    from tracerl.pipeline.stage_cli import params_checks, params_reads
 
     manifest = {
         "stage": stage,
         "params_read": params_reads(stage),
+        "params_checked": params_checks(stage),
         "started": t0,
         "seconds": time.time() - t0,
         "files": files,
@@ -128,3 +142,58 @@ def stage_output(out_dir: str | os.PathLike, *, stage: str, extra: dict | None =
     mtmp = out / f".{MANIFEST}.tmp"
     mtmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
     os.replace(mtmp, out / MANIFEST)
+
+
+# --------------------------------------------------------------------------- disk full
+# A full disk surfaces in several forms: OSError ENOSPC/EDQUOT (Python's own writes),
+# "No space left on device (os error 28)" inside safetensors' and polars' errors, and
+# torch.save's "[enforce fail at inline_container.cc] . unexpected pos N vs M" or
+# "PytorchStreamWriter failed writing file ...: file write failed", which never say why
+# (measured with torch 2.13 on a full tmpfs).
+_DISK_FULL_TEXT = ("no space left on device", "os error 28", "disk quota exceeded",
+                   "unexpected pos", "file write failed")
+
+
+class DiskFullError(OSError):
+    """A stage ran out of disk space while writing its outputs (``errno`` ENOSPC)."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """Whether ``e`` (or an exception it was raised from) says the disk is full."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(t in str(e).lower() for t in _DISK_FULL_TEXT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _raise_disk_full(e: BaseException, folder: Path, out: Path, stage: str) -> None:
+    """Re-raise a disk-full error as :class:`DiskFullError` naming the file (the one it
+    names, else the newest in ``folder``) by its place in ``out``; the partial output is
+    removed first."""
+    if not isinstance(e, Exception) or isinstance(e, DiskFullError) or not is_disk_full(e):
+        return
+    name = getattr(e, "filename", None)
+    if not name and folder.is_dir():
+        files = [p for p in folder.rglob("*") if p.is_file()]
+        name = max(files, key=lambda p: p.stat().st_mtime_ns) if files else folder
+    name = Path(name or folder)
+    if name.is_relative_to(folder):
+        name = out / name.relative_to(folder)
+    if folder != out:  # the temp folder: nothing in it is kept
+        shutil.rmtree(folder, ignore_errors=True)
+    free = shutil.disk_usage(folder.parent).free / 2**20
+    torch_note = (" (torch.save reports a full disk as 'unexpected pos ...')"
+                  if "unexpected pos" in str(e) else "")
+    raise DiskFullError(
+        errno.ENOSPC,
+        f"no space left on device while writing {name} (stage {stage}){torch_note}; "
+        f"{free:.0f} MiB free there now: free some space and re-run (finished stages are "
+        f"kept)", str(name)) from e

@@ -53,6 +53,9 @@ class StageSpec:
         name: the stage's name (``stages/<name>.py``, the folder ``.../<name>/``).
         doc: one line: what it does.
         reads: params sections (``"rollout"``) or single keys (``"run.seed"``) it reads.
+        checks: single keys it reads only to refuse bad input before any work (they may
+            make it fail, never change what it writes): allowed by the guard, recorded as
+            ``params_checked``, left out of its key and of DVC's params.
         inputs: names of its ``--input NAME=DIR`` artifact folders.
         outputs: files it writes into ``--out`` (glob patterns; ``*`` for many).
         metrics: keys of its ``metrics.json`` that curves, plots and docs rely on.
@@ -67,6 +70,7 @@ class StageSpec:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     metrics: tuple[str, ...] = ()
+    checks: tuple[str, ...] = ()
     checkpoints: tuple[str, ...] = ()
     loop: str = "once"
     resources: Resources = field(default_factory=Resources)
@@ -100,8 +104,12 @@ def declare(spec: StageSpec) -> StageSpec:
 declare(StageSpec(
     "prepare", "train / held-out task sets and the SFT corpus",
     reads=("data", "run.seed"),
+    # do the prompts fit the model's context with the run's budgets? (counted, not dropped)
+    checks=("model.init", "model.max_position_embeddings", "model.block_size",
+            "rollout.max_tokens", "curriculum.block_size_schedule",
+            "curriculum.max_tokens_schedule"),
     inputs=(),
-    outputs=("train.parquet", "heldout.parquet", "sft.parquet"),
+    outputs=("train.parquet", "heldout.parquet", "sft.parquet", "skipped.jsonl"),
     metrics=("train_tasks", "heldout_tasks", "sft_examples"),
 ))
 declare(StageSpec(
@@ -225,7 +233,10 @@ def problems() -> list[str]:
     out = []
     sections = {f.name: f.type for f in dataclasses.fields(Params)}
     for name, spec in STAGES.items():
-        for r in spec.reads:
+        for r in spec.checks:
+            if "." not in r:
+                out.append(f"stage {name}: check {r!r} must name one key (section.key)")
+        for r in (*spec.reads, *spec.checks):
             sec, _, key = r.partition(".")
             if sec not in sections:
                 out.append(f"stage {name}: reads unknown params section {sec!r}")

@@ -108,8 +108,10 @@ class UndeclaredParamsRead(RuntimeError):
     """A stage read a params section or key its registry entry does not declare."""
 
 
-# stage name -> the params entries it read in its latest run (recorded in its manifest)
+# stage name -> the params entries it read (or only checked) in its latest run; recorded
+# in its manifest as params_read / params_checked
 _READS: dict[str, set[str]] = {}
+_CHECKS: dict[str, set[str]] = {}
 
 
 def params_reads(stage: str) -> list[str]:
@@ -117,18 +119,25 @@ def params_reads(stage: str) -> list[str]:
     return sorted(_READS.get(stage, ()))
 
 
+def params_checks(stage: str) -> list[str]:
+    """The params keys ``stage`` read only to check its input (registry ``checks``)."""
+    return sorted(_CHECKS.get(stage, ()))
+
+
 class _SectionView:
     """One params section of which a stage may read only some keys."""
 
-    def __init__(self, stage: str, section: str, obj: Any, keys: frozenset[str]):
+    def __init__(self, stage: str, section: str, obj: Any, keys: dict[str, str]):
         self._stage, self._section, self._obj, self._keys = stage, section, obj, keys
 
     def __getattr__(self, key: str) -> Any:
         if key.startswith("_"):
             raise AttributeError(key)
-        if key not in self._keys:
+        kind = self._keys.get(key)
+        if kind is None:
             raise UndeclaredParamsRead(_undeclared(self._stage, f"{self._section}.{key}"))
-        _READS.setdefault(self._stage, set()).add(f"{self._section}.{key}")
+        log = _READS if kind == "read" else _CHECKS
+        log.setdefault(self._stage, set()).add(f"{self._section}.{key}")
         return getattr(self._obj, key)
 
 
@@ -143,15 +152,17 @@ class StageParams:
         from tracerl.pipeline.registry import STAGES
 
         self._stage, self._params = stage, params
+        spec = STAGES.get(stage)
         self._whole: set[str] = set()
-        self._keys: dict[str, set[str]] = {}
-        for r in STAGES.get(stage).reads:
-            sec, _, key = r.partition(".")
-            if key:
-                self._keys.setdefault(sec, set()).add(key)
-            else:
-                self._whole.add(sec)
-        _READS[stage] = set()
+        self._keys: dict[str, dict[str, str]] = {}
+        for kind, entries in (("check", spec.checks), ("read", spec.reads)):
+            for r in entries:
+                sec, _, key = r.partition(".")
+                if key:
+                    self._keys.setdefault(sec, {})[key] = kind
+                else:
+                    self._whole.add(sec)
+        _READS[stage], _CHECKS[stage] = set(), set()
 
     def __getattr__(self, section: str) -> Any:
         if section.startswith("_"):
@@ -161,7 +172,7 @@ class StageParams:
             return getattr(self._params, section)
         if section in self._keys:
             return _SectionView(self._stage, section, getattr(self._params, section),
-                                frozenset(self._keys[section]))
+                                self._keys[section])
         raise UndeclaredParamsRead(_undeclared(self._stage, section))
 
 

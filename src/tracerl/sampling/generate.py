@@ -68,6 +68,7 @@ from typing import Literal
 
 import torch
 
+from tracerl.limits import canvas_length
 from tracerl.models.cache import BlockKVCache
 from tracerl.models.masks import block_ids, block_visibility, full_visibility
 from tracerl.sampling.strategies import (
@@ -198,7 +199,7 @@ def check_prompts(model, prompts: Sequence[Sequence[int]], cfg: SamplingConfig) 
         if n == 0:
             p.append(f"prompt {i} is empty: a response needs at least one prompt token")
             continue
-        need = n // cfg.block_size * cfg.block_size + cfg.max_tokens
+        need = canvas_length(n, cfg.block_size, cfg.max_tokens)
         if context is not None and need > context:
             p.append(
                 f"prompt {i} has {n} tokens: with max_tokens={cfg.max_tokens} its canvas needs "

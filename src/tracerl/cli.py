@@ -1,0 +1,96 @@
+"""The ``tracerl`` console command: small, read-only helpers around the pipeline.
+
+    tracerl params check [FILE]   validate a params file; print every problem with its fix
+    tracerl where [RUN]           where a run's results are (folders, metrics, viewer, MLflow)
+
+(``python -m tracerl.cli ...`` is the same.) Running the pipeline stays
+``bash scripts/run.sh`` / ``dvc repro``; the stages stay ``python -m stages.<name>``.
+Exit status: 0 fine, 1 invalid params or no such run, 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _params_check(a: argparse.Namespace) -> int:
+    from tracerl.config import ConfigError, load_params
+
+    try:
+        p = load_params(a.file)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 1
+    print(f"{a.file}: ok (run '{p.run.name}', {p.run.iterations} iterations, model "
+          f"{p.model.init}, tasks {p.data.generator})")
+    return 0
+
+
+def _where(a: argparse.Namespace) -> int:
+    from tracerl.config import ConfigError, load_params
+    from tracerl.pipeline.layout import RunLayout
+    from tracerl.tracking import default_tracking_uri
+
+    try:
+        p = load_params(a.params)
+    except (FileNotFoundError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    L = RunLayout.from_params(p, name=a.run)
+    if not L.root.is_dir():
+        runs = Path(p.run.runs_dir)
+        known = sorted(d.name for d in runs.iterdir() if d.is_dir()) if runs.is_dir() else []
+        print(f"no run folder {L.root} yet; runs there: {', '.join(known) or 'none'}",
+              file=sys.stderr)
+        return 1
+    done = L.iterations_done()
+    rows = [("run folder", L.root, "every artifact, each with its manifest.json")]
+    for name, folder in (("prepare", L.prepare), ("sft", L.sft), ("evaluate", L.evaluate)):
+        rows.append((name, folder, "done" if (folder / "manifest.json").is_file() else
+                     "not finished"))
+    rows.append(("rl", L.rl, f"{len(done)} of {p.run.iterations} iterations done"))
+    metrics = sorted(L.root.glob("metrics/*.json"))
+    if metrics:
+        rows.append(("metrics", L.root / "metrics", "dvc metrics show"))
+    if L.curves.is_file():
+        rows.append(("plots", L.curves, "dvc plots show"))
+    if done:
+        viewer = L.iteration(done[-1]) / "rollout" / "trajectory.html"
+        if viewer.is_file():
+            rows.append(("viewer", viewer, f"trajectories of iteration {done[-1]}, the latest"))
+    uri = default_tracking_uri()
+    rows.append(("mlflow", uri, f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1"))
+    width = max(len(r[0]) for r in rows)
+    for label, where, what in rows:
+        print(f"{label:<{width}}  {where}  ({what})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="tracerl", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    params = sub.add_parser("params", help="parameters file commands")
+    psub = params.add_subparsers(dest="params_command", required=True)
+    check = psub.add_parser("check", help="validate a params file, listing every problem")
+    check.add_argument("file", nargs="?", default="params.yaml")
+    check.set_defaults(func=_params_check)
+    where = sub.add_parser("where", help="where a run's results are")
+    where.add_argument("run", nargs="?", default=None, help="run name (default: run.name)")
+    where.add_argument("--params", default="params.yaml")
+    where.set_defaults(func=_where)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    return a.func(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
