@@ -65,7 +65,11 @@ def reward(a, p, out):
             rows.append({"task_id": f"t{t}", "sample_index": s, "prompt_ids": [1],
                          "response_ids": [2], "decode_steps": [1], "logprobs": [-0.1],
                          "response_len": 1, "finish_reason": "eos", "num_forward": 1,
-                         "block_size": p.model.block_size, "policy_id": str(w),
+                         "attention": "block", "block_size": p.model.block_size,
+                         "steps_per_block": p.rollout.steps_per_block,
+                         "max_tokens": p.rollout.max_tokens, "strategy": p.rollout.strategy,
+                         "dynamic_threshold": 0.9, "entropy_bound": 0.35, "temperature": 1.0,
+                         "top_k": 0, "top_p": 1.0, "policy_id": str(w),
                          "response_text": "x", "correct": s < passed,
                          "reward": float(s < passed), "advantage": 0.0, "kept": True})
     df = pl.DataFrame(rows)

@@ -262,13 +262,34 @@ _CONFIG_DROP = {
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+CHECKPOINT_SUBDIRS = ("checkpoint", "model")
+"""Where a stage folder keeps its model (``save_model(..., stage_dir / "checkpoint")``)."""
+
+
+def checkpoint_dir(path: str | os.PathLike) -> Path:
+    """The model folder of ``path``: itself, or its ``checkpoint/`` (or ``model/``) subfolder
+    when ``path`` is a stage folder. The one place that knows this layout.
+
+    Example:
+        >>> checkpoint_dir("/no/such/folder").as_posix()
+        '/no/such/folder'
+    """
+    path = Path(path).expanduser()
+    if not (path / "config.json").is_file():
+        for sub in CHECKPOINT_SUBDIRS:
+            if (path / sub / "config.json").is_file():
+                return path / sub
+    return path
+
+
 def resolve_checkpoint(source: str | os.PathLike, revision: str | None = None) -> Path:
-    """A local checkpoint folder for ``source`` (a folder, or a hub id fetched to the cache).
+    """A local checkpoint folder for ``source``: a checkpoint folder, a stage folder holding
+    one (:func:`checkpoint_dir`), or a hub id fetched to the cache.
 
     Raises:
         ModelLoadError: the folder does not exist and ``source`` is not a fetchable hub id.
     """
-    path = Path(source).expanduser()
+    path = checkpoint_dir(source)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path} has no config.json: not a model checkpoint folder")

@@ -165,6 +165,9 @@ class Trajectory:
             each block's commit into the next block's first denoising forward, and a
             finished sequence is not committed).
         block_size: the block size it was decoded with.
+        attention: ``"block"`` or ``"full"``: the attention it was decoded with.
+        sampling: the full decoding configuration (recorded with the trajectory: the
+            trainer rebuilds contexts from the record, never from params).
     """
 
     prompt_ids: list[int]
@@ -174,7 +177,9 @@ class Trajectory:
     response_len: int
     finish_reason: Literal["eos", "length"]
     num_forward: int
-    block_size: int = 0
+    block_size: int
+    attention: Literal["block", "full"]
+    sampling: SamplingConfig
 
     @property
     def num_steps(self) -> int:
@@ -386,6 +391,8 @@ def decode_batch(model, prompts: list[list[int]], seeds: list[int],
                 finish_reason=reason,
                 num_forward=int(nfwd[r]),
                 block_size=b,
+                attention="full" if full else "block",
+                sampling=cfg,
             )
         if done.all():
             break
