@@ -12,7 +12,6 @@ from tracerl.data import TaskRecord, tasks_to_frame
 from tracerl.pipeline.artifacts import is_complete, read_metrics
 from tracerl.schemas import read_parquet, write_parquet
 
-
 DECODING = {"attention": "block", "block_size": 4, "steps_per_block": 4, "max_tokens": 8,
             "strategy": "low_confidence_static", "dynamic_threshold": 0.9,
             "entropy_bound": 0.35, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
