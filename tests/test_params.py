@@ -62,3 +62,45 @@ def test_bad_params_lists_every_problem(tmp_path):
     assert "data.sft_style must be one of steps, worked, answer (got 'essay')" in msg
     assert "data.sft_answer_fraction must be in [0, 1] (got 1.5)" in msg
     assert msg.startswith(f"{bad}: 8 problem(s):")
+
+
+REGISTRY_KEYS = [  # (section, key, module, registry): params names an entry of a registry
+    ("model", "family", "tracerl.models.model", "FAMILIES"),
+    ("sft", "method", "tracerl.rl.builders", "SFT_ROW_BUILDERS"),
+    ("rollout", "strategy", "tracerl.sampling.strategies", "STRATEGIES"),
+    ("reward", "group_filter", "tracerl.rewards.advantages", "GROUP_FILTERS"),
+    ("reward", "advantage", "tracerl.rewards.advantages", "ADVANTAGES"),
+    ("policy", "method", "tracerl.rl.builders", "ROW_BUILDERS"),
+    ("curriculum", "policy", "tracerl.curriculum", "POLICIES"),
+]
+
+
+@pytest.mark.parametrize("section,key,module,registry", REGISTRY_KEYS)
+def test_registry_keys_are_checked_against_the_registry(tmp_path, monkeypatch, section, key,
+                                                        module, registry):
+    """The registry is the one list of valid names: an unknown name lists the registry's
+    names, and a name registered later is accepted without touching config.py."""
+    import importlib
+
+    reg = getattr(importlib.import_module(module), registry)
+    raw = yaml.safe_load(PARAMS.read_text())
+    raw[section][key] = "not_registered"
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as e:
+        load_params(bad)
+    assert e.value.problems == [
+        f"{section}.{key} 'not_registered' is unknown; valid: {', '.join(reg.names())}"]
+    monkeypatch.setattr(reg, "_items", {**reg._items, "not_registered": object()})
+    assert getattr(getattr(load_params(bad), section), key) == "not_registered"
+
+
+def test_evaluate_strategies_use_the_strategy_registry(tmp_path):
+    from tracerl.sampling import STRATEGIES
+
+    raw = yaml.safe_load(PARAMS.read_text())
+    raw["evaluate"]["strategies"] = ["low_confidence_static", "beam"]
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=f"use a non-empty list of: {', '.join(STRATEGIES)}"):
+        load_params(bad)

@@ -45,6 +45,7 @@ from transformers import (
 )
 
 from tracerl.models.masks import attention_bias
+from tracerl.registry import Registry
 
 ATTENTION = "tracerl_sdpa"
 
@@ -88,11 +89,11 @@ class FamilySpec:
     default_backbone: str  # qwen3 | qwen2 | llama
 
 
-FAMILIES: dict[str, FamilySpec] = {
-    "sdar": FamilySpec("sdar", "block", False, "qwen3"),
-    "llada": FamilySpec("llada", "full", False, "llama"),
-    "dream": FamilySpec("dream", "full", True, "qwen2"),
-}
+FAMILIES: Registry[FamilySpec] = Registry("model family")  # model.family
+for _spec in (FamilySpec("sdar", "block", False, "qwen3"),
+              FamilySpec("llada", "full", False, "llama"),
+              FamilySpec("dream", "full", True, "qwen2")):
+    FAMILIES.add(_spec.name, _spec)
 
 BACKBONES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
     "qwen3": (Qwen3Config, Qwen3ForCausalLM),
@@ -349,7 +350,7 @@ def detect_family(cfg: dict, family: str | None = None) -> tuple[FamilySpec, str
                 "with family=...)"
             )
     if name not in FAMILIES:
-        raise ModelLoadError(f"unknown model family {name!r}; supported: {', '.join(FAMILIES)}")
+        raise ModelLoadError(FAMILIES.problem(name, "model family"))
     spec = FAMILIES[name]
     backbone = cfg.get("tracerl_backbone") or (mt if mt in BACKBONES else spec.default_backbone)
     return spec, backbone

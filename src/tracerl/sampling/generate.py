@@ -73,7 +73,6 @@ from tracerl.models.masks import block_ids, block_visibility, full_visibility
 from tracerl.sampling.strategies import (
     STRATEGIES,
     draw_tokens,
-    get_strategy,
     process_logits,
     transfer_schedule,
 )
@@ -126,7 +125,7 @@ class SamplingConfig:
                 f"{max(self.block_size, self.max_tokens // max(self.block_size, 1) * self.block_size)}"
             )
         if self.strategy not in STRATEGIES:
-            p.append(f"unknown strategy {self.strategy!r}; valid: {', '.join(STRATEGIES)}")
+            p.append(STRATEGIES.problem(self.strategy, "strategy"))
         if (self.strategy == "low_confidence_static" and self.block_size >= 1
                 and self.steps_per_block > self.block_size):
             p.append(
@@ -289,7 +288,7 @@ def decode_batch(model, prompts: list[list[int]], seeds: list[int],
     b, T, M = cfg.block_size, cfg.steps_per_block, cfg.max_tokens
     full = model.family.attention == "full"
     cached = cfg.use_cache and not full
-    strategy = get_strategy(cfg.strategy)
+    strategy = STRATEGIES.get(cfg.strategy)
     schedule = transfer_schedule(b, T)
     stop_ids = torch.tensor(tokens.stop_ids, device=dev)
 
