@@ -16,7 +16,7 @@ import json
 import sys
 
 from tracerl.config import load_params
-from tracerl.data import humaneval_tasks, tasks_from_frame
+from tracerl.data import HF_DATASETS, humaneval_tasks, load_hf_tasks, tasks_from_frame
 from tracerl.evaluation import evaluate_tasks
 from tracerl.models import weights_digest
 from tracerl.pipeline.artifacts import stage_output
@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         suites["heldout"] = tasks_from_frame(held.head(e.heldout_size))
     if "humaneval" in e.benchmarks:
         suites["humaneval"] = humaneval_tasks()
+    for name in e.benchmarks:
+        if name in HF_DATASETS:  # hub benchmarks (MATH500, GSM8K, ...): online only
+            suites[name] = load_hf_tasks(name)[0]
 
     def score(frame, tasks):
         by_id = {t.task_id: t for t in tasks}

@@ -66,6 +66,7 @@ def test_bad_params_lists_every_problem(tmp_path):
 
 REGISTRY_KEYS = [  # (section, key, module, registry): params names an entry of a registry
     ("model", "family", "tracerl.models.model", "FAMILIES"),
+    ("data", "generator", "tracerl.data.sources", "GENERATORS"),
     ("sft", "method", "tracerl.rl.builders", "SFT_ROW_BUILDERS"),
     ("rollout", "strategy", "tracerl.sampling.strategies", "STRATEGIES"),
     ("reward", "group_filter", "tracerl.rewards.advantages", "GROUP_FILTERS"),
@@ -104,3 +105,17 @@ def test_evaluate_strategies_use_the_strategy_registry(tmp_path):
     bad.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match=f"use a non-empty list of: {', '.join(STRATEGIES)}"):
         load_params(bad)
+
+
+def test_evaluate_benchmarks_include_the_hf_dataset_registry(tmp_path):
+    from tracerl.data import HF_DATASETS
+
+    raw = yaml.safe_load(PARAMS.read_text())
+    raw["evaluate"]["benchmarks"] = ["heldout", "math500"]
+    ok = tmp_path / "params.yaml"
+    ok.write_text(yaml.safe_dump(raw))
+    assert load_params(ok).evaluate.benchmarks == ["heldout", "math500"]
+    raw["evaluate"]["benchmarks"] = ["mathh500"]
+    ok.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=f"heldout, humaneval, {', '.join(HF_DATASETS)}"):
+        load_params(ok)

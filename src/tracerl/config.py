@@ -134,7 +134,8 @@ class DataParams:
     sft_answer_fraction: float = 0.0
 
     def problems(self) -> list[str]:
-        p = []
+        p = registry_problems("tracerl.data.sources", "GENERATORS",
+                              self.generator.partition(":")[0], "data.generator")
         for k in ("train_size", "heldout_size", "sft_size"):
             if getattr(self, k) < 1:
                 p.append(f"data.{k} must be >= 1")
@@ -407,7 +408,9 @@ class EvaluateParams:
     that a score is comparable to the rollouts that trained it.
     """
 
-    benchmarks: list[str] = field(default_factory=lambda: ["heldout"])  # "heldout", "humaneval"
+    # "heldout" (the generated held-out split), "humaneval", or a tracerl.data.HF_DATASETS
+    # name (e.g. "math500"; needs the datasets package and network access)
+    benchmarks: list[str] = field(default_factory=lambda: ["heldout"])
     heldout_size: int = 500  # tasks of the held-out split scored by evaluate
     responses_per_task: int = 1  # k for avg@k
     pass_k: list[int] = field(default_factory=lambda: [1])  # pass@k reported for each k
@@ -440,7 +443,9 @@ class EvaluateParams:
                 f"evaluate.strategies {unknown or '[]'} invalid; use a non-empty list of: "
                 f"{', '.join(valid)}"
             )
-        known_b = ("heldout", "humaneval")
+        from tracerl.data.sources import HF_DATASETS
+
+        known_b = ("heldout", "humaneval", *HF_DATASETS)
         bad_b = [b for b in self.benchmarks if b not in known_b]
         if bad_b or not self.benchmarks:
             p.append(
