@@ -95,11 +95,12 @@ for _spec in (FamilySpec("sdar", "block", False, "qwen3"),
               FamilySpec("dream", "full", True, "qwen2")):
     FAMILIES.add(_spec.name, _spec)
 
-BACKBONES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
-    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-    "llama": (LlamaConfig, LlamaForCausalLM),
-}
+BACKBONES: Registry[tuple[type[PretrainedConfig], type[PreTrainedModel]]] = Registry("backbone")
+"""transformers classes by ``model_type``; chosen by the checkpoint's config.json (or the
+family's default backbone), not by params."""
+BACKBONES.add("qwen3", (Qwen3Config, Qwen3ForCausalLM))
+BACKBONES.add("qwen2", (Qwen2Config, Qwen2ForCausalLM))
+BACKBONES.add("llama", (LlamaConfig, LlamaForCausalLM))
 
 # LLaDA (modeling_llada.py of GSAI-ML/LLaDA-8B-*) parameter names -> Llama's.
 # ``ff_proj`` is the gated branch (act(ff_proj(x)) * up_proj(x)), ``ff_out`` projects down.
