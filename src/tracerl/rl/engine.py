@@ -17,7 +17,7 @@ from dataclasses import replace
 import torch
 
 from tracerl.models import DiffusionLM
-from tracerl.rl.rows import Row, TraceSample, collate
+from tracerl.rl.rows import Row, TraceSample, collate, records_block_size
 from tracerl.rl.scoring import TokenScorer
 from tracerl.rl.trainer import Trainer
 
@@ -29,6 +29,12 @@ def lm_of(trainer: Trainer) -> DiffusionLM:
     """The diffusion LM inside a trainer's module (policy scorer or value scorer)."""
     m = trainer.module
     return m.lm if isinstance(m, TokenScorer) else m.vm.lm
+
+
+def update_block_size(lm: DiffusionLM, samples: Sequence[TraceSample]) -> int | None:
+    """The block size an RL update of ``lm`` on ``samples`` builds rows with: the one the
+    trajectories record (:func:`~tracerl.rl.rows.records_block_size`), never params'."""
+    return records_block_size(samples, lm.family.attention, f"model family {lm.family.name!r}")
 
 
 def num_copies(r: Row) -> int:

@@ -25,18 +25,14 @@ from tracerl.rl.engine import (
     step_normalizers,
     summarize,
     train_rows,
+    update_block_size,
 )
 from tracerl.rl.losses import trace_rl_loss
-from tracerl.rl.rows import Batch, Row, TraceSample, build_trace_rows, collate, records_block_size
+from tracerl.rl.rows import Batch, Row, TraceSample, build_trace_rows, collate
 from tracerl.rl.scoring import TokenScorer
 from tracerl.rl.trainer import Trainer
 
 log = logging.getLogger(__name__)
-
-
-def update_block_size(lm: DiffusionLM, samples: Sequence[TraceSample]) -> int | None:
-    """The block size an update of ``lm`` on ``samples`` builds rows with (the records')."""
-    return records_block_size(samples, lm.family.attention, f"model family {lm.family.name!r}")
 
 
 def trajectory_logprobs(lm: DiffusionLM, samples: Sequence[TraceSample], *, shrink: int = 1,

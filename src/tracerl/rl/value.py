@@ -20,9 +20,9 @@ from tracerl.rl.engine import (
     step_normalizers,
     summarize,
     train_rows,
+    update_block_size,
 )
 from tracerl.rl.losses import explained_variance, value_loss
-from tracerl.rl.policy import update_block_size
 from tracerl.rl.rows import Batch, TraceSample, build_trace_rows, response_blocks, shrink_steps
 from tracerl.rl.trainer import Trainer
 
