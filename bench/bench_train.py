@@ -62,7 +62,8 @@ def make_batch(p, tok, n: int, seed: int = 0) -> list[TraceSample]:
             steps += (s + 1 + k[torch.randperm(nb, generator=g)]).tolist()
             s, j = s + t, j + nb
         resp = torch.randint(4, len(tok) - 4, (R,), generator=g).tolist()
-        out.append(TraceSample(prompt, resp, steps, R, advantage=1.0 if i % 2 else -1.0))
+        out.append(TraceSample(prompt, resp, steps, R, advantage=1.0 if i % 2 else -1.0,
+                               attention="block", block_size=b))
     return out
 
 

@@ -18,7 +18,13 @@ from __future__ import annotations
 import json
 import sys
 
-from tracerl.data import humaneval_tasks, render_prompt, tasks_from_frame
+from tracerl.data import (
+    HF_DATASETS,
+    humaneval_tasks,
+    load_hf_tasks,
+    render_prompt,
+    tasks_from_frame,
+)
 from tracerl.data.skips import Skipped, skip_too_long
 from tracerl.evaluation import evaluate_tasks
 from tracerl.models import weights_digest
@@ -41,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         suites["heldout"] = tasks_from_frame(held.head(e.heldout_size))
     if "humaneval" in e.benchmarks:
         suites["humaneval"] = humaneval_tasks()
+    for name in e.benchmarks:
+        if name in HF_DATASETS:  # hub benchmarks (MATH500, GSM8K, ...): online only
+            suites[name] = load_hf_tasks(name)[0]
 
     def score(frame, tasks):
         by_id = {t.task_id: t for t in tasks}

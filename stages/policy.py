@@ -4,7 +4,8 @@
         [--value-advantages ADV.parquet] [--reference CKPT_DIR] --out DIR [--iteration I]
 
 (or the flow's ``--input policy=DIR --input scored=DIR [--input value=DIR]
-[--input reference=DIR]``). Reads ``params.model`` and ``params.policy``. Resumes the
+[--input reference=DIR]``). Reads ``params.model`` and ``params.policy``; the block size
+comes from the scored records (what the rollout decoded with), not from params. Resumes the
 optimizer, LR schedule, counters and RNG saved next to the input policy (when they are a
 policy trainer's), and writes ``checkpoint/`` (the updated policy), ``trainer_state/`` and
 the update's metrics.
@@ -49,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     params = load_stage_params(a.params, "policy")
     p, m = params.policy, params.model
     torch.manual_seed(p.seed + (a.iteration or 0))
-    model, tok = load_model(checkpoint_dir(a.policy), family=m.family, block_size=m.block_size)
+    # no block size from params: the update trains at the block size of the records
+    model, tok = load_model(checkpoint_dir(a.policy), family=m.family)
     trainer = Trainer(TokenScorer(model), pick(TrainConfig, p), kind="policy")
     resumed = trainer.load(trainer_state_dir(a.policy))
     adv = None
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     if p.beta > 0 and p.kl_target == "reference":
         if a.reference is None:
             raise ValueError("policy.kl_target 'reference' with beta > 0 needs --reference CKPT")
-        ref = load_model(checkpoint_dir(a.reference), family=m.family, block_size=m.block_size)[0]
+        ref = load_model(checkpoint_dir(a.reference), family=m.family)[0]
     metrics = policy_update(trainer, samples, pick(PolicyConfig, p), ref_model=ref, progress=True)
     with stage_output(a.out, stage="policy") as o:
         save_model(model, tok, o.dir / "checkpoint")

@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     tasks = {t.task_id: t for t in tasks_from_frame(read_parquet(args.tasks, "task"))}
     scored, metrics = score_rollouts(
         rollouts, tasks,
-        group_filter=p.group_filter, filter_low=p.filter_low, filter_high=p.filter_high,
+        estimator=p.advantage, group_filter=p.group_filter,
+        filter_low=p.filter_low, filter_high=p.filter_high,
         overlong_is_wrong=p.overlong_is_wrong, verify_timeout_s=p.verify_timeout_s,
         code_limits=limits_from(p.code_timeout_s, p.code_memory_mb), code_workers=p.code_workers,
     )

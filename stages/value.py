@@ -4,7 +4,8 @@
         --scored SCORED.parquet --out DIR [--iteration I]
 
 (or the flow's ``--input policy=DIR --input scored=DIR [--input value=DIR]``). Reads
-``params.model`` and ``params.value``. Without a value checkpoint the value model starts
+``params.model`` and ``params.value`` (the block size comes from the scored records).
+Without a value checkpoint the value model starts
 from the policy's backbone with a zero head (spec 6.1). Advantages use the pre-update
 values (spec 6.5); the value model trains every ``value.train_every`` iterations. Writes
 ``checkpoint/`` (value model), ``trainer_state/``, ``advantages.parquet`` (per-token
@@ -51,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     v, m = params.value, params.model
     torch.manual_seed(v.seed + (a.iteration or 0))
     if a.value in (None, "none", ""):
-        policy, tok = load_model(checkpoint_dir(a.policy), family=m.family, block_size=m.block_size)
+        # no block size from params: the update trains at the block size of the records
+        policy, tok = load_model(checkpoint_dir(a.policy), family=m.family)
         vm, state = ValueModel.from_policy(policy), None
     else:
         vm, state = ValueModel.load(checkpoint_dir(a.value)), trainer_state_dir(a.value)

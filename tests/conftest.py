@@ -16,6 +16,13 @@ SDAR_RELEASE = FIXTURES / "sdar-4b-chat-release"
 # Tests run two at a time (pytest-xdist) on small machines: one thread each.
 torch.set_num_threads(int(os.environ.get("TRACERL_TEST_THREADS", "1")))
 
+# Prefect binds its console log handler to the stream stderr is at the moment it first
+# configures logging. Configure it now, under the session's own capture: if a test using
+# capsys were first, the handler would keep that test's stream, closed after it.
+from prefect.logging.configuration import setup_logging  # noqa: E402
+
+setup_logging()
+
 
 @pytest.fixture(scope="session")
 def default_tokenizer():

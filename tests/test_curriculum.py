@@ -10,7 +10,6 @@ from tracerl.curriculum import (
     CurriculumDecision,
     CurriculumRule,
     TaskResult,
-    get_policy,
     initial_decision,
     plan_next,
     pool_pass_rate,
@@ -139,7 +138,7 @@ def test_initial_decision_and_roundtrip():
 def test_registry_and_rule_errors():
     assert {"fixed", "pass_rate_band"} <= set(POLICIES)
     with pytest.raises(ValueError, match="valid: fixed, pass_rate_band"):
-        get_policy("nope")
+        POLICIES.get("nope")
     with pytest.raises(ValueError, match="lower_below < raise_above"):
         CurriculumRule(raise_above=0.2, lower_below=0.5)
 

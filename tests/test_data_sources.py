@@ -136,7 +136,7 @@ def test_humaneval_problems_are_valid_code_tasks():
 
 
 def test_hf_unknown_name_lists_valid_names():
-    with pytest.raises(ValueError, match="aime2024, gsm8k, livecodebench, math500, math_train, mbpp"):
+    with pytest.raises(ValueError, match="valid: gsm8k, math500, math_train, aime2024, mbpp, livecodebench"):
         load_hf_tasks("gsm9k")
     with pytest.raises(ValueError, match="unknown task source"):
         load_tasks("gsm9k")

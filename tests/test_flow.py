@@ -248,24 +248,35 @@ def test_part_needs_its_upstream(project):
         run_pipeline(orch, planner, "rl", orch.run_call)
 
 
-def _main(project: Path, log: Path, *args: str, **env: str) -> int:
+def _main(project: Path, log: Path, *args: str, **env: str) -> tuple[int, str, str]:
+    """Run the flow CLI without Prefect; returns (exit code, stdout, stderr). Output is
+    captured here, not with capsys: the module's Prefect harness must never be set up
+    under a test's capture (its log handlers would outlive the captured streams)."""
+    import contextlib
+    import io
+
     from flows.tracerl_flow import main
 
-    with pytest.MonkeyPatch.context() as mp:
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), \
+            contextlib.redirect_stderr(err):
         mp.chdir(project)
         mp.setenv("FAKE_LOG", str(log))
         for k, v in env.items():
             mp.setenv(k, v)
-        return main(["--no-prefect", "--package", "fake_stages", *args])
+        rc = main(["--no-prefect", "--package", "fake_stages", *args])
+    return rc, out.getvalue(), err.getvalue()
 
 
-def test_damaged_artifacts_are_detected_and_rerun(project, clean_run, capsys):
+def test_damaged_artifacts_are_detected_and_rerun(project, clean_run):
     """Flipped bytes and a truncated file: the stage that wrote them runs again, and so
     does everything computed from them; the result equals the clean run's."""
     import shutil
 
     shutil.copytree(project / "runs" / "clean", project / "runs" / "damaged")
     (project / "runs" / "damaged" / ".writer.lock").unlink(missing_ok=True)
+    # the params the copied run was last launched with (an earlier test may change them)
+    shutil.copy(project / "runs" / "clean" / "params.yaml", project / "params_damaged.yaml")
     iter0 = project / "runs" / "damaged" / "rl" / "iter_0"
     roll = iter0 / "rollout" / "rollouts.parquet"
     data = bytearray(roll.read_bytes())
@@ -274,8 +285,8 @@ def test_damaged_artifacts_are_detected_and_rerun(project, clean_run, capsys):
     scored = project / "runs" / "damaged" / "rl" / "iter_1" / "reward" / "scored.parquet"
     scored.write_bytes(scored.read_bytes()[:50])  # truncated
     log = project / "damaged.log"
-    assert _main(project, log, "--run-name", "damaged") == 0
-    out = capsys.readouterr().out
+    rc, out, _ = _main(project, log, "--params", "params_damaged.yaml", "--run-name", "damaged")
+    assert rc == 0
     assert f"rollout[0] runs again: output damaged: {roll}: content differs" in out
     assert f"{scored}: 50 bytes, the manifest says" in out
     ran = labels(log)
@@ -284,7 +295,7 @@ def test_damaged_artifacts_are_detected_and_rerun(project, clean_run, capsys):
     assert final_numbers(project, "damaged") == final_numbers(project, "clean")
 
 
-def test_params_are_frozen_per_run(project, clean_run, capsys):
+def test_params_are_frozen_per_run(project, clean_run):
     """Editing params.yaml mid-run changes nothing in that run; the next launch says what
     changed and re-plans."""
     import yaml
@@ -292,8 +303,8 @@ def test_params_are_frozen_per_run(project, clean_run, capsys):
     params = project / "params_edit.yaml"
     write_params(params, policy={"use_value": True, "lr": 1e-3})
     log = project / "edit.log"
-    rc = _main(project, log, "--params", str(params), "--run-name", "edited",
-               FAKE_EDIT=f"reward[0]|{params}|lr: 0.001|lr: 0.005")
+    rc, _, _ = _main(project, log, "--params", str(params), "--run-name", "edited",
+                     FAKE_EDIT=f"reward[0]|{params}|lr: 0.001|lr: 0.005")
     assert rc == 0 and "lr: 0.005" in params.read_text()  # the user's edit happened
     for i in (0, 1):  # both updates ran with the launch value
         m = json.loads((project / "runs" / "edited" / "rl" / f"iter_{i}" / "policy" /
@@ -301,15 +312,14 @@ def test_params_are_frozen_per_run(project, clean_run, capsys):
         assert m["lr"] == pytest.approx(1e-3)
     frozen = yaml.safe_load((project / "runs" / "edited" / "params.yaml").read_text())
     assert frozen["policy"]["lr"] == pytest.approx(1e-3)
-    capsys.readouterr()
-    assert _main(project, log, "--params", str(params), "--run-name", "edited") == 0
-    assert "policy.lr: 0.001 -> 0.005" in capsys.readouterr().out
+    rc, out, _ = _main(project, log, "--params", str(params), "--run-name", "edited")
+    assert rc == 0 and "policy.lr: 0.001 -> 0.005" in out
     m = json.loads((project / "runs" / "edited" / "rl" / "iter_0" / "policy" /
                     "metrics.json").read_text())
     assert m["lr"] == pytest.approx(5e-3)
 
 
-def test_one_writer_per_run_folder(project, clean_run, capsys):
+def test_one_writer_per_run_folder(project, clean_run):
     """A second writer is refused with the holder named; a dead holder's lock is stale;
     a live writer's temp folder is never cleaned by another process."""
     root = project / "runs" / "clean"
@@ -322,14 +332,14 @@ def test_one_writer_per_run_folder(project, clean_run, capsys):
         live_tmp = root / "rl" / "iter_1" / f".policy.tmp-{holder.pid}"
         live_tmp.mkdir()
         log = project / "lock.log"
-        assert _main(project, log, "--run-name", "clean") == 3
-        err = capsys.readouterr().err
+        rc, _, err = _main(project, log, "--run-name", "clean")
+        assert rc == 3
         assert f"is being written by pid {holder.pid}" in err and "another run name" in err
         assert labels(log) == []
     finally:
         holder.kill()
         holder.wait()
     (root / "rl" / "iter_1" / "policy" / "manifest.json").unlink()  # a stage to redo
-    assert _main(project, log, "--run-name", "clean") == 0  # the dead holder's lock is stale
+    assert _main(project, log, "--run-name", "clean")[0] == 0  # the dead holder's lock: stale
     assert not live_tmp.exists()  # its writer is gone now: cleaned
     assert not (root / ".writer.lock").exists()  # released on exit

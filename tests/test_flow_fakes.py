@@ -60,7 +60,11 @@ def rollout(a, p, out):
     w, k = weight(a.require("policy")), p.rollout.responses_per_task
     rows = [{"task_id": f"t{t}", "sample_index": s, "prompt_ids": [1], "response_ids": [2],
              "decode_steps": [1], "logprobs": [-0.1], "response_len": 1, "finish_reason": "eos",
-             "num_forward": 1, "block_size": p.model.block_size, "policy_id": str(w),
+             "num_forward": 1, "attention": "block", "block_size": p.model.block_size,
+             "steps_per_block": p.rollout.steps_per_block, "max_tokens": p.rollout.max_tokens,
+             "strategy": p.rollout.strategy, "dynamic_threshold": p.rollout.dynamic_threshold,
+             "entropy_bound": p.rollout.entropy_bound, "temperature": p.rollout.temperature,
+             "top_k": p.rollout.top_k, "top_p": p.rollout.top_p, "policy_id": str(w),
              "response_text": "x"} for t in range(N_TASKS) for s in range(k)]
     write_parquet(pl.DataFrame(rows), out.dir / "rollouts.parquet", "rollout")
     (out.dir / "trajectory.html").write_text("<html><body>replay</body></html>")

@@ -322,7 +322,7 @@ def test_unknown_family_is_a_clear_error(tiny_sdar, tmp_path):
     model, tok = tiny_sdar
     save_model(model, tok, tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
-    with pytest.raises(ModelLoadError, match="supported"):
+    with pytest.raises(ModelLoadError, match="is unknown; valid: sdar, llada, dream"):
         load_model(tmp_path / "m", family="gpt2")
     cfg.pop("tracerl_family")
     cfg["model_type"] = "bert"
@@ -349,7 +349,7 @@ def test_tokenizer_without_mask_token_is_a_clear_error(tmp_path):
 
 
 def test_build_model_unknown_family():
-    with pytest.raises(ModelLoadError, match="supported"):
+    with pytest.raises(ModelLoadError, match="is unknown; valid: sdar, llada, dream"):
         build_model("gpt", vocab_size=10, tokens=SpecialTokens(1, 0, (2,)))
 
 

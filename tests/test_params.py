@@ -177,3 +177,61 @@ def test_task_files_are_checked_at_load(tmp_path, monkeypatch):
     probs, msg = _problems(_write(tmp_path, _with(data={"max_difficulty": 6},
                                                   curriculum={"start_level": 0})))
     assert "must lie in 0..5 for the arithmetic generator" in msg
+
+
+REGISTRY_KEYS = [  # (section, key, module, registry): params names an entry of a registry
+    ("model", "family", "tracerl.models.model", "FAMILIES"),
+    ("data", "generator", "tracerl.data.sources", "GENERATORS"),
+    ("sft", "method", "tracerl.rl.builders", "SFT_ROW_BUILDERS"),
+    ("rollout", "strategy", "tracerl.sampling.strategies", "STRATEGIES"),
+    ("reward", "group_filter", "tracerl.rewards.advantages", "GROUP_FILTERS"),
+    ("reward", "advantage", "tracerl.rewards.advantages", "ADVANTAGES"),
+    ("policy", "method", "tracerl.rl.builders", "ROW_BUILDERS"),
+    ("curriculum", "policy", "tracerl.curriculum", "POLICIES"),
+]
+
+
+@pytest.mark.parametrize("section,key,module,registry", REGISTRY_KEYS)
+def test_registry_keys_are_checked_against_the_registry(tmp_path, monkeypatch, section, key,
+                                                        module, registry):
+    """The registry is the one list of valid names: an unknown name lists the registry's
+    names, and a name registered later is accepted without touching config.py."""
+    import importlib
+
+    reg = getattr(importlib.import_module(module), registry)
+    raw = yaml.safe_load(PARAMS.read_text())
+    raw[section][key] = "not_registered"
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as e:
+        load_params(bad)
+    (problem,) = e.value.problems  # data.generator adds: "; or 'file' (with ...)"
+    assert problem.startswith(
+        f"{section}.{key} 'not_registered' is unknown; valid: {', '.join(reg.names())}")
+    monkeypatch.setattr(reg, "_items", {**reg._items, "not_registered": object()})
+    assert getattr(getattr(load_params(bad), section), key) == "not_registered"
+
+
+def test_evaluate_strategies_use_the_strategy_registry(tmp_path):
+    from tracerl.sampling import STRATEGIES
+
+    raw = yaml.safe_load(PARAMS.read_text())
+    raw["evaluate"]["strategies"] = ["low_confidence_static", "beam"]
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=f"use a non-empty list of: {', '.join(STRATEGIES)}"):
+        load_params(bad)
+
+
+def test_evaluate_benchmarks_include_the_hf_dataset_registry(tmp_path):
+    from tracerl.data import HF_DATASETS
+
+    raw = yaml.safe_load(PARAMS.read_text())
+    raw["evaluate"]["benchmarks"] = ["heldout", "math500"]
+    ok = tmp_path / "params.yaml"
+    ok.write_text(yaml.safe_dump(raw))
+    assert load_params(ok).evaluate.benchmarks == ["heldout", "math500"]
+    raw["evaluate"]["benchmarks"] = ["mathh500"]
+    ok.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=f"heldout, humaneval, {', '.join(HF_DATASETS)}"):
+        load_params(ok)

@@ -9,11 +9,13 @@ checked the same way.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from tracerl.models import block_visibility
-from tracerl.rl import TraceSample, trajectory_logprobs
+from tracerl.rl import TraceSample, sample_from_trajectory, trajectory_logprobs
 
 
 def reference_sample(model, prompt: list[int], *, max_tokens: int = 8, steps_per_block: int = 2,
@@ -61,7 +63,7 @@ def reference_sample(model, prompt: list[int], *, max_tokens: int = 8, steps_per
     rlen = stop[0] + 1 if stop else len(resp)
     return TraceSample(prompt_ids=prompt, response_ids=resp,
                        decode_steps=step_of[P:total].tolist(), response_len=rlen,
-                       logprobs=logp_of[P:total].tolist())
+                       logprobs=logp_of[P:total].tolist(), attention="block", block_size=b)
 
 
 @pytest.mark.parametrize("P", [4, 5, 7])
@@ -85,8 +87,7 @@ def test_wrong_alignment_would_be_caught(tiny_sdar):
     """The check can fail: scoring with a shuffled step map gives other log-probs."""
     model, _ = tiny_sdar
     s = reference_sample(model, list(range(10, 15)), max_tokens=8, steps_per_block=4, seed=3)
-    bad = TraceSample(s.prompt_ids, s.response_ids, list(reversed(s.decode_steps)),
-                      s.response_len, logprobs=s.logprobs)
+    bad = replace(s, decode_steps=list(reversed(s.decode_steps)))
     lp = trajectory_logprobs(model, [bad])[0]
     assert (lp - torch.tensor(s.logprobs[: s.response_len])).abs().max().item() > 1e-3
 
@@ -99,7 +100,6 @@ def test_real_sampler_logprobs_match(tiny_sdar):
                                   batch_size=4, use_cache=True)
     prompts = [list(range(10, 10 + n)) for n in (4, 5, 7)]
     trajs = sampling.generate(model, prompts, cfg, generator=torch.Generator().manual_seed(0))
-    samples = [TraceSample(t.prompt_ids, t.response_ids, t.decode_steps, t.response_len,
-                           logprobs=t.logprobs) for t in trajs]
+    samples = [sample_from_trajectory(t) for t in trajs]
     for s, lp in zip(samples, trajectory_logprobs(model, samples)):
         assert (lp - torch.tensor(list(s.logprobs[: s.response_len]))).abs().max().item() <= 1e-4

@@ -95,33 +95,87 @@ def test_sft_loss_and_explained_variance():
     assert explained_variance(torch.zeros(3), torch.tensor([1.0, 2.0, 3.0])) == 0.0
 
 
-def test_gae_three_steps_hand_worked():
-    # tokens j0, j1 at step 1, j2 at step 2, j3 at step 3; outcome reward 1 on the last step
-    steps = torch.tensor([1, 1, 2, 3])
-    r = outcome_token_rewards(1.0, steps)
-    assert r.tolist() == [0.0, 0.0, 0.0, 1.0]
-    V = torch.tensor([0.2, 0.4, 0.5, 0.6])
-    ret, adv = step_gae(r, V, steps, gamma=0.9, lam=0.8)
-    # step means: r* = [0, 0, 1], V* = [0.3, 0.5, 0.6]
-    # A*_2 = 1 - 0.6 = 0.4;  R*_2 = 1
-    # A*_1 = 0 - 0.5 + 0.9*0.6 + 0.72*0.4 = 0.328;  R*_1 = 0.9
-    # j0: A = 0 - 0.2 + 0.9*V*_1 + 0.72*A*_1 = -0.2 + 0.45 + 0.23616 = 0.48616; R = 0.9*R*_1 = 0.81
-    # j1: A = -0.4 + 0.45 + 0.23616 = 0.28616
-    # j2: A = 0 - 0.5 + 0.9*0.6 + 0.72*0.4 = 0.328; R = 0.9
-    # j3: A = 1 - 0.6 = 0.4; R = 1
-    assert adv.tolist() == pytest.approx([0.48616, 0.28616, 0.328, 0.4], abs=1e-6)
-    assert ret.tolist() == pytest.approx([0.81, 0.81, 0.9, 1.0], abs=1e-6)
+def step_gae_per_sample(rewards, values, steps, gamma, lam):
+    """The former per-sample implementation (one response, a Python loop over its steps),
+    kept here as the oracle of the batched :func:`step_gae`."""
+    r, v = rewards.double(), values.double()
+    uniq, rank = torch.unique(steps, sorted=True, return_inverse=True)
+    S = len(uniq)
+    cnt = torch.bincount(rank, minlength=S).double()
+    r_step = torch.zeros(S, dtype=torch.float64).index_add_(0, rank, r) / cnt
+    v_step = torch.zeros(S, dtype=torch.float64).index_add_(0, rank, v) / cnt
+    V_next = torch.cat([v_step[1:], torch.zeros(1, dtype=torch.float64)])
+    R_star = torch.zeros(S + 1, dtype=torch.float64)
+    A_star = torch.zeros(S + 1, dtype=torch.float64)
+    for i in range(S - 1, -1, -1):
+        R_star[i] = r_step[i] + gamma * R_star[i + 1]
+        A_star[i] = r_step[i] - v_step[i] + gamma * V_next[i] + gamma * lam * A_star[i + 1]
+    returns = r + gamma * R_star[1:][rank]
+    adv = r - v + gamma * V_next[rank] + gamma * lam * A_star[1:][rank]
+    return returns.float(), adv.float()
+
+
+def test_gae_batch_hand_worked():
+    # gamma = 0.9, lam = 0.8 (gamma * lam = 0.72); three responses padded to L = 4.
+    # Sample 0: tokens j0, j1 at step 1, j2 at step 2, j3 at step 3; outcome reward 1.
+    #   step means: r* = [0, 0, 1], V* = [0.3, 0.5, 0.6]
+    #   A*_2 = 1 - 0.6 = 0.4;  R*_2 = 1
+    #   A*_1 = 0 - 0.5 + 0.9*0.6 + 0.72*0.4 = 0.328;  R*_1 = 0.9
+    #   j0: A = 0 - 0.2 + 0.9*V*_1 + 0.72*A*_1 = -0.2 + 0.45 + 0.23616 = 0.48616; R = 0.9*R*_1 = 0.81
+    #   j1: A = -0.4 + 0.45 + 0.23616 = 0.28616, R = 0.81
+    #   j2: A = 0 - 0.5 + 0.9*0.6 + 0.72*0.4 = 0.328; R = 0.9
+    #   j3: A = 1 - 0.6 = 0.4; R = 1
+    # Sample 1: 2 tokens (then padding), steps [7, 4] (ranks 1, 0), reward -1 on step 7.
+    #   step order u = [4, 7]: r* = [0, -1], V* = [0.5, 0.1]
+    #   A*_1 = -1 - 0.1 = -1.1; R*_1 = -1
+    #   token step 7: A = -1 - 0.1 = -1.1, R = -1
+    #   token step 4: A = 0 - 0.5 + 0.9*0.1 + 0.72*(-1.1) = -0.41 - 0.792 = -1.202; R = 0.9*-1 = -0.9
+    # Sample 2: 3 tokens all at step 2 (one step), process rewards [0.3, 0, 0.6], V = [0, 0.2, 0.1]:
+    #   no later step, so A_j = r_j - V_j = [0.3, -0.2, 0.5], R_j = r_j.
+    steps = torch.tensor([[1, 1, 2, 3], [7, 4, 0, 0], [2, 2, 2, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)
+    outcome = outcome_token_rewards(torch.tensor([1.0, -1.0, 0.0]), steps, mask)
+    assert outcome.tolist() == [[0, 0, 0, 1], [-1, 0, 0, 0], [0, 0, 0, 0]]
+    r = outcome.clone()
+    r[2, :3] = torch.tensor([0.3, 0.0, 0.6])
+    V = torch.tensor([[0.2, 0.4, 0.5, 0.6], [0.1, 0.5, 9.0, 9.0], [0.0, 0.2, 0.1, 9.0]])
+    ret, adv = step_gae(r, V, steps, mask, gamma=0.9, lam=0.8)
+    assert adv[0].tolist() == pytest.approx([0.48616, 0.28616, 0.328, 0.4], abs=1e-6)
+    assert adv[1].tolist() == pytest.approx([-1.1, -1.202, 0.0, 0.0], abs=1e-6)
+    assert adv[2].tolist() == pytest.approx([0.3, -0.2, 0.5, 0.0], abs=1e-6)
+    assert ret[0].tolist() == pytest.approx([0.81, 0.81, 0.9, 1.0], abs=1e-6)
+    assert ret[1].tolist() == pytest.approx([-1.0, -0.9, 0.0, 0.0], abs=1e-6)
+    assert ret[2].tolist() == pytest.approx([0.3, 0.0, 0.6, 0.0], abs=1e-6)
+
+
+@pytest.mark.parametrize("gamma,lam", [(0.9, 0.8), (1.0, 1.0), (0.5, 0.0), (0.0, 0.7)])
+def test_gae_batch_equals_per_sample_loop(gamma, lam):
+    g = torch.Generator().manual_seed(1)
+    lengths = [1, 5, 17, 9, 30, 2]
+    L = max(lengths)
+    steps = torch.zeros(len(lengths), L, dtype=torch.long)
+    r, V = torch.randn(len(lengths), L, generator=g), torch.randn(len(lengths), L, generator=g)
+    mask = torch.zeros(len(lengths), L, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        steps[b, :n] = torch.randint(1, 12, (n,), generator=g)  # repeats and gaps
+        mask[b, :n] = True
+    ret, adv = step_gae(r, V, steps, mask, gamma=gamma, lam=lam)
+    for b, n in enumerate(lengths):
+        want_r, want_a = step_gae_per_sample(r[b, :n], V[b, :n], steps[b, :n], gamma, lam)
+        assert torch.allclose(ret[b, :n], want_r, atol=1e-5)
+        assert torch.allclose(adv[b, :n], want_a, atol=1e-5)
+    assert not ret[~mask].any() and not adv[~mask].any()  # padding stays 0
 
 
 def test_gae_gamma_lambda_one_is_return_minus_value():
     g = torch.Generator().manual_seed(0)
-    steps = torch.tensor([1, 2, 2, 3, 5, 5, 6, 4])
-    r = torch.randn(8, generator=g)
-    V = torch.randn(8, generator=g)
+    steps = torch.tensor([[1, 2, 2, 3, 5, 5, 6, 4]])
+    r = torch.randn(1, 8, generator=g)
+    V = torch.randn(1, 8, generator=g)
     ret, adv = step_gae(r, V, steps, gamma=1.0, lam=1.0)
     assert torch.allclose(adv, ret - V, atol=1e-6)
     # outcome mode: every token's return is the sequence reward
-    ret, adv = step_gae(outcome_token_rewards(0.7, steps), V, steps)
-    assert torch.allclose(ret, torch.full((8,), 0.7)) and torch.allclose(adv, 0.7 - V, atol=1e-6)
-    with pytest.raises(ValueError, match="1-D"):
-        step_gae(r, V[:3], steps)
+    ret, adv = step_gae(outcome_token_rewards(torch.tensor([0.7]), steps), V, steps)
+    assert torch.allclose(ret, torch.full((1, 8), 0.7)) and torch.allclose(adv, 0.7 - V, atol=1e-6)
+    with pytest.raises(ValueError, match=r"\[B, L\]"):
+        step_gae(r, V[:, :3], steps)

@@ -177,3 +177,24 @@ def test_bad_input_is_an_error_or_a_counted_skip():
     assert rows == [] and st.skipped_too_long == 1 and st.samples == 0
     rows, st = build_trace_rows([], block_size=4, mask_id=M)
     assert rows == [] and st.rows == 0
+
+
+def test_records_block_size_is_the_records_and_refuses_mismatches():
+    from dataclasses import replace
+
+    from tracerl.rl import TrajectoryError, records_block_size
+
+    s8 = replace(SAMPLE, attention="block", block_size=8, sample_id="t/0")
+    assert records_block_size([s8, replace(s8, sample_id="t/1")], "block") == 8
+    assert records_block_size([replace(s8, attention="full")], "full") is None
+    assert records_block_size([], "block") is None
+    with pytest.raises(TrajectoryError, match=r"do not record how they were decoded"):
+        records_block_size([SAMPLE], "block")
+    with pytest.raises(TrajectoryError, match=r"block_size 4: 1 samples \(e.g. t/2\); "
+                                              r"block_size 8: 1 samples"):
+        records_block_size([s8, replace(s8, block_size=4, sample_id="t/2")], "block")
+    with pytest.raises(TrajectoryError, match="decoded with block attention but the model uses "
+                                              "full attention"):
+        records_block_size([s8], "full", "the model")
+    with pytest.raises(TrajectoryError, match="mixes trajectories decoded with block and full"):
+        records_block_size([s8, replace(s8, attention="full")], "block")

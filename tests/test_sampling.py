@@ -18,9 +18,9 @@ import torch
 from tracerl.models.model import FAMILIES, ModelOutput, SpecialTokens
 from tracerl.sampling import SamplingConfig, generate, process_logits, transfer_schedule
 from tracerl.sampling.strategies import (
+    STRATEGIES,
     draw_tokens,
     entropy_bounded,
-    get_strategy,
     low_confidence_dynamic,
     low_confidence_static,
     sequential,
@@ -146,7 +146,7 @@ def test_entropy_bounded_hand_derived():
 
 def test_unknown_strategy_lists_valid_ones():
     with pytest.raises(ValueError, match="low_confidence_dynamic"):
-        get_strategy("greedy_magic")
+        STRATEGIES.get("greedy_magic")
 
 
 # ------------------------------------------------------------ mock-model schedules
@@ -275,7 +275,7 @@ def test_config_errors_are_clear_and_complete():
     with pytest.raises(ValueError) as e:
         SamplingConfig(block_size=4, max_tokens=30, strategy="nope", top_p=0.0)
     msg = str(e.value)
-    assert "multiple of block_size" in msg and "unknown strategy 'nope'" in msg
+    assert "multiple of block_size" in msg and "strategy 'nope' is unknown" in msg
     assert "low_confidence_static" in msg and "top_p" in msg
     with pytest.raises(ValueError, match="steps_per_block .* > block_size"):
         SamplingConfig(block_size=4, steps_per_block=8)

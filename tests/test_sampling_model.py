@@ -4,6 +4,8 @@ invariants, records."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import polars as pl
 import pytest
 import torch
@@ -17,7 +19,7 @@ from tracerl.sampling import (
     trajectories_to_frame,
     transfer_schedule,
 )
-from tracerl.schemas import read_parquet, write_parquet
+from tracerl.schemas import DECODING, ROLLOUT, SCORED, read_parquet, write_parquet
 
 LENGTHS = [3, 9, 14, 4, 17, 6]  # mixed P mod 4
 
@@ -267,3 +269,28 @@ def test_frame_roundtrip_through_parquet(tiny_sdar, tmp_path):
     with pytest.raises(ValueError, match="task ids"):
         trajectories_to_frame(trajs, ["t0"], [0, 1], "abc", tok)
     assert isinstance(trajectories_to_frame([], [], [], "x", tok), pl.DataFrame)
+
+
+@pytest.mark.parametrize("family", ["sdar", "llada"])
+def test_records_carry_the_decoding_contract(default_tokenizer, tmp_path, family):
+    """Every ROLLOUT/SCORED row records how it was decoded (schemas.DECODING): attention,
+    block size and the sampling settings, as given to the sampler, surviving parquet."""
+    model = build_for_tokenizer(default_tokenizer, family, seed=0)
+    cfg = SamplingConfig(block_size=8, steps_per_block=3, max_tokens=16,
+                         strategy="low_confidence_dynamic", dynamic_threshold=0.7,
+                         temperature=0.9, top_k=5, top_p=0.95, batch_size=2)
+    trajs = generate(model, [[5, 6, 7], [8, 9]], cfg, torch.Generator().manual_seed(0))
+    assert all(t.sampling == cfg and t.block_size == 8 for t in trajs)
+    df = trajectories_to_frame(trajs, ["t0", "t1"], [0, 0], "w", default_tokenizer)
+    assert set(DECODING) <= set(ROLLOUT) and set(DECODING) <= set(SCORED)
+    back = read_parquet(write_parquet(df, tmp_path / "r.parquet", "rollout"), "rollout")
+    attention = "block" if family == "sdar" else "full"
+    want = {"attention": attention, "block_size": 8, "steps_per_block": 3, "max_tokens": 16,
+            "strategy": "low_confidence_dynamic", "dynamic_threshold": 0.7,
+            "entropy_bound": 0.35, "temperature": 0.9, "top_k": 5, "top_p": 0.95}
+    assert set(want) == set(DECODING)
+    for col, v in want.items():
+        assert back[col].to_list() == [v, v], col
+    again = frame_to_trajectories(back)  # execution settings (batch size) are not recorded
+    decoded_with = dataclasses.replace(cfg, batch_size=SamplingConfig().batch_size)
+    assert [(t.attention, t.sampling) for t in again] == [(attention, decoded_with)] * 2

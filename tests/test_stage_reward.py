@@ -14,6 +14,10 @@ from tracerl.data import TaskRecord, tasks_to_frame
 from tracerl.pipeline.artifacts import is_complete, read_metrics
 from tracerl.schemas import read_parquet, write_parquet
 
+DECODING = {"attention": "block", "block_size": 4, "steps_per_block": 4, "max_tokens": 8,
+            "strategy": "low_confidence_static", "dynamic_threshold": 0.9,
+            "entropy_bound": 0.35, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+
 
 def _rollouts(rows):
     """rows: (task_id, text, finish_reason, n_tokens)."""
@@ -28,7 +32,7 @@ def _rollouts(rows):
         "response_len": [r[3] for r in rows],
         "finish_reason": [r[2] for r in rows],
         "num_forward": [4] * len(rows),
-        "block_size": [4] * len(rows),
+        **{k: [v] * len(rows) for k, v in DECODING.items()},
         "policy_id": ["p0"] * len(rows),
         "response_text": [r[1] for r in rows],
     })

@@ -3,6 +3,7 @@ asserting each stage's output contract (files, metrics, resumed trainer state)."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -48,20 +49,21 @@ def _sft_data(tmp: Path) -> Path:
     return d
 
 
-def _scored(tmp: Path, ckpt: Path) -> Path:
+def _scored(tmp: Path, ckpt: Path, block_size: int = 4, policy_id: str | None = None,
+            name: str = "reward") -> Path:
     sampling = pytest.importorskip("tracerl.sampling")
     model, tok = load_model(ckpt)
-    cfg = sampling.SamplingConfig(block_size=4, steps_per_block=4, max_tokens=8,
+    cfg = sampling.SamplingConfig(block_size=block_size, steps_per_block=4, max_tokens=8,
                                   strategy="low_confidence_static", batch_size=8)
     prompts = [list(range(10, 10 + n)) for n in (5, 5, 6, 6)]
     trajs = sampling.generate(model, prompts, cfg, generator=torch.Generator().manual_seed(0))
     df = sampling.trajectories_to_frame(trajs, ["a", "a", "b", "b"], [0, 1, 0, 1],
-                                        weights_digest(model), tok)
+                                        policy_id or weights_digest(model), tok)
     df = df.with_columns(correct=pl.Series([True, False, False, True]),
                          reward=pl.Series([1.0, 0.0, 0.0, 1.0]),
                          advantage=pl.Series([1.0, -1.0, -1.0, 1.0]),
                          kept=pl.Series([True, True, True, True]))
-    out = tmp / "reward"
+    out = tmp / name
     out.mkdir()
     write_parquet(df, out / "scored.parquet", "scored")
     return out
@@ -144,3 +146,63 @@ def test_policy_stage_empty_batch_and_bad_input(tmp_path):
         policy_stage.main(["--params", str(_params(tmp_path, policy={"use_value": True})),
                            "--policy", str(tmp_path / "sft"), "--scored", str(scored),
                            "--out", str(tmp_path / "r")])
+
+
+def test_stages_train_at_the_records_block_size(tmp_path):
+    """Rollouts decoded at block 8 (a curriculum schedule) from a model built at block 4:
+    the value and policy stages build rows at block 8, with no params change, and a mix of
+    block sizes is refused."""
+    from stages import policy as policy_stage
+    from stages import sft as sft_stage
+    from stages import value as value_stage
+
+    from tracerl.rl import TrajectoryError, read_scored, trajectory_logprobs
+
+    params = _params(tmp_path, sft={"steps": 1}, model={"block_size": 4})
+    sft_stage.main(["--params", str(params), "--data", str(_sft_data(tmp_path) / "sft.parquet"),
+                    "--out", str(tmp_path / "sft")])
+    model, _ = load_model(tmp_path / "sft")
+    assert model.block_size == 4
+    # policy_id of other weights: the policy stage recomputes the old log-probs
+    scored8 = _scored(tmp_path, tmp_path / "sft" / "checkpoint", block_size=8,
+                      policy_id="other-weights", name="r8")
+    samples, _, _ = read_scored(scored8 / "scored.parquet")
+    assert {(s.attention, s.block_size) for s in samples} == {("block", 8)}
+    # the library: log-probs at the records' block size are the sampler's; the same
+    # trajectories read at the model's block size are not (so the check below can fail)
+    recorded = [torch.tensor(list(s.logprobs[: s.response_len])) for s in samples]
+    for lp, want in zip(trajectory_logprobs(model, samples), recorded):
+        assert (lp - want).abs().max() < 1e-4
+    as4 = [dataclasses.replace(s, block_size=4) for s in samples]
+    assert max((lp - want).abs().max() for lp, want in
+               zip(trajectory_logprobs(model, as4), recorded)) > 1e-3
+
+    assert value_stage.main(["--params", str(params), "--value", "none", "--policy",
+                             str(tmp_path / "sft"), "--scored", str(scored8),
+                             "--out", str(tmp_path / "v")]) == 0
+    assert read_metrics(tmp_path / "v")["rows/block_size"] == 8.0
+    assert policy_stage.main(["--params", str(params), "--policy", str(tmp_path / "sft"),
+                              "--scored", str(scored8), "--out", str(tmp_path / "p")]) == 0
+    pm = read_metrics(tmp_path / "p")
+    assert pm["rows/block_size"] == 8.0 and pm["old_logprobs_recorded"] == 0.0
+    assert pm["old_logprob_drift_max"] < 1e-4  # recomputed at block 8 == the sampler's
+    assert load_model(tmp_path / "p")[0].block_size == 4  # the model itself is unchanged
+
+    # one update over records of two block sizes: refused, naming both sizes
+    scored4 = _scored(tmp_path, tmp_path / "sft" / "checkpoint", block_size=4, name="r4")
+    mixed = pl.concat([pl.read_parquet(scored4 / "scored.parquet"),
+                       pl.read_parquet(scored8 / "scored.parquet")])
+    write_parquet(mixed, tmp_path / "mixed.parquet", "scored")
+    with pytest.raises(TrajectoryError, match=r"different block sizes \(block_size 4: 4 "
+                                              r"samples.*block_size 8: 4 samples"):
+        policy_stage.main(["--params", str(params), "--policy", str(tmp_path / "sft"),
+                           "--scored", str(tmp_path / "mixed.parquet"),
+                           "--out", str(tmp_path / "pm")])
+    # full-attention records given to a block model: refused, saying what to do
+    full = pl.read_parquet(scored4 / "scored.parquet").with_columns(attention=pl.lit("full"))
+    write_parquet(full, tmp_path / "full.parquet", "scored")
+    with pytest.raises(TrajectoryError, match="decoded with full attention but model family "
+                                              "'sdar' uses block attention"):
+        policy_stage.main(["--params", str(params), "--policy", str(tmp_path / "sft"),
+                           "--scored", str(tmp_path / "full.parquet"),
+                           "--out", str(tmp_path / "pf")])

@@ -4,6 +4,7 @@ recorded old log-probs, baselines, value model and SFT."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 
 import pytest
@@ -20,6 +21,7 @@ from tracerl.rl import (
     ValueConfig,
     ValueScorer,
     evaluate_policy_loss,
+    policy_loss_factory,
     policy_update,
     prepare_policy_rows,
     sft_train,
@@ -27,11 +29,10 @@ from tracerl.rl import (
     trajectory_logprobs,
     value_update,
 )
-from tracerl.rl.update import policy_loss_factory
 
 
 def make_samples(n: int, seed: int = 0, b: int = 4, steps_per_block: int = 4,
-                 advantages=None) -> list[TraceSample]:
+                 advantages=None, attention: str = "block") -> list[TraceSample]:
     """Synthetic trajectories: prompts of 3..8 tokens, responses to the end of a block,
     per-block step maps like a sampler's (1..T contiguous steps, increasing across blocks)."""
     g = torch.Generator().manual_seed(seed)
@@ -50,7 +51,8 @@ def make_samples(n: int, seed: int = 0, b: int = 4, steps_per_block: int = 4,
             s, j = s + t, j + n_b
         adv = advantages[i] if advantages else (1.0 if i % 2 == 0 else -1.0)
         rlen = int(torch.randint(R - 3, R + 1, (1,), generator=g))
-        out.append(TraceSample(prompt, resp, steps, rlen, advantage=adv, sample_id=f"s{i}"))
+        out.append(TraceSample(prompt, resp, steps, rlen, advantage=adv, sample_id=f"s{i}",
+                               attention=attention, block_size=b))
     return out
 
 
@@ -141,8 +143,7 @@ def test_recorded_old_logprobs_used_when_weights_match(tiny_sdar):
         out = []
         for s, lp in zip(base, lps):
             full = lp.tolist() + [0.0] * (len(s.response_ids) - s.response_len)
-            out.append(TraceSample(s.prompt_ids, s.response_ids, s.decode_steps, s.response_len,
-                                   s.advantage, logprobs=full, policy_id=pid))
+            out.append(dataclasses.replace(s, logprobs=full, policy_id=pid))
         return out
 
     trainer = Trainer(TokenScorer(model), TrainConfig(lr=1e-3))
@@ -185,7 +186,7 @@ def test_full_attention_update_and_bf16_checkpointing(default_tokenizer):
     lm = build_for_tokenizer(default_tokenizer, "llada", seed=0)
     tc = TrainConfig(lr=1e-3, micro_batch=8, bf16=True, gradient_checkpointing=True)
     trainer = Trainer(TokenScorer(lm), tc)
-    m = policy_update(trainer, make_samples(2), PolicyConfig(shrink=2))
+    m = policy_update(trainer, make_samples(2, attention="full"), PolicyConfig(shrink=2))
     assert m["steps"] >= 1 and m["grad_norm"] > 0 and m["skipped"] == 0.0
     assert lm.backbone.model.gradient_checkpointing
 
@@ -208,8 +209,8 @@ def test_value_update_gae_and_regression(tiny_sdar):
     _, _, m2 = value_update(trainer, samples, ValueConfig())
     assert m2["value_loss"] < m["value_loss"]
     # token advantages flow into the policy update
-    tok = [TraceSample(s.prompt_ids, s.response_ids, s.decode_steps, s.response_len,
-                       token_advantages=a) for s, a in zip(samples, advs)]
+    tok = [dataclasses.replace(s, advantage=0.0, token_advantages=a)
+           for s, a in zip(samples, advs)]
     pt = Trainer(TokenScorer(model), TrainConfig(lr=1e-3))
     rows, _ = prepare_policy_rows(pt, tok, PolicyConfig())
     assert torch.equal(rows[0].tokens["advantages"],

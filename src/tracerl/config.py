@@ -74,14 +74,27 @@ class RunParams:
         return p
 
 
+def registry_problems(module: str, registry: str, name: str, where: str) -> list[str]:
+    """``[problem]`` when ``name`` is not in the registry ``module.registry`` (a
+    :class:`tracerl.registry.Registry`; imported here, lazily: this module is imported
+    before torch is needed), else ``[]``. Params name registry entries; the registry is
+    the one list of valid names."""
+    import importlib
+
+    problem = getattr(importlib.import_module(module), registry).problem(name, where)
+    return [problem] if problem else []
+
+
 @dataclass(frozen=True)
 class ModelParams:
-    family: Literal["sdar", "llada", "dream"] = "sdar"
+    family: str = "sdar"  # tracerl.models.FAMILIES
     # "tiny" builds the embedded default from the sizes below; anything else is a hub id
     # "org/name" or a local folder (that must exist) of a real checkpoint
     # (SDAR/TraDo/LLaDA/Dream); the rule is in tracerl.limits.
     init: str = "tiny"
-    block_size: int = 4  # the one block size: sampler and trainer both read it here
+    # the model's block size: the rollout's too unless curriculum.block_size_schedule says
+    # otherwise; the trainer takes the block size recorded with each trajectory
+    block_size: int = 4
     dtype: Literal["float32", "bfloat16"] = "float32"
     # sizes of the embedded default (used only when init == "tiny")
     hidden_size: int = 128
@@ -95,6 +108,7 @@ class ModelParams:
         from tracerl.limits import init_problem
 
         p = []
+        p += registry_problems("tracerl.models.model", "FAMILIES", self.family, "model.family")
         if self.block_size < 1:
             p.append("model.block_size must be >= 1")
         if (bad := init_problem(self.init)) is not None:
@@ -156,6 +170,12 @@ class DataParams:
 
     def _source_problems(self) -> list[str]:
         g = self.generator
+        if g != "file":  # the generators' registry, or task files
+            unknown = registry_problems("tracerl.data.sources", "GENERATORS",
+                                        g.partition(":")[0], "data.generator")
+            if unknown:
+                return [f"{unknown[0]}; or 'file' (with data.train_file and "
+                        "data.heldout_file)"]
         if g == "arithmetic":
             from tracerl.data.arithmetic import LEVELS
 
@@ -171,8 +191,7 @@ class DataParams:
                 f"data.generator {g!r}: no reasoning-gym dataset {g[3:]!r}; valid: rg:"
                 + ", rg:".join(_rg_names())]
         if g != "file":
-            return [f"data.generator {g!r} is unknown; use 'arithmetic', 'rg:<reasoning-gym "
-                    "dataset>' or 'file' (with data.train_file and data.heldout_file)"]
+            return []
         p = []
         for key in ("train_file", "heldout_file"):
             f = getattr(self, key)
@@ -192,7 +211,7 @@ class DataParams:
 class SFTParams:
     # semi_ar: block SFT (block models); trace: TraceRL rounds from step maps (or left to
     # right); random_masking: full-attention SFT (LLaDA/Dream)
-    method: Literal["semi_ar", "trace", "random_masking"] = "semi_ar"
+    method: str = "semi_ar"  # tracerl.rl.SFT_ROW_BUILDERS
     steps: int = 2000  # optimizer steps
     batch_size: int = 32  # examples per optimizer step (micro_batch x grad_accum x ranks)
     grad_accum: int = 1
@@ -214,7 +233,7 @@ class SFTParams:
     seed: int = 0
 
     def problems(self) -> list[str]:
-        p = []
+        p = registry_problems("tracerl.rl.builders", "SFT_ROW_BUILDERS", self.method, "sft.method")
         if not 0.0 <= self.lower_p <= self.upper_p <= 1.0:
             p.append("sft.lower_p and sft.upper_p must satisfy 0 <= lower_p <= upper_p <= 1")
         if self.steps < 0 or self.batch_size < 1:
@@ -237,9 +256,7 @@ class RolloutParams:
     responses_per_task: int = 8  # group size k
     max_tokens: int = 40  # generation budget; must be a multiple of model.block_size
     steps_per_block: int = 4  # T, denoising steps per block
-    strategy: Literal[
-        "low_confidence_static", "low_confidence_dynamic", "entropy_bounded", "sequential"
-    ] = "low_confidence_static"
+    strategy: str = "low_confidence_static"  # tracerl.sampling.STRATEGIES
     dynamic_threshold: float = 0.9
     entropy_bound: float = 0.35
     temperature: float = 1.0
@@ -248,7 +265,8 @@ class RolloutParams:
     batch_size: int = 64  # sequences decoded together
 
     def problems(self) -> list[str]:
-        p = []
+        p = registry_problems("tracerl.sampling.strategies", "STRATEGIES", self.strategy,
+                              "rollout.strategy")
         if self.responses_per_task < 2:
             p.append(
                 "rollout.responses_per_task must be >= 2: group-normalised advantages "
@@ -269,7 +287,9 @@ class RolloutParams:
 class RewardParams:
     # group filter: "none", "zero_variance" (drop all-equal groups) or "accuracy_band"
     # (drop groups whose accuracy is outside [filter_low, filter_high], the reference's rule)
-    group_filter: Literal["none", "zero_variance", "accuracy_band"] = "zero_variance"
+    group_filter: str = "zero_variance"  # tracerl.rewards.GROUP_FILTERS
+    # group-normalised advantage: "zscore" (the reference) or "mean_center" (Dr. GRPO)
+    advantage: str = "zscore"  # tracerl.rewards.ADVANTAGES
     filter_low: float = 0.2
     filter_high: float = 0.8
     overlong_is_wrong: bool = True  # a response cut off by the budget counts as wrong
@@ -279,7 +299,10 @@ class RewardParams:
     code_workers: int = 4
 
     def problems(self) -> list[str]:
-        p = []
+        p = (registry_problems("tracerl.rewards.advantages", "GROUP_FILTERS", self.group_filter,
+                               "reward.group_filter")
+             + registry_problems("tracerl.rewards.advantages", "ADVANTAGES", self.advantage,
+                                 "reward.advantage"))
         if not 0.0 <= self.filter_low <= self.filter_high <= 1.0:
             p.append("reward.filter_low and filter_high must satisfy 0 <= low <= high <= 1")
         return p
@@ -287,7 +310,7 @@ class RewardParams:
 
 @dataclass(frozen=True)
 class PolicyParams:
-    method: Literal["trace_rl", "random_masking", "coupled"] = "trace_rl"
+    method: str = "trace_rl"  # tracerl.rl.ROW_BUILDERS
     use_value: bool = False  # token advantages from the value model (GAE over steps)
     lr: float = 1e-4
     epochs: int = 1  # passes over one iteration's rows
@@ -317,7 +340,7 @@ class PolicyParams:
     seed: int = 0
 
     def problems(self) -> list[str]:
-        p = []
+        p = registry_problems("tracerl.rl.builders", "ROW_BUILDERS", self.method, "policy.method")
         if self.lr <= 0:
             p.append("policy.lr must be > 0")
         if self.schedule == "cosine" and self.total_steps < 1:
@@ -394,15 +417,11 @@ class CurriculumParams:
     max_tokens_schedule: list[list[int]] = field(default_factory=list)
 
     def problems(self) -> list[str]:
-        from tracerl.curriculum import POLICIES, schedule_problems
+        from tracerl.curriculum import schedule_problems
 
-        p = []
+        p = registry_problems("tracerl.curriculum", "POLICIES", self.policy, "curriculum.policy")
         if not 0 <= self.lower_below < self.raise_above <= 1:
             p.append("curriculum.lower_below must be < curriculum.raise_above, both in [0, 1]")
-        if self.policy not in POLICIES:
-            p.append(
-                f"curriculum.policy {self.policy!r} is unknown; valid: {', '.join(sorted(POLICIES))}"
-            )
         if self.window < 1 or self.step < 1:
             p.append("curriculum.window and curriculum.step must be >= 1")
         if self.retire_above is not None and not 0 < self.retire_above <= 1:
@@ -444,7 +463,9 @@ class EvaluateParams:
     that a score is comparable to the rollouts that trained it.
     """
 
-    benchmarks: list[str] = field(default_factory=lambda: ["heldout"])  # "heldout", "humaneval"
+    # "heldout" (the generated held-out split), "humaneval", or a tracerl.data.HF_DATASETS
+    # name (e.g. "math500"; needs the datasets package and network access)
+    benchmarks: list[str] = field(default_factory=lambda: ["heldout"])
     heldout_size: int = 500  # tasks of the held-out split scored by evaluate
     responses_per_task: int = 1  # k for avg@k
     pass_k: list[int] = field(default_factory=lambda: [1])  # pass@k reported for each k
@@ -468,14 +489,18 @@ class EvaluateParams:
                 f"evaluate.pass_k {bad_k} must lie in [1, evaluate.responses_per_task="
                 f"{self.responses_per_task}]; raise responses_per_task or drop them"
             )
-        valid = typing.get_args(typing.get_type_hints(RolloutParams)["strategy"])
-        unknown = [s for s in self.strategies if s not in valid]
+        from tracerl.sampling.strategies import STRATEGIES
+
+        valid = STRATEGIES.names()
+        unknown = [s for s in self.strategies if s not in STRATEGIES]
         if unknown or not self.strategies:
             p.append(
                 f"evaluate.strategies {unknown or '[]'} invalid; use a non-empty list of: "
                 f"{', '.join(valid)}"
             )
-        known_b = ("heldout", "humaneval")
+        from tracerl.data.sources import HF_DATASETS
+
+        known_b = ("heldout", "humaneval", *HF_DATASETS)
         bad_b = [b for b in self.benchmarks if b not in known_b]
         if bad_b or not self.benchmarks:
             p.append(

@@ -36,6 +36,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tracerl.registry import Registry
+
 
 @dataclass(frozen=True)
 class TaskResult:
@@ -185,23 +187,10 @@ def pool_pass_rate(history: Sequence[Sequence[TaskResult]], window: int,
 DifficultyPolicy = Callable[[Sequence[Sequence[TaskResult]], int, CurriculumRule], tuple[int, str]]
 """``(history, level, rule) -> (next_level, reason)``; history is oldest first."""
 
-POLICIES: dict[str, DifficultyPolicy] = {}
+POLICIES: Registry[DifficultyPolicy] = Registry("curriculum policy")
+"""Difficulty policies by name (selected by ``curriculum.policy``)."""
 
-
-def register_policy(name: str) -> Callable[[DifficultyPolicy], DifficultyPolicy]:
-    """Register a difficulty policy under ``name`` (selected by ``curriculum.policy``)."""
-
-    def deco(fn: DifficultyPolicy) -> DifficultyPolicy:
-        POLICIES[name] = fn
-        return fn
-
-    return deco
-
-
-def get_policy(name: str) -> DifficultyPolicy:
-    if name not in POLICIES:
-        raise ValueError(f"unknown curriculum policy {name!r}; valid: {', '.join(sorted(POLICIES))}")
-    return POLICIES[name]
+register_policy = POLICIES.register  # decorator: ``@register_policy("name")``
 
 
 @register_policy("fixed")
@@ -291,7 +280,7 @@ def plan_next(
         The decision for iteration ``iteration + 1``. With ``policy="fixed"`` and
         ``min_level < max_level`` the pool spans all levels.
     """
-    fn = get_policy(policy)
+    fn = POLICIES.get(policy)
     new_level, reason = fn(history, level, rule)
     assert rule.min_level <= new_level <= rule.max_level, (
         f"policy {policy} returned level {new_level} outside [{rule.min_level}, {rule.max_level}]"
@@ -325,7 +314,7 @@ def initial_decision(
     max_tokens_schedule: Sequence[Sequence[int]] = (),
 ) -> CurriculumDecision:
     """The decision iteration 0 samples with (before any results exist)."""
-    get_policy(policy)
+    POLICIES.get(policy)
     levels = pool_levels(policy, level, rule)
     return CurriculumDecision(
         iteration=0,

@@ -14,10 +14,11 @@ Example:
     '#f00'
     >>> colors.names()
     ['red']
-    >>> colors.get("blue")
-    Traceback (most recent call last):
-    ...
-    KeyError: "unknown color 'blue'; valid: red"
+    >>> try:
+    ...     colors.get("blue")
+    ... except KeyError as e:  # also a ValueError
+    ...     print(e.args[0])
+    unknown color 'blue'; valid: red
     >>> colors.add("red", red)
     Traceback (most recent call last):
     ...
@@ -30,6 +31,11 @@ from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
+
+
+class UnknownName(KeyError, ValueError):
+    """A name no entry is registered under (a ``KeyError`` for lookups, a ``ValueError``
+    for callers that treat it as a bad setting)."""
 
 
 class Registry(Generic[T]):
@@ -59,11 +65,11 @@ class Registry(Generic[T]):
         return deco
 
     def get(self, name: str) -> T:
-        """The entry ``name``; ``KeyError`` listing the valid names otherwise."""
+        """The entry ``name``; :class:`UnknownName` listing the valid names otherwise."""
         try:
             return self._items[name]
         except KeyError:
-            raise KeyError(
+            raise UnknownName(
                 f"unknown {self.kind} {name!r}; valid: {', '.join(self.names())}"
             ) from None
 

@@ -31,6 +31,23 @@ TASK = {
     "split": pl.String,  # "train" | "heldout" | "eval"
 }
 
+# How a response was decoded: the trainer's contract. The trainer rebuilds every
+# decoding context from these (attention and block size decide the rows and the block
+# mask), never from params; the rest records the behaviour policy's sampling settings
+# (the fields of tracerl.sampling.SamplingConfig that shape the distribution).
+DECODING = {
+    "attention": pl.String,  # "block" (block diffusion, KV-cached) | "full" (LLaDA/Dream)
+    "block_size": pl.Int32,  # b of the absolute block alignment (semi-AR block for "full")
+    "steps_per_block": pl.Int32,  # T
+    "max_tokens": pl.Int32,  # the generation budget
+    "strategy": pl.String,  # remasking strategy (tracerl.sampling.strategies.STRATEGIES)
+    "dynamic_threshold": pl.Float64,
+    "entropy_bound": pl.Float64,
+    "temperature": pl.Float64,  # 0 = greedy
+    "top_k": pl.Int32,
+    "top_p": pl.Float64,
+}
+
 # One row per sampled response (k rows per task). Written by the rollout stage.
 ROLLOUT = {
     "task_id": pl.String,
@@ -46,7 +63,7 @@ ROLLOUT = {
     "response_len": pl.Int32,  # tokens that count, through EOS (== len(lists) when cut by length)
     "finish_reason": pl.String,  # "eos" | "length"
     "num_forward": pl.Int32,  # model forward passes spent on this response (incl. its share of prefill)
-    "block_size": pl.Int32,
+    **DECODING,
     "policy_id": pl.String,  # identifies the weights that sampled (checkpoint digest)
     "response_text": pl.String,  # decoded response_ids[:response_len], special tokens removed
 }
@@ -66,7 +83,7 @@ SCHEMAS: dict[str, dict[str, pl.DataType]] = {
     "rollout": ROLLOUT,
     "scored": SCORED,
 }
-VERSIONS: dict[str, int] = {"task": 1, "rollout": 1, "scored": 1}
+VERSIONS: dict[str, int] = {"task": 1, "rollout": 2, "scored": 2}  # 2: DECODING columns
 
 
 class SchemaError(ValueError):

@@ -11,6 +11,7 @@ from tracerl.data.records import (
     validate_tasks,
 )
 from tracerl.data.sources import (
+    GENERATORS,
     HF_DATASETS,
     generate_tasks,
     humaneval_tasks,
@@ -21,7 +22,7 @@ from tracerl.data.sources import (
 )
 
 __all__ = [
-    "HF_DATASETS", "TaskError", "TaskRecord", "arithmetic_split_of", "generate_tasks",
+    "GENERATORS", "HF_DATASETS", "TaskError", "TaskRecord", "arithmetic_split_of", "generate_tasks",
     "humaneval_tasks", "load_hf_tasks", "load_local_tasks", "load_tasks",
     "reference_solution", "render_prompt", "source_names", "tasks_from_frame",
     "tasks_to_frame", "validate_tasks",

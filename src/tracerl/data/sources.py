@@ -28,6 +28,7 @@ import polars as pl
 from tracerl.data import arithmetic
 from tracerl.data.records import TaskError, TaskRecord, tests_problems, validate_tasks
 from tracerl.data.skips import Skipped
+from tracerl.registry import Registry
 
 # --------------------------------------------------------------------------- generators
 
@@ -82,9 +83,34 @@ def _rg_generate(name: str, n: int, difficulty: int | None, seed: int, split: st
     return out
 
 
+TaskGenerator = Callable[[str, int, "int | Sequence[int] | None", int, str], list[TaskRecord]]
+"""``(argument, n, difficulty, seed, split) -> tasks``; ``argument`` is what follows ``:``."""
+
+GENERATORS: Registry[TaskGenerator] = Registry("task generator")
+"""Procedural generators by name (``data.generator``: ``NAME`` or ``NAME:ARGUMENT``)."""
+
+
+@GENERATORS.register("arithmetic")
+def _arithmetic(arg: str, n: int, difficulty, seed: int, split: str) -> list[TaskRecord]:
+    if arg:
+        raise ValueError(f"generator 'arithmetic' takes no argument, got 'arithmetic:{arg}'")
+    return arithmetic.generate(n, 0 if difficulty is None else difficulty, seed, split)
+
+
+@GENERATORS.register("rg")
+def _reasoning_gym(arg: str, n: int, difficulty, seed: int, split: str) -> list[TaskRecord]:
+    if not arg:
+        raise ValueError("generator 'rg' needs a reasoning-gym dataset: rg:<name> "
+                         "(e.g. rg:basic_arithmetic, rg:chain_sum)")
+    if difficulty is not None and not isinstance(difficulty, int):
+        raise ValueError("rg: generators take one integer difficulty level (or None)")
+    return _rg_generate(arg, n, difficulty, seed, split)
+
+
 def generate_tasks(name: str, n: int, difficulty: int | Sequence[int] | None = 0, seed: int = 0,
                    split: str = "train") -> list[TaskRecord]:
-    """``n`` tasks from a procedural generator: ``arithmetic`` or ``rg:<dataset>``.
+    """``n`` tasks from a procedural generator of :data:`GENERATORS`: ``arithmetic`` or
+    ``rg:<dataset>``.
 
     Train and held-out tasks are disjoint (split decided by a hash of the problem text).
 
@@ -94,14 +120,8 @@ def generate_tasks(name: str, n: int, difficulty: int | Sequence[int] | None = 0
     """
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
-    if name == "arithmetic":
-        return arithmetic.generate(n, 0 if difficulty is None else difficulty, seed, split)  # type: ignore[arg-type]
-    if name.startswith("rg:"):
-        if difficulty is not None and not isinstance(difficulty, int):
-            raise ValueError("rg: generators take one integer difficulty level (or None)")
-        return _rg_generate(name[3:], n, difficulty, seed, split)
-    raise ValueError(f"unknown generator {name!r}; valid: arithmetic, rg:<name> for "
-                     f"reasoning-gym datasets (e.g. rg:basic_arithmetic, rg:chain_sum)")
+    kind, _, arg = name.partition(":")
+    return GENERATORS.get(kind)(arg, n, difficulty, seed, split)
 
 
 def longest_prompt(name: str, difficulty: int | Sequence[int]) -> str | None:
@@ -226,16 +246,17 @@ def _livecodebench(r: dict, i: int) -> TaskRecord | None:
                       split="eval")
 
 
-HF_DATASETS: dict[str, HFSource] = {
-    "gsm8k": HFSource("openai/gsm8k", "main", "test", _gsm8k),
-    "math500": HFSource("HuggingFaceH4/MATH-500", None, "test", _math_row("math500")),
-    "math_train": HFSource("DigitalLearningGmbH/MATH-lighteval", "default", "train",
-                           _math_row("math_train")),
-    "aime2024": HFSource("HuggingFaceH4/aime_2024", None, "train", _math_row("aime2024")),
-    "mbpp": HFSource("google-research-datasets/mbpp", "full", "test", _mbpp),
-    "livecodebench": HFSource("livecodebench/code_generation_lite", "release_v2", "test",
-                              _livecodebench),
-}
+HF_DATASETS: Registry[HFSource] = Registry("HF dataset")
+"""Hub datasets by name (``evaluate.benchmarks`` may name them; need network access)."""
+HF_DATASETS.add("gsm8k", HFSource("openai/gsm8k", "main", "test", _gsm8k))
+HF_DATASETS.add("math500", HFSource("HuggingFaceH4/MATH-500", None, "test", _math_row("math500")))
+HF_DATASETS.add("math_train", HFSource("DigitalLearningGmbH/MATH-lighteval", "default", "train",
+                                       _math_row("math_train")))
+HF_DATASETS.add("aime2024", HFSource("HuggingFaceH4/aime_2024", None, "train",
+                                     _math_row("aime2024")))
+HF_DATASETS.add("mbpp", HFSource("google-research-datasets/mbpp", "full", "test", _mbpp))
+HF_DATASETS.add("livecodebench", HFSource("livecodebench/code_generation_lite", "release_v2",
+                                          "test", _livecodebench))
 
 
 def load_hf_tasks(name: str, limit: int | None = None, split: str | None = None
@@ -247,9 +268,7 @@ def load_hf_tasks(name: str, limit: int | None = None, split: str | None = None
         ValueError: unknown name (lists the valid ones).
         ImportError: the ``datasets`` package is missing (with how to install it).
     """
-    if name not in HF_DATASETS:
-        raise ValueError(f"unknown HF dataset {name!r}; valid names: {', '.join(sorted(HF_DATASETS))}")
-    src = HF_DATASETS[name]
+    src = HF_DATASETS.get(name)
     try:
         import datasets  # noqa: PLC0415 - optional, online-only dependency
     except ImportError as e:
@@ -385,7 +404,7 @@ def load_tasks(name: str, n: int | None = None, *, difficulty: int | Sequence[in
     """Tasks by name: a generator (needs ``n``), ``humaneval``, an HF dataset name, or a
     path to a local ``.jsonl``/``.parquet`` file. Invalid rows of files and datasets are
     errors here; use :func:`load_local_tasks`/:func:`load_hf_tasks` to count skips."""
-    if name == "arithmetic" or name.startswith("rg:"):
+    if name.partition(":")[0] in GENERATORS:
         if n is None:
             raise ValueError(f"generator {name!r} needs n (how many tasks)")
         return generate_tasks(name, n, difficulty, seed, split)
@@ -400,4 +419,5 @@ def load_tasks(name: str, n: int | None = None, *, difficulty: int | Sequence[in
 
 
 def source_names() -> list[str]:
-    return ["arithmetic", "rg:<reasoning-gym name>", "humaneval", *sorted(HF_DATASETS)]
+    gens = [f"{g}:<reasoning-gym name>" if g == "rg" else g for g in GENERATORS]
+    return [*gens, "humaneval", *HF_DATASETS]

@@ -9,11 +9,13 @@ from tracerl.models.masks import (
     training_layout,
 )
 from tracerl.models.model import (
+    CHECKPOINT_SUBDIRS,
     FAMILIES,
     DiffusionLM,
     FamilySpec,
     ModelLoadError,
     SpecialTokens,
+    checkpoint_dir,
     load_model,
     load_tokenizer,
     save_model,
@@ -24,9 +26,9 @@ from tracerl.models.tokenizer import build_default_tokenizer, save_default_token
 from tracerl.models.value import ValueModel
 
 __all__ = [
-    "FAMILIES", "BlockKVCache", "DiffusionLM", "FamilySpec", "ModelLoadError", "SpecialTokens",
+    "CHECKPOINT_SUBDIRS", "FAMILIES", "BlockKVCache", "DiffusionLM", "FamilySpec", "ModelLoadError", "SpecialTokens",
     "ValueModel", "attention_bias", "block_ids", "block_visibility", "build_default_tokenizer",
-    "build_for_tokenizer", "build_model", "full_visibility", "load_model", "load_tokenizer",
+    "build_for_tokenizer", "build_model", "checkpoint_dir", "full_visibility", "load_model", "load_tokenizer",
     "save_default_tokenizer", "save_model", "tiny_model", "training_layout",
     "weights_digest",
 ]

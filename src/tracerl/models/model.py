@@ -46,6 +46,7 @@ from transformers import (
 
 from tracerl.limits import is_hub_id
 from tracerl.models.masks import attention_bias
+from tracerl.registry import Registry
 
 ATTENTION = "tracerl_sdpa"
 
@@ -89,17 +90,18 @@ class FamilySpec:
     default_backbone: str  # qwen3 | qwen2 | llama
 
 
-FAMILIES: dict[str, FamilySpec] = {
-    "sdar": FamilySpec("sdar", "block", False, "qwen3"),
-    "llada": FamilySpec("llada", "full", False, "llama"),
-    "dream": FamilySpec("dream", "full", True, "qwen2"),
-}
+FAMILIES: Registry[FamilySpec] = Registry("model family")  # model.family
+for _spec in (FamilySpec("sdar", "block", False, "qwen3"),
+              FamilySpec("llada", "full", False, "llama"),
+              FamilySpec("dream", "full", True, "qwen2")):
+    FAMILIES.add(_spec.name, _spec)
 
-BACKBONES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
-    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-    "llama": (LlamaConfig, LlamaForCausalLM),
-}
+BACKBONES: Registry[tuple[type[PretrainedConfig], type[PreTrainedModel]]] = Registry("backbone")
+"""transformers classes by ``model_type``; chosen by the checkpoint's config.json (or the
+family's default backbone), not by params."""
+BACKBONES.add("qwen3", (Qwen3Config, Qwen3ForCausalLM))
+BACKBONES.add("qwen2", (Qwen2Config, Qwen2ForCausalLM))
+BACKBONES.add("llama", (LlamaConfig, LlamaForCausalLM))
 
 # LLaDA (modeling_llada.py of GSAI-ML/LLaDA-8B-*) parameter names -> Llama's.
 # ``ff_proj`` is the gated branch (act(ff_proj(x)) * up_proj(x)), ``ff_out`` projects down.
@@ -260,13 +262,34 @@ _CONFIG_DROP = {
     "torch_dtype", "dtype", "tracerl_family", "tracerl_backbone",
 }
 
+CHECKPOINT_SUBDIRS = ("checkpoint", "model")
+"""Where a stage folder keeps its model (``save_model(..., stage_dir / "checkpoint")``)."""
+
+
+def checkpoint_dir(path: str | os.PathLike) -> Path:
+    """The model folder of ``path``: itself, or its ``checkpoint/`` (or ``model/``) subfolder
+    when ``path`` is a stage folder. The one place that knows this layout.
+
+    Example:
+        >>> checkpoint_dir("/no/such/folder").as_posix()
+        '/no/such/folder'
+    """
+    path = Path(path).expanduser()
+    if not (path / "config.json").is_file():
+        for sub in CHECKPOINT_SUBDIRS:
+            if (path / sub / "config.json").is_file():
+                return path / sub
+    return path
+
+
 def resolve_checkpoint(source: str | os.PathLike, revision: str | None = None) -> Path:
-    """A local checkpoint folder for ``source`` (a folder, or a hub id fetched to the cache).
+    """A local checkpoint folder for ``source``: a checkpoint folder, a stage folder holding
+    one (:func:`checkpoint_dir`), or a hub id fetched to the cache.
 
     Raises:
         ModelLoadError: the folder does not exist and ``source`` is not a fetchable hub id.
     """
-    path = Path(source).expanduser()
+    path = checkpoint_dir(source)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path} has no config.json: not a model checkpoint folder")
@@ -326,7 +349,7 @@ def detect_family(cfg: dict, family: str | None = None) -> tuple[FamilySpec, str
                 "with family=...)"
             )
     if name not in FAMILIES:
-        raise ModelLoadError(f"unknown model family {name!r}; supported: {', '.join(FAMILIES)}")
+        raise ModelLoadError(FAMILIES.problem(name, "model family"))
     spec = FAMILIES[name]
     backbone = cfg.get("tracerl_backbone") or (mt if mt in BACKBONES else spec.default_backbone)
     return spec, backbone

@@ -38,7 +38,7 @@ def build_model(
     The defaults are the tiny test model (2 layers, hidden 32).
     """
     if family not in FAMILIES:
-        raise ModelLoadError(f"unknown model family {family!r}; supported: {', '.join(FAMILIES)}")
+        raise ModelLoadError(FAMILIES.problem(family, "model family"))
     spec = FAMILIES[family]
     backbone = backbone or spec.default_backbone
     config_cls, model_cls = BACKBONES[backbone]

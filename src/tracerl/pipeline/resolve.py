@@ -13,17 +13,6 @@ import torch
 from tracerl.config import Params
 from tracerl.curriculum import CurriculumDecision, CurriculumRule, initial_decision
 
-CHECKPOINT_SUBDIRS = ("checkpoint", "model")
-
-
-def checkpoint_folder(source: str | os.PathLike) -> Path:
-    """A checkpoint folder, or the stage folder holding it in ``checkpoint/`` or ``model/``."""
-    path = Path(source)
-    for sub in CHECKPOINT_SUBDIRS:
-        if not (path / "config.json").is_file() and (path / sub / "config.json").is_file():
-            return path / sub
-    return path
-
 
 def policy_from_params(source: str | os.PathLike, p: Params, *, cached: bool = True):
     """``(model, tokenizer)`` for ``source``: the embedded default built from ``model.*``
@@ -43,9 +32,8 @@ def policy_from_params(source: str | os.PathLike, p: Params, *, cached: bool = T
             intermediate_size=m.intermediate_size,
             max_position_embeddings=m.max_position_embeddings, seed=p.run.seed, dtype=dtype)
         return model.to(p.run.device), tok
-    folder = checkpoint_folder(source)
-    load = load_policy if cached else load_model
-    return load(folder, family=m.family, dtype=dtype, device=p.run.device,
+    load = load_policy if cached else load_model  # both find a stage folder's checkpoint/
+    return load(source, family=m.family, dtype=dtype, device=p.run.device,
                 block_size=m.block_size)
 
 

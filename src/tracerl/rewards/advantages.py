@@ -25,25 +25,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tracerl.registry import Registry
+
 AdvantageFn = Callable[[np.ndarray], np.ndarray]  # rewards of one group [k] -> advantages [k]
 GroupFilter = Callable[[np.ndarray, np.ndarray, float, float], bool]  # keep this group?
 
-ADVANTAGES: dict[str, AdvantageFn] = {}
-GROUP_FILTERS: dict[str, GroupFilter] = {}
-
-
-def register_advantage(name: str) -> Callable[[AdvantageFn], AdvantageFn]:
-    def deco(fn: AdvantageFn) -> AdvantageFn:
-        ADVANTAGES[name] = fn
-        return fn
-    return deco
-
-
-def register_filter(name: str) -> Callable[[GroupFilter], GroupFilter]:
-    def deco(fn: GroupFilter) -> GroupFilter:
-        GROUP_FILTERS[name] = fn
-        return fn
-    return deco
+ADVANTAGES: Registry[AdvantageFn] = Registry("advantage estimator")  # reward.advantage
+GROUP_FILTERS: Registry[GroupFilter] = Registry("group filter")  # reward.group_filter
+register_advantage = ADVANTAGES.register
+register_filter = GROUP_FILTERS.register
 
 
 @register_advantage("zscore")
@@ -82,12 +72,6 @@ def drop_zero_variance(rewards: np.ndarray, correct: np.ndarray, low: float, hig
 def drop_outside_band(rewards: np.ndarray, correct: np.ndarray, low: float, high: float) -> bool:
     acc = float(np.mean(correct)) if correct.size else 0.0
     return low <= acc <= high
-
-
-def _lookup(table: dict, name: str, what: str):
-    if name not in table:
-        raise ValueError(f"unknown {what} {name!r}; valid names: {', '.join(sorted(table))}")
-    return table[name]
 
 
 @dataclass(frozen=True)
@@ -129,8 +113,8 @@ def compute_group_advantages(
         >>> g.advantages.tolist(), g.kept.tolist(), g.metrics["filtered_groups"]
         ([1.0, -1.0, 0.0, 0.0], [True, True, False, False], 1)
     """
-    adv_fn = _lookup(ADVANTAGES, estimator, "advantage estimator")
-    keep_fn = _lookup(GROUP_FILTERS, group_filter, "group filter")
+    adv_fn = ADVANTAGES.get(estimator)
+    keep_fn = GROUP_FILTERS.get(group_filter)
     rewards = np.asarray(rewards, dtype=np.float64)
     group_ids = np.asarray(group_ids)
     if rewards.shape != group_ids.shape or rewards.ndim != 1:

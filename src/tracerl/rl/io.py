@@ -16,8 +16,13 @@ from pathlib import Path
 
 import polars as pl
 
+from tracerl.models.model import CHECKPOINT_SUBDIRS, checkpoint_dir
 from tracerl.rl.rows import TraceSample
 from tracerl.schemas import read_parquet
+
+__all__ = ["ADV_SCHEMA", "checkpoint_dir", "pick", "read_scored", "read_sft_samples",
+           "read_token_advantages", "sample_from_trajectory", "samples_from_frame",
+           "trainer_state_dir", "write_token_advantages"]
 
 ADV_SCHEMA = {
     "task_id": pl.String,
@@ -54,13 +59,25 @@ def samples_from_frame(df: pl.DataFrame, *, kept_only: bool = True,
             advantage=float(r["advantage"]) if r.get("advantage") is not None else 0.0,
             logprobs=r.get("logprobs"), token_advantages=tok_adv,
             token_rewards=r.get("token_rewards") if "token_rewards" in has else None,
-            policy_id=r.get("policy_id"), sample_id=f"{key[0]}/{key[1]}"))
+            policy_id=r.get("policy_id"), sample_id=f"{key[0]}/{key[1]}",
+            attention=r.get("attention"), block_size=r.get("block_size")))
     if missing:
         raise ValueError(
             f"{len(missing)} kept samples have no token advantages (e.g. {missing[:3]}); the "
             "value stage must run on the same scored records as the policy stage"
         )
     return out, {"samples/total": float(n_all), "samples/filtered": float(n_all - len(out))}
+
+
+def sample_from_trajectory(traj, *, advantage: float = 0.0, policy_id: str | None = None,
+                           sample_id: str = "", token_rewards=None) -> TraceSample:
+    """A :class:`TraceSample` of a :class:`tracerl.sampling.Trajectory` (in-memory loops):
+    the ids, steps, log-probs and decoding record (attention, block size) as sampled."""
+    return TraceSample(
+        prompt_ids=traj.prompt_ids, response_ids=traj.response_ids,
+        decode_steps=traj.decode_steps, response_len=traj.response_len, advantage=advantage,
+        logprobs=traj.logprobs, token_rewards=token_rewards, policy_id=policy_id,
+        sample_id=sample_id, attention=traj.attention, block_size=traj.block_size)
 
 
 def read_scored(path: str | os.PathLike,
@@ -141,22 +158,12 @@ def read_sft_samples(path: str | os.PathLike, tokenizer=None, *, eos_id: int | N
     return out
 
 
-def checkpoint_dir(path: str | os.PathLike) -> Path:
-    """The model folder of ``path``: itself, or its ``checkpoint/`` (or ``model/``) subfolder
-    when ``path`` is a stage folder."""
-    path = Path(path)
-    for sub in ("checkpoint", "model"):
-        if not (path / "config.json").is_file() and (path / sub / "config.json").is_file():
-            return path / sub
-    return path
-
-
 def trainer_state_dir(path: str | os.PathLike) -> Path:
     """Where the trainer state of the stage folder (or checkpoint folder) ``path`` lives."""
     path = Path(path)
     if (path / "trainer_state").is_dir():
         return path / "trainer_state"
-    return path.parent / "trainer_state" if path.name in ("checkpoint", "model") else path / "trainer_state"
+    return path.parent / "trainer_state" if path.name in CHECKPOINT_SUBDIRS else path / "trainer_state"
 
 
 def pick(cls, section, **overrides):

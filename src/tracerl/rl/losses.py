@@ -18,7 +18,6 @@ Normalisation (``normalize``):
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -178,7 +177,3 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
     if values.numel() < 2 or var.item() == 0:
         return float("nan")
     return (1 - (returns - values).float().var(unbiased=False) / var).item()
-
-
-PolicyLossFn = Callable[..., tuple[torch.Tensor, dict[str, float]]]
-POLICY_LOSSES: dict[str, PolicyLossFn] = {"trace_rl": trace_rl_loss}

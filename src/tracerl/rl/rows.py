@@ -54,6 +54,12 @@ class TraceSample:
     end of the last block; only the first ``response_len`` (through EOS) are trained.
     ``token_advantages`` (value model, GAE) and ``token_rewards`` (process reward) have
     ``response_len`` entries.
+
+    ``attention`` (``"block"`` or ``"full"``) and ``block_size`` say how the trajectory was
+    decoded (the ROLLOUT record's columns of the same names). They are the trainer's
+    contract: rows are rebuilt with them (:func:`records_block_size`), never with a block
+    size from params or from the model's config. None = not recorded, which the RL updates
+    refuse.
     """
 
     prompt_ids: Sequence[int]
@@ -66,6 +72,8 @@ class TraceSample:
     token_rewards: Sequence[float] | None = None
     policy_id: str | None = None
     sample_id: str = ""
+    attention: str | None = None
+    block_size: int | None = None
 
 
 def check_sample(s: TraceSample, index: int = 0) -> None:
@@ -97,6 +105,65 @@ def check_sample(s: TraceSample, index: int = 0) -> None:
         problems.append(f"advantage {s.advantage} is not finite")
     if problems:
         raise TrajectoryError(f"trajectory {name}: " + "; ".join(problems))
+
+
+def records_block_size(samples: Sequence[TraceSample], attention: str,
+                       model: str = "the model") -> int | None:
+    """The block size rows of ``samples`` are built with: the one they were decoded with.
+
+    The trajectory record is the trainer's contract (a curriculum block-size schedule
+    samples at block 8 from a model built at block 4, and the update must then train at
+    block 8). Every sample must record how it was decoded, with the attention of the
+    model being trained, and all samples of one update must share one block size.
+
+    Args:
+        samples: the update's trajectories.
+        attention: the trained model's attention (``"block"`` or ``"full"``).
+        model: the model's name, for messages.
+
+    Returns:
+        the records' block size for block attention; None for full attention (rows take
+        ranks over the whole response, spec section 5, whatever the semi-AR block size).
+
+    Raises:
+        TrajectoryError: a sample without ``attention``/``block_size``, samples of different
+            attention or block sizes, or attention that differs from the model's; the
+            message says what was found and what to do.
+    """
+    if not samples:
+        return None
+    missing = [s.sample_id or f"#{i}" for i, s in enumerate(samples)
+               if s.attention is None or (s.attention == "block" and not s.block_size)]
+    if missing:
+        raise TrajectoryError(
+            f"{len(missing)} trajectories (e.g. {', '.join(missing[:3])}) do not record how they "
+            "were decoded (attention and block_size): the trainer builds rows from the record, "
+            "never from params. Records written by tracerl.sampling carry them (ROLLOUT columns "
+            "attention, block_size); when building TraceSample by hand pass "
+            "attention='block'|'full' and block_size=b")
+    kinds = sorted({s.attention for s in samples})
+    if len(kinds) > 1:
+        raise TrajectoryError(
+            f"one update mixes trajectories decoded with {' and '.join(kinds)} attention; "
+            "train each kind with a model of that attention")
+    if kinds[0] != attention:
+        raise TrajectoryError(
+            f"the trajectories were decoded with {kinds[0]} attention but {model} uses "
+            f"{attention} attention, so their decoding contexts cannot be rebuilt: train a "
+            f"{kinds[0]}-attention model on them, or re-run the rollout with this model")
+    if attention == "full":
+        return None
+    sizes: dict[int, list[str]] = {}
+    for i, s in enumerate(samples):
+        sizes.setdefault(int(s.block_size), []).append(s.sample_id or f"#{i}")
+    if len(sizes) > 1:
+        found = "; ".join(f"block_size {b}: {len(ids)} samples (e.g. {', '.join(ids[:2])})"
+                          for b, ids in sorted(sizes.items()))
+        raise TrajectoryError(
+            f"one update mixes trajectories decoded at different block sizes ({found}); rows "
+            "of one update are built at one block size: update on each block size's records "
+            "separately, or re-run the rollout at a single block size")
+    return next(iter(sizes))
 
 
 # --------------------------------------------------------------------------- steps
@@ -305,6 +372,7 @@ class RowStats:
     rows: int = 0
     copies: int = 0  # (sample, round) states, i.e. reference rows
     targets: int = 0
+    block_size: int = 0  # the block size the rows were built with (0 = full attention)
 
     def as_metrics(self, prefix: str = "rows/") -> dict[str, float]:
         return {f"{prefix}{k}": float(v) for k, v in self.__dict__.items()}
@@ -358,7 +426,7 @@ def build_trace_rows(samples: Sequence[TraceSample], *, block_size: int | None, 
         rows and :class:`RowStats`.
     """
     rows: list[Row] = []
-    stats = RowStats()
+    stats = RowStats(block_size=block_size or 0)
     for i, s, prompt, response in _admitted(samples, max_len, stats):
         P, R = len(prompt), len(response)
         steps = (torch.as_tensor(list(s.decode_steps), dtype=torch.long)
@@ -406,7 +474,7 @@ def build_masked_rows(samples: Sequence[TraceSample], *, block_size: int | None,
     or not like the others but never trained.
     """
     rows: list[Row] = []
-    stats = RowStats()
+    stats = RowStats(block_size=block_size or 0)
     for i, s, prompt, response in _admitted(samples, max_len, stats):
         R = len(response)
         trainable = torch.arange(R) < s.response_len

@@ -74,7 +74,6 @@ from tracerl.models.masks import block_ids, block_visibility, full_visibility
 from tracerl.sampling.strategies import (
     STRATEGIES,
     draw_tokens,
-    get_strategy,
     process_logits,
     transfer_schedule,
 )
@@ -127,7 +126,7 @@ class SamplingConfig:
                 f"{max(self.block_size, self.max_tokens // max(self.block_size, 1) * self.block_size)}"
             )
         if self.strategy not in STRATEGIES:
-            p.append(f"unknown strategy {self.strategy!r}; valid: {', '.join(STRATEGIES)}")
+            p.append(STRATEGIES.problem(self.strategy, "strategy"))
         if (self.strategy == "low_confidence_static" and self.block_size >= 1
                 and self.steps_per_block > self.block_size):
             p.append(
@@ -166,6 +165,9 @@ class Trajectory:
             each block's commit into the next block's first denoising forward, and a
             finished sequence is not committed).
         block_size: the block size it was decoded with.
+        attention: ``"block"`` or ``"full"``: the attention it was decoded with.
+        sampling: the full decoding configuration (recorded with the trajectory: the
+            trainer rebuilds contexts from the record, never from params).
     """
 
     prompt_ids: list[int]
@@ -175,7 +177,9 @@ class Trajectory:
     response_len: int
     finish_reason: Literal["eos", "length"]
     num_forward: int
-    block_size: int = 0
+    block_size: int
+    attention: Literal["block", "full"]
+    sampling: SamplingConfig
 
     @property
     def num_steps(self) -> int:
@@ -285,7 +289,7 @@ def decode_batch(model, prompts: list[list[int]], seeds: list[int],
     b, T, M = cfg.block_size, cfg.steps_per_block, cfg.max_tokens
     full = model.family.attention == "full"
     cached = cfg.use_cache and not full
-    strategy = get_strategy(cfg.strategy)
+    strategy = STRATEGIES.get(cfg.strategy)
     schedule = transfer_schedule(b, T)
     stop_ids = torch.tensor(tokens.stop_ids, device=dev)
 
@@ -387,6 +391,8 @@ def decode_batch(model, prompts: list[list[int]], seeds: list[int],
                 finish_reason=reason,
                 num_forward=int(nfwd[r]),
                 block_size=b,
+                attention="full" if full else "block",
+                sampling=cfg,
             )
         if done.all():
             break

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import polars as pl
 
-from tracerl.sampling.generate import Trajectory
-from tracerl.schemas import ROLLOUT, conform
+from tracerl.sampling.generate import SamplingConfig, Trajectory
+from tracerl.schemas import DECODING, ROLLOUT, conform
 
 
 def trajectories_to_frame(
@@ -16,16 +16,15 @@ def trajectories_to_frame(
     sample_indices: Sequence[int],
     policy_id: str,
     tokenizer,
-    *,
-    block_size: int | None = None,
 ) -> pl.DataFrame:
     """One ROLLOUT row per trajectory (write it with :func:`tracerl.schemas.write_parquet`).
 
     ``response_text`` decodes ``response_ids[:response_len]`` with special tokens skipped.
-    ``block_size`` defaults to each trajectory's own.
+    The DECODING columns (attention, block size and sampling settings) come from each
+    trajectory's own record, so they are what it was decoded with.
 
     Raises:
-        ValueError: the argument lists differ in length, or no block size is known.
+        ValueError: the argument lists differ in length.
     """
     n = len(trajs)
     if not len(task_ids) == len(sample_indices) == n:
@@ -33,9 +32,7 @@ def trajectories_to_frame(
             f"{n} trajectories but {len(task_ids)} task ids and {len(sample_indices)} "
             "sample indices; pass one of each per trajectory"
         )
-    sizes = [block_size or t.block_size for t in trajs]
-    if any(s < 1 for s in sizes):
-        raise ValueError("a trajectory has no block_size; pass block_size=...")
+    records = [decoding(t) for t in trajs]
     texts = tokenizer.batch_decode(
         [t.response_ids[: t.response_len] for t in trajs], skip_special_tokens=True
     ) if n else []
@@ -50,13 +47,23 @@ def trajectories_to_frame(
             "response_len": [t.response_len for t in trajs],
             "finish_reason": [t.finish_reason for t in trajs],
             "num_forward": [t.num_forward for t in trajs],
-            "block_size": sizes,
+            **{c: [d[c] for d in records] for c in DECODING},
             "policy_id": [policy_id] * n,
             "response_text": texts,
         },
         schema=ROLLOUT,
     )
     return conform(df, "rollout")
+
+
+def decoding(t: Trajectory) -> dict:
+    """The DECODING record of a trajectory (:data:`tracerl.schemas.DECODING` columns)."""
+    c = t.sampling
+    return {"attention": t.attention, "block_size": t.block_size,
+            "steps_per_block": c.steps_per_block, "max_tokens": c.max_tokens,
+            "strategy": c.strategy, "dynamic_threshold": c.dynamic_threshold,
+            "entropy_bound": c.entropy_bound, "temperature": c.temperature, "top_k": c.top_k,
+            "top_p": c.top_p}
 
 
 def frame_to_trajectories(df: pl.DataFrame) -> list[Trajectory]:
@@ -71,6 +78,8 @@ def frame_to_trajectories(df: pl.DataFrame) -> list[Trajectory]:
             finish_reason=r["finish_reason"],
             num_forward=r["num_forward"],
             block_size=r["block_size"],
+            attention=r["attention"],
+            sampling=SamplingConfig(**{k: r[k] for k in DECODING if k != "attention"}),
         )
         for r in df.iter_rows(named=True)
     ]

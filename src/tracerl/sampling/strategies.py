@@ -24,6 +24,8 @@ from collections.abc import Callable
 
 import torch
 
+from tracerl.registry import Registry
+
 NEG_INF = float("-inf")
 
 
@@ -157,18 +159,10 @@ def sequential(conf, probs, masked, n, threshold, bound):
     return top_ranked(leftmost, masked, _scheduled(masked, n))
 
 
-STRATEGIES: dict[str, Strategy] = {
-    "low_confidence_static": low_confidence_static,
-    "low_confidence_dynamic": low_confidence_dynamic,
-    "entropy_bounded": entropy_bounded,
-    "sequential": sequential,
-}
+STRATEGIES: Registry[Strategy] = Registry("remasking strategy")
+"""Remasking strategies by name (``rollout.strategy``, ``evaluate.strategies``)."""
 
-
-def get_strategy(name: str) -> Strategy:
-    """The remasking strategy registered under ``name``; unknown names list the valid ones."""
-    if name not in STRATEGIES:
-        raise ValueError(
-            f"unknown remasking strategy {name!r}; valid: {', '.join(STRATEGIES)}"
-        )
-    return STRATEGIES[name]
+STRATEGIES.add("low_confidence_static", low_confidence_static)
+STRATEGIES.add("low_confidence_dynamic", low_confidence_dynamic)
+STRATEGIES.add("entropy_bounded", entropy_bounded)
+STRATEGIES.add("sequential", sequential)
