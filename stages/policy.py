@@ -33,6 +33,7 @@ from tracerl.rl import (
     read_token_advantages,
     trainer_state_dir,
 )
+from tracerl.tracking import stage_run, step_logger
 
 
 def parse_args(argv):
@@ -67,7 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         if a.reference is None:
             raise ValueError("policy.kl_target 'reference' with beta > 0 needs --reference CKPT")
         ref = load_model(checkpoint_dir(a.reference), family=m.family)[0]
-    metrics = policy_update(trainer, samples, pick(PolicyConfig, p), ref_model=ref, progress=True)
+    with stage_run("policy", iteration=a.iteration) as tracker:  # per-step curves
+        trainer.step_hooks.append(step_logger(tracker))
+        metrics = policy_update(trainer, samples, pick(PolicyConfig, p), ref_model=ref,
+                                progress=True)
     with stage_output(a.out, stage="policy") as o:
         save_model(model, tok, o.dir / "checkpoint")
         trainer.save(o.dir / "trainer_state")

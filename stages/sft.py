@@ -31,6 +31,7 @@ from tracerl.rl import (
     read_sft_samples,
     sft_train,
 )
+from tracerl.tracking import stage_run, step_logger
 
 
 def parse_args(argv):
@@ -52,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
                                block_size=model.block_size)
     cfg = pick(TrainConfig, s, micro_batch=s.batch_size // s.grad_accum, total_steps=max(s.steps, 1))
     trainer = Trainer(TokenScorer(model), cfg, kind="sft")
-    metrics = sft_train(trainer, samples, pick(SFTConfig, s), s.steps, progress=True)
+    with stage_run("sft") as tracker:  # per-step curves
+        trainer.step_hooks.append(step_logger(tracker))
+        metrics = sft_train(trainer, samples, pick(SFTConfig, s), s.steps, progress=True)
     with stage_output(a.out, stage="sft") as o:
         save_model(model, tok, o.dir / "checkpoint")
         trainer.save(o.dir / "trainer_state")

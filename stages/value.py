@@ -34,6 +34,7 @@ from tracerl.rl import (
     value_update,
     write_token_advantages,
 )
+from tracerl.tracking import stage_run, step_logger
 
 
 def parse_args(argv):
@@ -63,8 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     scored = Path(a.scored)
     samples, keys, counts = read_scored(scored / "scored.parquet" if scored.is_dir() else scored)
     train = (a.iteration or 0) % v.train_every == 0
-    advs, rets, metrics = value_update(trainer, samples, pick(ValueConfig, v), train=train,
-                                       progress=True)
+    with stage_run("value", iteration=a.iteration) as tracker:  # per-step curves
+        trainer.step_hooks.append(step_logger(tracker))
+        advs, rets, metrics = value_update(trainer, samples, pick(ValueConfig, v), train=train,
+                                           progress=True)
     with stage_output(a.out, stage="value") as o:
         vm.save(o.dir / "checkpoint", tok)
         trainer.save(o.dir / "trainer_state")

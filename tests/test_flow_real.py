@@ -85,6 +85,18 @@ def test_real_stages_two_iterations(tmp_path, monkeypatch):
         max_results=1000)
     assert sorted(r.info.run_name for r in children) == sorted(c.label for c in calls)
     assert all(r.info.status == "FINISHED" for r in children)
+    # per optimizer step curves in the training stages' child runs, one curve across
+    # iterations (the trainer's step count runs on)
+    by_name = {r.info.run_name: r for r in children}
+    for label in ("policy[0]", "policy[1]", "value[1]", "sft"):
+        rid = by_name[label].info.run_id
+        for key in ("step.loss", "step.grad_norm", "step.lr"):
+            assert tracker.client.get_metric_history(rid, key), (label, key)
+    for key in ("step.kl", "step.clip_fraction", "step.ratio_max", "step.entropy"):
+        assert tracker.client.get_metric_history(by_name["policy[1]"].info.run_id, key), key
+    first = tracker.client.get_metric_history(by_name["policy[0]"].info.run_id, "step.loss")
+    second = tracker.client.get_metric_history(by_name["policy[1]"].info.run_id, "step.loss")
+    assert max(m.step for m in first) < min(m.step for m in second)
     hist = tracker.client.get_metric_history(parent_id, "policy.kl")
     assert sorted(m.step for m in hist) == [0, 1]
     versions = tracker.client.search_model_versions("name='tiny-policy'")

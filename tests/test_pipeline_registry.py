@@ -65,19 +65,21 @@ def test_code_closure_follows_lazy_imports(tmp_path):
     (tmp_path / "stages").mkdir()
     pkg = tmp_path / "src" / "tracerl" / "pkg"
     pkg.mkdir(parents=True)
-    (tmp_path / "src" / "tracerl" / "__init__.py").write_text("")
+    (tmp_path / "src" / "tracerl" / "__init__.py").write_text('"""root"""\n')
     (pkg / "__init__.py").write_text("from tracerl.pkg.a import f\n")
     (pkg / "a.py").write_text("def f():\n    from tracerl.pkg import b\n    return 'run.py'\n")
-    (pkg / "b.py").write_text("")
-    (pkg / "run.py").write_text("")  # read by path (named in a.py)
-    (tmp_path / "src" / "tracerl" / "other.py").write_text("")
-    (tmp_path / "stages" / "__init__.py").write_text("")
+    (pkg / "b.py").write_text("B = 1\n")
+    (pkg / "run.py").write_text("R = 1\n")  # read by path (named in a.py)
+    (tmp_path / "src" / "tracerl" / "other.py").write_text("O = 1\n")
+    (tmp_path / "stages" / "__init__.py").write_text("")  # empty: never a dependency
     (tmp_path / "stages" / "s.py").write_text("import tracerl.pkg\n")
+    (tmp_path / "stages" / "t.py").write_text("T = 1\n")
     files = dvcgen.code_closure(["stages.s"], tmp_path)
     assert Path("src/tracerl/pkg/b.py") in files and Path("src/tracerl/pkg/run.py") in files
     assert Path("src/tracerl/other.py") not in files
+    assert Path("stages/__init__.py") not in files
     assert dvcgen.collapse(files, tmp_path) == [
-        "src/tracerl/__init__.py", "src/tracerl/pkg", "stages"]
+        "src/tracerl/__init__.py", "src/tracerl/pkg", "stages/s.py"]
 
 
 def test_guard_refuses_undeclared_reads_and_records_declared_ones():

@@ -338,6 +338,18 @@ def make_tracker(kind: str = "mlflow", root: str | os.PathLike | None = None) ->
     raise ValueError(f"unknown tracker {kind!r}; valid: 'mlflow', 'null'")
 
 
+def step_logger(tracker: Tracker, prefix: str = "step"):
+    """A trainer step hook (``Trainer.step_hooks``) that logs each optimizer step's
+    numeric metrics (loss, KL, clip fraction, ratio max, entropy, grad norm, lr, ...) to
+    the tracker's current run as ``<prefix>.<name>`` at the trainer's step count (which runs
+    on across iterations, so one curve spans the whole run)."""
+
+    def hook(step: int, metrics: Mapping[str, Any]) -> None:
+        tracker.log_metrics(numeric_metrics(metrics, prefix), step=step)
+
+    return hook
+
+
 @contextlib.contextmanager
 def stage_run(
     stage: str,

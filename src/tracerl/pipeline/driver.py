@@ -67,7 +67,6 @@ from tracerl.tracking import (
 )
 
 log = logging.getLogger(__name__)
-CHECKPOINT_DIRS = ("checkpoint", "model")  # where a policy folder keeps its weights
 
 
 @dataclass
@@ -360,8 +359,9 @@ class Orchestrator:
             rec = json.loads(marker.read_text())
             if rec.get("parent_run_id") == self.parent_run_id:
                 return rec.get("version")
-        folder = next((policy_dir / d for d in CHECKPOINT_DIRS if (policy_dir / d).is_dir()),
-                      policy_dir)
+        from tracerl.models import checkpoint_dir
+
+        folder = checkpoint_dir(policy_dir)
         version = self.tracker.register_model(folder, name)
         self.tracker.set_tags({"tracerl.registered_model": f"{name}/{version}"})
         _write_json(marker, {"parent_run_id": self.parent_run_id, "name": name,

@@ -100,7 +100,8 @@ def code_closure(modules: Iterable[str], root: Path = ROOT) -> set[Path]:
         files.add(f)
         files.update(_siblings_named(f))
         todo.extend(_imports(f) - seen)
-    return {f.relative_to(root) for f in files}
+    # an empty file (a bare package marker) cannot change what runs; DVC warns about it
+    return {f.relative_to(root) for f in files if f.stat().st_size > 0}
 
 
 def collapse(files: set[Path], root: Path = ROOT) -> list[str]:
@@ -112,7 +113,7 @@ def collapse(files: set[Path], root: Path = ROOT) -> list[str]:
     for d in dirs:
         if d.name in ("src", "") or d == Path("."):
             continue
-        all_py = {p.relative_to(root) for p in (root / d).rglob("*.py")}
+        all_py = {p.relative_to(root) for p in (root / d).rglob("*.py") if p.stat().st_size}
         if all_py and all_py <= files | {Path(x) for x in out}:
             files -= all_py
             out = [x for x in out if not Path(x).is_relative_to(d)]

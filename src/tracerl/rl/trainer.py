@@ -119,6 +119,9 @@ class Trainer:
         self.counters = {"optimizer_steps": 0, "skipped_steps": 0, "micro_steps": 0,
                          "tokens": 0, "updates": 0}
         self.generator = torch.Generator().manual_seed(cfg.seed)
+        # called after every optimizer step with (steps so far, the step's metrics): the
+        # stages log per-step curves through it (tracerl.tracking.step_logger)
+        self.step_hooks: list[Callable[[int, dict[str, float]], None]] = []
         self.module = module
         if cfg.gradient_checkpointing:
             for m in module.modules():
@@ -252,6 +255,8 @@ class Trainer:
         dt = time.perf_counter() - t0
         metrics.update(grad_norm=grad_norm, lr=lr, skipped=float(skipped), seconds=dt,
                        tokens_per_s=metrics.get("tokens", 0.0) / dt if dt > 0 else 0.0)
+        for hook in self.step_hooks:
+            hook(self.counters["optimizer_steps"] + self.counters["skipped_steps"], metrics)
         return metrics
 
     def _reduce(self, parts: list[dict[str, float]]) -> dict[str, float]:
