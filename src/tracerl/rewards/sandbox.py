@@ -232,6 +232,16 @@ def _ro_binds() -> tuple[list[str], list[tuple[str, str]]]:
     return sorted(binds), links
 
 
+@functools.lru_cache(maxsize=1)
+def _traversable() -> bool:
+    """True if an unprivileged user can reach the interpreter's installation."""
+    p = Path(os.path.realpath(sys.base_prefix))
+    try:
+        return all(d.stat().st_mode & 0o001 for d in [*p.parents, p])
+    except OSError:
+        return False
+
+
 def _interpreter() -> str:
     """The base interpreter (not a venv's wrapper): the sandbox holds its tree only."""
     for cand in (getattr(sys, "_base_executable", None), sys.executable):
@@ -316,6 +326,35 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
+def _uid_alive(uids: Sequence[int]) -> bool:
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                if os.stat(f"/proc/{d}").st_uid in uids:
+                    return True
+            except OSError:
+                pass
+    return False
+
+
+def _stop(proc: subprocess.Popen, uids: Sequence[int]) -> None:
+    """At the wall limit: kill the sandbox's init first, so that ``unshare`` reaps it only
+    after the kernel has emptied the namespace; then the group; then wait until no
+    process of the sandbox's uids is left (bounded)."""
+    try:
+        with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+            for c in f.read().split():
+                os.kill(int(c), signal.SIGKILL)
+        proc.wait(timeout=5)
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        pass
+    _kill_group(proc)
+    proc.wait()
+    deadline = time.monotonic() + 5
+    while uids and _uid_alive(uids) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def _kill_uids(uids: Sequence[int]) -> None:
     """Kill every process of the given uids (without a PID namespace only)."""
     for d in os.listdir("/proc"):
@@ -352,10 +391,12 @@ def _run_process(mode: str, code: str, tests: Sequence[str], stdin_text: str | N
     timed_out, seconds)."""
     weaken = _WEAKEN if weaken is None else weaken
     root = os.geteuid() == 0
-    uid = sandbox_uid(limits, slot) if root else None
+    # unsandboxed, another uid can only run the interpreter if its tree is reachable
+    uid = sandbox_uid(limits, slot) if root and (isolated or _traversable()) else None
     binds, links = _ro_binds()
     machine = os.uname().machine
     with tempfile.TemporaryDirectory(prefix="tracerl-sbx-") as host_dir:
+        os.chmod(host_dir, 0o711)  # unsandboxed: the program's uid must reach its workdir
         workdir = os.path.join(host_dir, "work")
         os.mkdir(workdir, 0o700)
         os.mkdir(os.path.join(host_dir, "root"), 0o700)
@@ -409,6 +450,7 @@ def _run_process(mode: str, code: str, tests: Sequence[str], stdin_text: str | N
                     proc.wait(timeout=limits.wall_s)
                 except subprocess.TimeoutExpired:
                     timed_out = True
+                    _stop(proc, () if uid is None else (uid, uid + 1))
                 _kill_group(proc)
                 proc.wait()
                 writer.join()  # returns: the readers are gone, so a pending write fails fast
