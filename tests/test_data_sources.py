@@ -195,3 +195,20 @@ def test_task_record_problems():
     assert "neither an answer" in TaskRecord("a", "p", "s").problems()[0]
     with pytest.raises(TaskError, match="duplicate"):
         validate_tasks([TaskRecord("a", "p", "s", "1"), TaskRecord("a", "p", "s", "1")])
+
+
+def test_data_does_not_import_rewards():
+    """Answer extraction has one home (tracerl.data.answers) that rewards import."""
+    import ast
+    from pathlib import Path
+
+    import tracerl.data
+    from tracerl.data.answers import extract_boxed
+    from tracerl.rewards import math_answers
+
+    assert math_answers.extract_boxed is extract_boxed
+    for f in Path(tracerl.data.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.startswith("tracerl.rewards") for n in names), f.name
