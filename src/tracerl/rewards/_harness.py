@@ -26,7 +26,7 @@ code exists:
 tests can fail; see ``sandbox._WEAKEN``.
 """
 
-import json
+import marshal
 import os
 import sys
 
@@ -34,74 +34,121 @@ MAX_MSG = 1 << 20
 _PASS, _ERR, _DONE = b"pass %d\n", b"program_error\n", b"done\n"
 
 # --------------------------------------------------------------------------- plain data
+# A small codec instead of json (its import costs more than the rest of the start-up):
+# N, T, F; I<hex>; ; D<float.hex>; ; C<re>;<im>; ; S<n>:<utf-8> ; B<n>:<bytes> ;
+# L/U/E/Z<n>: items (list, tuple, set, frozenset) ; M<n>: key value ... ; R<key> (a ref).
+# The decoder builds plain Python values only; anything malformed raises ValueError.
+
+_SEQ = {list: b"L", tuple: b"U", set: b"E", frozenset: b"Z"}
 
 
-def enc(v, ref, depth=0):
-    """Plain data -> JSON-able tagged structure; anything else goes through ``ref``."""
+def _noref(v):
+    raise TypeError(f"not plain data: {type(v).__name__}")
+
+
+def dumps(v, ref=_noref):
+    out = []
+    _dump(v, ref, out, 0)
+    return b"".join(out)
+
+
+def _dump(v, ref, out, depth):
     if depth > 100:
         raise ValueError("nested too deeply")
     t = type(v)
-    if v is None or t is bool or t is str or t is float:
-        return v
-    if t is int:
-        return v if -(10 ** 4000) < v < 10 ** 4000 else {"i": hex(v)}
-    d = depth + 1
-    if t is list:
-        return [enc(x, ref, d) for x in v]
-    if t is tuple:
-        return {"t": [enc(x, ref, d) for x in v]}
-    if t is dict:
-        return {"d": [[enc(k, ref, d), enc(x, ref, d)] for k, x in v.items()]}
-    if t is set or t is frozenset:
-        return {"s" if t is set else "f": [enc(x, ref, d) for x in v]}
-    if t is bytes:
-        return {"b": v.hex()}
-    if t is complex:
-        return {"c": [v.real, v.imag]}
-    return {"r": ref(v)}
+    if v is None or v is True or v is False:
+        out.append(b"N" if v is None else b"T" if v else b"F")
+    elif t is int:
+        out.append(b"I%x;" % v)
+    elif t is float:
+        out.append(b"D%s;" % v.hex().encode())
+    elif t is complex:
+        out.append(b"C%s;%s;" % (v.real.hex().encode(), v.imag.hex().encode()))
+    elif t is str or t is bytes:
+        data = v.encode("utf-8", "surrogatepass") if t is str else v
+        out.append(b"%s%d:" % (b"S" if t is str else b"B", len(data)))
+        out.append(data)
+    elif t in _SEQ:
+        out.append(b"%s%d:" % (_SEQ[t], len(v)))
+        for x in v:
+            _dump(x, ref, out, depth + 1)
+    elif t is dict:
+        out.append(b"M%d:" % len(v))
+        for k, x in v.items():
+            _dump(k, ref, out, depth + 1)
+            _dump(x, ref, out, depth + 1)
+    else:
+        out.append(b"R")
+        _dump(ref(v), _noref, out, depth + 1)
 
 
-def dec(x, ref, depth=0):
-    """Inverse of :func:`enc`, strict: builds only plain Python values (and ``ref(k)``)."""
+def loads(b, ref=_noref):
+    v, i = _load(b, 0, ref, 0)
+    if i != len(b):
+        raise ValueError("trailing data")
+    return v
+
+
+def _field(b, i, end):
+    j = b.index(end, i)
+    return b[i:j], j + 1
+
+
+def _count(b, i):
+    n, i = _field(b, i, b":")
+    if not n.isdigit() or len(n) > 9:
+        raise ValueError("bad count")
+    return int(n), i
+
+
+def _load(b, i, ref, depth):
     if depth > 100:
         raise ValueError("nested too deeply")
-    t = type(x)
-    if x is None or t is bool or t is str or t is float or t is int:
-        return x
-    d = depth + 1
-    if t is list:
-        return [dec(i, ref, d) for i in x]
-    if t is not dict or len(x) != 1:
-        raise ValueError("bad value")
-    ((k, v),) = x.items()
-    if k == "r" and type(v) in (int, str):
-        return ref(v)
-    if k == "i" and type(v) is str:
-        return int(v, 16)
-    if k == "b" and type(v) is str:
-        return bytes.fromhex(v)
-    if k == "c" and type(v) is list and len(v) == 2:
-        return complex(float(v[0]), float(v[1]))
-    if type(v) is not list:
-        raise ValueError("bad value")
-    if k == "t":
-        return tuple(dec(i, ref, d) for i in v)
-    if k == "s":
-        return {dec(i, ref, d) for i in v}
-    if k == "f":
-        return frozenset(dec(i, ref, d) for i in v)
-    if k == "d":
+    t = b[i:i + 1]
+    i += 1
+    if t in (b"N", b"T", b"F"):
+        return (None if t == b"N" else t == b"T"), i
+    if t == b"I":
+        x, i = _field(b, i, b";")
+        return int(x, 16), i
+    if t == b"D":
+        x, i = _field(b, i, b";")
+        return float.fromhex(x.decode("ascii")), i
+    if t == b"C":
+        re_, i = _field(b, i, b";")
+        im, i = _field(b, i, b";")
+        return complex(float.fromhex(re_.decode("ascii")), float.fromhex(im.decode("ascii"))), i
+    if t in (b"S", b"B"):
+        n, i = _count(b, i)
+        data = b[i:i + n]
+        if len(data) != n:
+            raise ValueError("truncated")
+        return (data.decode("utf-8", "surrogatepass") if t == b"S" else bytes(data)), i + n
+    if t in (b"L", b"U", b"E", b"Z"):
+        n, i = _count(b, i)
+        items = []
+        for _ in range(n):
+            x, i = _load(b, i, ref, depth + 1)
+            items.append(x)
+        kind = {b"L": list, b"U": tuple, b"E": set, b"Z": frozenset}[t]
+        return (items if kind is list else kind(items)), i
+    if t == b"M":
+        n, i = _count(b, i)
         out = {}
-        for pair in v:
-            if type(pair) is not list or len(pair) != 2:
-                raise ValueError("bad value")
-            out[dec(pair[0], ref, d)] = dec(pair[1], ref, d)
-        return out
-    raise ValueError("bad value")
+        for _ in range(n):
+            k, i = _load(b, i, ref, depth + 1)
+            x, i = _load(b, i, ref, depth + 1)
+            out[k] = x
+        return out, i
+    if t == b"R":
+        k, i = _load(b, i, _noref, depth + 1)
+        if type(k) not in (int, str):
+            raise ValueError("bad reference")
+        return ref(k), i
+    raise ValueError("bad tag")
 
 
-def send(fd, obj):
-    data = json.dumps(obj).encode()
+def send(fd, data):
     data = len(data).to_bytes(4, "big") + data
     view = memoryview(data)
     while view:
@@ -123,10 +170,11 @@ def recv(fd):
     n = int.from_bytes(_read_exact(fd, 4), "big")
     if n > MAX_MSG:
         raise ValueError("message too large")
-    return json.loads(_read_exact(fd, n))
+    return _read_exact(fd, n)
 
 
 def read_payload(fd):
+    """A host payload (trusted: written by the grader, ``marshal`` format)."""
     chunks = []
     while True:
         b = os.read(fd, 1 << 16)
@@ -134,7 +182,7 @@ def read_payload(fd):
             break
         chunks.append(b)
     os.close(fd)
-    return json.loads(b"".join(chunks).decode("utf-8"))
+    return marshal.loads(b"".join(chunks))
 
 
 # --------------------------------------------------------------------------- kernel
@@ -304,7 +352,7 @@ def run_program(code, mode, fds):
     try:
         exec(compile(code, "<program>", "exec"), ns)
     except BaseException as e:  # SystemExit included: an exiting program passes nothing
-        send(rep, {"program_error": type(e).__name__})
+        send(rep, dumps(("program_error", type(e).__name__)))
         return 0
     objs = []
 
@@ -317,43 +365,41 @@ def run_program(code, mode, fds):
         if k.startswith("__") or type(v).__name__ == "module":
             continue
         if callable(v):
-            names[k] = {"r": k}
+            names[k] = v
         else:
             try:
-                e = enc(v, ref)
-                if len(json.dumps(e)) < 1 << 16:
-                    names[k] = e
+                if len(dumps(v)) < 1 << 16:
+                    names[k] = v
             except (ValueError, TypeError, RecursionError):
                 pass
-    send(rep, {"ready": {"d": [[k, v] for k, v in names.items()]}})
+    by_name = {id(v): k for k, v in names.items() if callable(v)}
+    send(rep, dumps(("ready", names), lambda v: by_name[id(v)]))
+    get = lambda k: objs[k] if type(k) is int else ns[k]  # noqa: E731
     while True:
         try:
-            msg = recv(req)
+            msg = loads(recv(req), get)
         except EOFError:  # the judge is done
             return 0
         try:
-            t = msg["target"]
-            obj = ns[t] if type(t) is str else objs[t]
-            get = lambda k: objs[k] if type(k) is int else ns[k]  # noqa: E731
-            if msg["op"] == "call":
-                v = obj(*dec(msg["args"], get), **dec(msg["kwargs"], get))
-            elif msg["op"] == "getattr":
-                v = getattr(obj, msg["name"])
+            op, obj, a, b = msg
+            if op == "call":
+                v = obj(*a, **b)
+            elif op == "getattr":
+                v = getattr(obj, a)
             else:  # "list": iterate (generators, custom iterables), bounded
                 v = []
                 for x in obj:
                     v.append(x)
                     if len(v) > 100_000:
                         raise ValueError("iterable too long")
-            out = {"ok": enc(v, ref)}
-            data = json.dumps(out)
+            out = dumps(("ok", v), ref)
         except BaseException as e:  # noqa: BLE001 - reported to the judge as a raise
             try:
                 name, text = type(e).__name__, str(e)[:2000]
             except BaseException:
                 name, text = "Exception", ""
-            out = {"raise": name if type(name) is str else "Exception",
-                   "msg": text if type(text) is str else ""}
+            out = dumps(("raise", name if type(name) is str else "Exception",
+                         text if type(text) is str else ""))
         send(rep, out)
 
 
@@ -385,12 +431,12 @@ def judge(p, j, rfd, fds):
             raise CandidateGone
         try:
             send(req, msg)
-            r = recv(rep)
-            if type(r) is not dict:
+            r = loads(recv(rep), Remote)
+            if type(r) is tuple and len(r) == 2 and r[0] == "ok":
+                return r[1]
+            if type(r) is not tuple or len(r) != 3 or r[0] != "raise":
                 raise ValueError("bad reply")
-            if "ok" in r:
-                return dec(r["ok"], Remote)
-            name, text = r.get("raise"), r.get("msg")
+            _, name, text = r
             if type(name) is not str or type(text) is not str:
                 raise ValueError("bad reply")
         except (OSError, EOFError, ValueError, TypeError, KeyError, RecursionError):
@@ -415,16 +461,15 @@ def judge(p, j, rfd, fds):
             object.__setattr__(self, "_ref", ref)
 
         def __call__(self, *args, **kwargs):
-            return call({"op": "call", "target": self._ref, "args": enc(list(args), _arg),
-                         "kwargs": enc(kwargs, _arg)})
+            return call(dumps(("call", self, args, kwargs), _arg))
 
         def __getattr__(self, name):
             if name.startswith("__"):
                 raise AttributeError(name)
-            return call({"op": "getattr", "target": self._ref, "name": name})
+            return call(dumps(("getattr", self, name, None), _arg))
 
         def __iter__(self):
-            return iter(call({"op": "list", "target": self._ref}))
+            return iter(call(dumps(("list", self, None, None), _arg)))
 
         def __repr__(self):
             return f"<candidate object {self._ref!r}>"
@@ -435,8 +480,8 @@ def judge(p, j, rfd, fds):
         raise TypeError(f"cannot pass {type(v).__name__} to the candidate")
 
     try:
-        first = recv(rep)
-        names = dec(first["ready"], Remote) if "ready" in first else None
+        first = loads(recv(rep), Remote)
+        names = first[1] if type(first) is tuple and len(first) == 2 and first[0] == "ready" else None
     except (OSError, EOFError, ValueError, TypeError, KeyError, RecursionError):
         names = None
     if not isinstance(names, dict):

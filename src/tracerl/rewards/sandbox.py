@@ -65,8 +65,8 @@ switches uids.
 from __future__ import annotations
 
 import functools
-import json
 import logging
+import marshal
 import math
 import os
 import queue
@@ -442,7 +442,7 @@ def _run_process(mode: str, code: str, tests: Sequence[str], stdin_text: str | N
                 cr = jr = rw = -1
                 writer = threading.Thread(
                     target=_write_all,
-                    args=((cw, json.dumps(cand).encode()), (jw, json.dumps(judge).encode())),
+                    args=((cw, marshal.dumps(cand)), (jw, marshal.dumps(judge))),
                     daemon=True)
                 cw = jw = -1  # owned (and closed) by the writer from here on
                 writer.start()
