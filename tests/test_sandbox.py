@@ -181,6 +181,8 @@ def test_verdict_honest_program_passes(tests):
      "builtins.AssertionError = type('X', (BaseException,), {})\n"
      "os.write = lambda fd, b: len(b)\ndef add(a, b):\n    return None\n"),
     ("shadow_builtin", "def abs(x):\n    return 0\ndef add(a, b):\n    return 99\n"),
+    ("stop_iteration", "def add(a, b):\n    raise StopIteration\n"),
+    ("opaque_object", "def add(a, b):\n    return object()\n"),
     ("settrace", "import sys\ndef t(frame, event, arg):\n    return t\nsys.settrace(t)\n"
                  "def add(a, b):\n    return None\n"),
     ("kill_parent", "import os, signal\nfor pid in (os.getppid(), 1):\n    try:\n"
@@ -193,6 +195,17 @@ def test_verdict_forgery_fails(name, code, tests):
     r = grade(code, tests)
     assert not any(r.passed), (name, r)
     _no_strays()
+
+
+def test_iterator_and_truthiness_tricks_fail():
+    """A StopIteration would silently end ``map`` in the test, an object is truthy and
+    unequal to everything: neither reaches the judge as such."""
+    tests = ["assert all(map(lambda x: add(x, 1) > x, [1, 2]))", "assert add(1, 2)",
+             "assert add(1, 2) != 4"]
+    assert grade("def add(a, b):\n    raise StopIteration\n", tests[:1]).passed == (False,)
+    assert grade("def add(a, b):\n    return object()\n", tests).passed == (False, False, False)
+    assert grade(ADD, tests).passed == (True, True, True)
+    assert grade("def add(a, b):\n    raise StopIteration\n", tests[:1], weaken={"fork"}).passed == (True,)
 
 
 @pytest.mark.parametrize("code", [FORGE_FDS, EQ_ALWAYS_TRUE], ids=["forge_fds", "eq_always_true"])
@@ -263,7 +276,8 @@ def test_task_helpers_come_from_the_task_not_the_program():
 
 
 def test_plain_data_round_trips_and_objects_stay_opaque():
-    code = ("def f():\n    return [1, 2.5, 'x', None, True, (1, 2), {'a': {3}}, frozenset({1}),"
+    code = ("import math, cmath as cm\n"
+            "def f():\n    return [1, 2.5, 'x', None, True, (1, 2), {'a': {3}}, frozenset({1}),"
             " b'\\x00', 1j, float('inf'), 10 ** 50]\n"
             "def g(*a, **k):\n    return [a, k]\n"
             "def gen(n):\n    yield from range(n)\n"
@@ -277,6 +291,7 @@ def test_plain_data_round_trips_and_objects_stay_opaque():
         "assert C().m(4) == 8 and C.v == 7",
         "try:\n    err()\nexcept ValueError as e:\n    assert str(e) == 'no'\nelse:\n    assert False",
         "assert type(f()[0]) is int and type(f()) is list",
+        "assert math.floor(f()[1]) == 2 and cm.sqrt(-1) == 1j",  # the program's imports
     ]
     assert grade(code, tests).passed == (True,) * len(tests)
 
