@@ -298,6 +298,16 @@ def drop(uid):
 # --------------------------------------------------------------------------- candidate
 
 
+def confine(p, work):
+    """Limits, the program's own uid (no capabilities), its folder, the seccomp filter."""
+    limits(p)
+    if p["uid_candidate"] is not None and "uid" not in p["weaken"]:
+        os.chown(work, p["uid_candidate"], p["uid_candidate"])
+        drop(p["uid_candidate"])
+    os.chdir(work)
+    seccomp(p)
+
+
 def candidate(p, fds, work):
     """Child: confine itself, run the program, then serve calls. Never returns."""
     status = 1
@@ -307,12 +317,7 @@ def candidate(p, fds, work):
             os.closerange(low, fd)
             low = fd + 1
         os.closerange(low, 1 << 16)
-        limits(p)
-        if p["uid_candidate"] is not None and "uid" not in p["weaken"]:
-            os.chown(work, p["uid_candidate"], p["uid_candidate"])
-            drop(p["uid_candidate"])
-        os.chdir(work)
-        seccomp(p)
+        confine(p, work)
         os.environ.clear()
         os.environ.update(p["env"], HOME=work, TMPDIR=work)
         code, mode = p["code"], p["mode"]
@@ -540,12 +545,7 @@ def shared_interpreter(p, j, rfd, work):
     (the design this module replaces); shows the verdict-forgery attack can succeed."""
     import builtins
 
-    limits(p)
-    if p["uid_candidate"] is not None and "uid" not in p["weaken"]:
-        os.chown(work, p["uid_candidate"], p["uid_candidate"])
-        drop(p["uid_candidate"])
-    os.chdir(work)
-    seccomp(p)
+    confine(p, work)
     ns = {"__name__": "__sandbox__", "__builtins__": builtins}
     try:
         exec(compile(p["code"], "<program>", "exec"), ns)

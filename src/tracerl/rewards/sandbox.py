@@ -155,25 +155,20 @@ _DENY = ("ptrace", "mount", "umount2", "pivot_root", "chroot", "unshare", "setns
          "process_vm_writev", "kexec_load", "kexec_file_load", "init_module", "finit_module",
          "delete_module", "open_by_handle_at", "name_to_handle_at", "open_tree", "move_mount",
          "fsopen", "fsconfig", "fsmount", "fspick", "mount_setattr")
-_SYSCALLS = {
-    "x86_64": (0xC000003E, dict(
-        socket=41, socketpair=53, clone=56, clone3=435, ptrace=101, mount=165, umount2=166,
-        pivot_root=155, chroot=161, unshare=272, setns=308, io_uring_setup=425,
-        io_uring_enter=426, io_uring_register=427, bpf=321, perf_event_open=298,
-        userfaultfd=323, keyctl=250, add_key=248, request_key=249, process_vm_readv=310,
-        process_vm_writev=311, kexec_load=246, kexec_file_load=320, init_module=175,
-        finit_module=313, delete_module=176, open_by_handle_at=304, name_to_handle_at=303,
-        open_tree=428, move_mount=429, fsopen=430, fsconfig=431, fsmount=432, fspick=433,
-        mount_setattr=442)),
-    "aarch64": (0xC00000B7, dict(
-        socket=198, socketpair=199, clone=220, clone3=435, ptrace=117, mount=40, umount2=39,
-        pivot_root=41, chroot=51, unshare=97, setns=268, io_uring_setup=425,
-        io_uring_enter=426, io_uring_register=427, bpf=280, perf_event_open=241,
-        userfaultfd=282, keyctl=219, add_key=217, request_key=218, process_vm_readv=270,
-        process_vm_writev=271, kexec_load=104, kexec_file_load=294, init_module=105,
-        finit_module=273, delete_module=106, open_by_handle_at=265, name_to_handle_at=264,
-        open_tree=428, move_mount=429, fsopen=430, fsconfig=431, fsmount=432, fspick=433,
-        mount_setattr=442)),
+_ARCHES = {"x86_64": (0xC000003E, 0), "aarch64": (0xC00000B7, 1)}  # AUDIT_ARCH_*, column
+_NR = {  # name: (x86_64, aarch64)
+    "socket": (41, 198), "socketpair": (53, 199), "clone": (56, 220), "clone3": (435, 435),
+    "ptrace": (101, 117), "mount": (165, 40), "umount2": (166, 39), "pivot_root": (155, 41),
+    "chroot": (161, 51), "unshare": (272, 97), "setns": (308, 268),
+    "io_uring_setup": (425, 425), "io_uring_enter": (426, 426), "io_uring_register": (427, 427),
+    "bpf": (321, 280), "perf_event_open": (298, 241), "userfaultfd": (323, 282),
+    "keyctl": (250, 219), "add_key": (248, 217), "request_key": (249, 218),
+    "process_vm_readv": (310, 270), "process_vm_writev": (311, 271), "kexec_load": (246, 104),
+    "kexec_file_load": (320, 294), "init_module": (175, 105), "finit_module": (313, 273),
+    "delete_module": (176, 106), "open_by_handle_at": (304, 265),
+    "name_to_handle_at": (303, 264), "open_tree": (428, 428), "move_mount": (429, 429),
+    "fsopen": (430, 430), "fsconfig": (431, 431), "fsmount": (432, 432), "fspick": (433, 433),
+    "mount_setattr": (442, 442),
 }
 _CLONE_NEW = 0x7E020000  # CLONE_NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET
 _EPERM, _ENOSYS, _AF_UNIX = 1, 38, 1
@@ -186,9 +181,10 @@ def seccomp_filter(machine: str | None = None) -> bytes | None:
     (EPERM), ``clone3`` (ENOSYS, so libc falls back to ``clone``), x32 calls and calls
     of another architecture (the process is killed)."""
     machine = machine or os.uname().machine
-    if machine not in _SYSCALLS:
+    if machine not in _ARCHES:
         return None
-    arch, nr = _SYSCALLS[machine]
+    arch, col = _ARCHES[machine]
+    nr = {name: nums[col] for name, nums in _NR.items()}
     ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
     allow, kill = 0x7FFF0000, 0x80000000
     errno = lambda e: 0x00050000 | e  # noqa: E731 - SECCOMP_RET_ERRNO
@@ -265,7 +261,7 @@ def isolation_problems() -> tuple[str, ...]:
         problems.append("the `unshare` program (util-linux), to create the namespaces")
     if seccomp_filter() is None:
         problems.append(f"a seccomp syscall table for machine {os.uname().machine!r} "
-                        f"(tables exist for {', '.join(sorted(_SYSCALLS))})")
+                        f"(tables exist for {', '.join(sorted(_ARCHES))})")
     if problems:
         return tuple(problems)
     try:
@@ -410,7 +406,7 @@ def _run_process(mode: str, code: str, tests: Sequence[str], stdin_text: str | N
             "root": os.path.join(host_dir, "root"), "workdir": workdir,
             "ro_binds": binds, "links": links, "env": _clean_env(),
             "bpf": bpf.hex() if bpf else "",
-            "pivot_root_nr": {"x86_64": 155, "aarch64": 41}.get(machine, -1),
+            "pivot_root_nr": _NR["pivot_root"][_ARCHES[machine][1]] if machine in _ARCHES else -1,
         }
         judge = {"tests": list(tests), "trusted": trusted, "entry_point": entry_point}
         cr, cw = os.pipe()  # candidate payload: host -> sandbox init
