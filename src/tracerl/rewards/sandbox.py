@@ -58,8 +58,8 @@ Limitations (documented, not hidden): functions that mutate their arguments in p
 or tests that pass callables to the program, cannot be graded through plain-data calls
 (those tests fail); results that are not plain data come back as opaque proxies that
 compare by identity; the program sees the standard library only (no site-packages).
-The sandbox needs root (e.g. the reward stage's container) because it mounts and
-switches uids.
+The sandbox needs root with CAP_SYS_ADMIN (a plain root shell, or a container granted
+that capability) because it mounts and switches uids; elsewhere it fails closed.
 """
 
 from __future__ import annotations
@@ -255,8 +255,8 @@ def isolation_problems() -> tuple[str, ...]:
         return (f"Linux namespaces and seccomp (this platform is {sys.platform})",)
     if os.geteuid() != 0:
         problems.append("root privileges, to mount the sandbox's file-system view and run "
-                        "programs under their own uids (run the reward stage as root, e.g. "
-                        "in its container image)")
+                        "programs under their own uids (run the reward stage as root with "
+                        "CAP_SYS_ADMIN, the capability to create namespaces and mount)")
     if shutil.which("unshare") is None:
         problems.append("the `unshare` program (util-linux), to create the namespaces")
     if seccomp_filter() is None:
