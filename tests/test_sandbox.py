@@ -28,7 +28,6 @@ from tracerl.rewards.sandbox import (
     UIDS_PER_PROCESS,
     CodeJob,
     SandboxLimits,
-    SandboxUnavailable,
     isolation_problems,
     run_function_tests,
     run_jobs,

@@ -242,7 +242,7 @@ def build_root(p):
             _mount(d, new + d, None, MS_BIND)
         else:
             _mount("tmpfs", new + d, "tmpfs", MS_NOSUID | MS_NODEV,
-                   "size=%dm,mode=1777" % p["limits"]["fsize_mb"])
+                   f"size={p['limits']['fsize_mb']}m,mode=1777")
     ctypes, libc = _libc()
     os.chdir(new)
     if libc.syscall(p["pivot_root_nr"], b".", b".") != 0:
