@@ -322,10 +322,10 @@ def test_host_files_are_out_of_sight(host_secret):
         assert grade(code, ["assert secret() == 918273"]).passed == (False,), target
     listing = ("import os\ndef ls():\n    return sorted(os.listdir('/'))\n"
                "def ok():\n    import json, random, fractions\n    return 1\n")
-    r = grade(listing, ["assert set(ls()) <= {'dev', 'etc', 'lib', 'lib64', 'proc', 'root', "
-                        "'tmp', 'usr', 'bin', 'sbin', 'opt', 'home'}", "assert ok() == 1",
-                        "assert 'work' not in ls()"])
-    assert r.passed == (True, True, True)
+    binds, links = sandbox._ro_binds()  # the interpreter's tree and the shared libraries
+    top = sorted({"dev", "proc", "tmp"} | {Path(x).parts[1] for x in binds + [lk for lk, _ in links]})
+    r = grade(listing, [f"assert ls() == {top!r}", "assert ok() == 1"])
+    assert r.passed == (True, True), (top, r)
     _no_strays()
 
 
