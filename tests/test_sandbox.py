@@ -679,3 +679,16 @@ def test_200_programs_in_parallel_no_leaks():
     assert time.monotonic() - t0 < 60
     _no_strays()
     assert me.num_fds() <= fds_before + 2
+
+
+def test_honest_programs_may_use_processes_threads_and_the_stdlib():
+    code = ("import multiprocessing as mp, threading, sqlite3, hashlib\n"
+            "def sq(x):\n    return x * x\n"
+            "def f():\n    with mp.Pool(2) as p:\n        a = p.map(sq, range(5))\n"
+            "    t = threading.Thread(target=a.append, args=(-1,))\n    t.start()\n    t.join()\n"
+            "    c = sqlite3.connect(':memory:')\n"
+            "    return a, c.execute('select 7').fetchone()[0], hashlib.sha256(b'').hexdigest()[:4]\n")
+    r = grade(code, ["assert f() == ([0, 1, 4, 9, 16, -1], 7, 'e3b0')"],
+              limits=SandboxLimits(wall_s=15, cpu_s=10, memory_mb=512, nproc=16))
+    assert r.passed == (True,), r
+    _no_strays()

@@ -331,11 +331,21 @@ def candidate(p, fds, work):
         os._exit(status)
 
 
-def run_program(code, mode, fds):
+def _module_ns(name):
+    """A real module for the program (so that pickle, e.g. multiprocessing, finds its
+    functions), registered under ``name``."""
     import builtins
+    import types
 
+    mod = types.ModuleType(name)
+    mod.__builtins__ = builtins
+    sys.modules[name] = mod
+    return mod.__dict__
+
+
+def run_program(code, mode, fds):
     if mode == "stdio":
-        ns = {"__name__": "__main__", "__builtins__": builtins}
+        ns = _module_ns("__main__")
         status = 0
         try:
             exec(compile(code, "<program>", "exec"), ns)
@@ -353,7 +363,7 @@ def run_program(code, mode, fds):
             status = 1
         return status
     req, rep = fds
-    ns = {"__name__": "__sandbox__", "__builtins__": builtins}
+    ns = _module_ns("__sandbox__")
     try:
         exec(compile(code, "<program>", "exec"), ns)
     except BaseException as e:  # SystemExit included: an exiting program passes nothing
