@@ -4,6 +4,8 @@
         (--input rollout=ROLLOUT_DIR | --rollouts R.parquet) (--input data=PREPARE_DIR | --tasks T.parquet)
 
 Reads ``params.reward``; the library (:func:`tracerl.rewards.score_rollouts`) computes.
+With ``reward.process_reward`` on, the LLM judge's per-token rewards fill
+``token_rewards`` (decoded with the policy's tokenizer, ``model.init``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from tracerl.data import tasks_from_frame
 from tracerl.pipeline.artifacts import stage_output
 from tracerl.pipeline.stage_cli import load_stage_params, stage_argparser
 from tracerl.rewards import limits_from, score_rollouts
+from tracerl.rewards.process import build_judge
 from tracerl.schemas import read_parquet, write_parquet
 
 
@@ -34,17 +37,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ns
 
 
+def _policy_decoder(init: str):
+    """ids -> text with the policy's tokenizer (the embedded one for ``tiny``)."""
+    from tracerl.models import build_default_tokenizer, checkpoint_dir
+    from tracerl.models.model import load_tokenizer
+
+    tok = build_default_tokenizer() if init == "tiny" else load_tokenizer(checkpoint_dir(init))
+    return lambda ids: tok.decode(list(ids), skip_special_tokens=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    p = load_stage_params(args.params, "reward").reward
+    params = load_stage_params(args.params, "reward")
+    p = params.reward
     rollouts = read_parquet(args.rollouts, "rollout")
     tasks = {t.task_id: t for t in tasks_from_frame(read_parquet(args.tasks, "task"))}
+    judge = decode = None
+    if p.process_reward != "none":
+        judge = build_judge(p.process_reward, p.process_judge, k_sample=p.process_k_sample)
+        decode = _policy_decoder(params.model.init)
     scored, metrics = score_rollouts(
         rollouts, tasks,
         estimator=p.advantage, group_filter=p.group_filter,
         filter_low=p.filter_low, filter_high=p.filter_high,
         overlong_is_wrong=p.overlong_is_wrong, verify_timeout_s=p.verify_timeout_s,
         code_limits=limits_from(p.code_timeout_s, p.code_memory_mb), code_workers=p.code_workers,
+        code_allow_unsandboxed=p.unsafe_allow_unsandboxed_code,
+        judge=judge, decode=decode, process_chunk_len=p.process_chunk_len,
     )
     with stage_output(args.out, stage="reward") as o:
         write_parquet(scored, o.dir / "scored.parquet", "scored")

@@ -239,3 +239,20 @@ def test_empty_task_file_is_an_error_naming_it(tmp_path):
                                                        "answer": pl.String}).write_parquet(q)
     with pytest.raises(ValueError, match="empty.parquet is empty"):
         load_local_tasks(q)
+
+
+def test_data_does_not_import_rewards():
+    """Answer extraction has one home (tracerl.data.answers) that rewards import."""
+    import ast
+    from pathlib import Path
+
+    import tracerl.data
+    from tracerl.data.answers import extract_boxed
+    from tracerl.rewards import math_answers
+
+    assert math_answers.extract_boxed is extract_boxed
+    for f in Path(tracerl.data.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.startswith("tracerl.rewards") for n in names), f.name

@@ -14,15 +14,19 @@ from tracerl.rewards.process import (
     process_rewards,
     token_rewards,
 )
-from tracerl.rewards.sandbox import SandboxLimits
+from tracerl.rewards.sandbox import SandboxLimits, isolation_problems
 
 LIM = SandboxLimits(wall_s=5, cpu_s=4)
+needs_sandbox = pytest.mark.skipif(
+    bool(isolation_problems()),
+    reason="the code sandbox's isolation is missing here: " + "; ".join(isolation_problems()))
 
 
 def _fence(code: str) -> str:
     return f"Here you go.\n```python\n{code}\n```\n"
 
 
+@needs_sandbox
 def test_humaneval_canonical_solutions_pass_and_broken_ones_fail():
     tasks = humaneval_tasks()[:6]
     good = [_fence(t.tests["prefix"] + p) for t, p in
@@ -37,6 +41,7 @@ def test_humaneval_canonical_solutions_pass_and_broken_ones_fail():
     assert scores[-1].result is None and scores[-1].reward == 0.0
 
 
+@needs_sandbox
 def test_stdio_code_reward_is_fraction_of_cases():
     tests = {"method": "stdio", "inputs": ["2 3\n", "10 5\n"], "outputs": ["5", "16"]}
     (s,) = score_code_batch([_fence("a, b = map(int, input().split())\nprint(a + b)")], [tests], LIM)

@@ -50,6 +50,31 @@ PAIRS = [
     ("0", "-0", True), ("0", "", False), ("\\frac{7}{2}", "3", False),
 ]
 
+# issue 14: normalisation must not manufacture equality (decimal points, digit spacing,
+# false equations), and must keep the true cases it exists for
+NO_FALSE_POSITIVES = [
+    ("1.5x", "15x", False), ("15x", "1.5x", False), ("\\text{2.5 cm}", "\\text{25 cm}", False),
+    ("2.5 \\text{ cm}", "25 \\text{ cm}", False), ("1 5", "15", False), ("[1.5, 2]", "[15, 2]", False),
+    ("\\begin{pmatrix}1.5&2\\\\3&4\\end{pmatrix}", "\\begin{pmatrix}15&2\\\\3&4\\end{pmatrix}", False),
+    ("5 = 4", "4", False), ("5=4", "4", False), ("4 = 5", "4", False), ("x = 5 = 4", "4", False),
+    # true ones
+    ("1.5x", "\\frac{3}{2}x", True), ("\\text{2.5 cm}", "\\text{2.5 cm}", True),
+    ("2.5 \\text{ cm}", "2.5", True), ("\\$1.50", "1.5", True), ("2+2 = 4", "4", True),
+    ("x = 4", "4", True), ("x = \\frac{1}{2}", "0.5", True), ("[1.5, 2]", "[\\frac{3}{2}, 2]", True),
+    ("\\begin{pmatrix}1.5&2\\end{pmatrix}", "\\begin{pmatrix}\\frac{3}{2}&2\\end{pmatrix}", True),
+    ("1,000.5", "1000.5", True), ("\\text{Monday.}", "Monday", True),
+]
+
+
+@pytest.mark.parametrize("pred,gold,eq", NO_FALSE_POSITIVES)
+def test_no_false_positives(pred, gold, eq):
+    assert verify_answer(pred, gold, timeout_s=5) is eq
+
+
+def test_last_box_decides():
+    assert score_math("try \\boxed{15x}, no: \\boxed{1.5x}", "1.5x").correct
+    assert not score_math("try \\boxed{1.5x}, no: \\boxed{15x}", "1.5x").correct
+
 
 def test_at_least_60_pairs():
     assert len(PAIRS) >= 60

@@ -12,11 +12,17 @@ from stages.reward import main
 from conftest import params_file
 from tracerl.data import TaskRecord, tasks_to_frame
 from tracerl.pipeline.artifacts import is_complete, read_metrics
+from tracerl.rewards import sandbox
+from tracerl.rewards.sandbox import SandboxUnavailable, isolation_problems
 from tracerl.schemas import read_parquet, write_parquet
 
 DECODING = {"attention": "block", "block_size": 4, "steps_per_block": 4, "max_tokens": 8,
             "strategy": "low_confidence_static", "dynamic_threshold": 0.9,
             "entropy_bound": 0.35, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+
+needs_sandbox = pytest.mark.skipif(
+    bool(isolation_problems()),
+    reason="the code sandbox's isolation is missing here: " + "; ".join(isolation_problems()))
 
 
 def _rollouts(rows):
@@ -56,6 +62,7 @@ TASKS = [
 ADD = "```python\ndef add(a, b):\n    return a + b\n```"
 
 
+@needs_sandbox
 def test_stage_scores_and_writes_the_contract(tmp_path):
     rows = [("a", "2+2=4 \\boxed{4}", "eos", 6)] * 4  # all correct: zero variance
     rows += [("b", "\\boxed{9}", "eos", 4), ("b", "\\boxed{9}", "length", 8),  # overlong: wrong
@@ -122,5 +129,17 @@ def test_flow_input_contract(tmp_path):
     write_parquet(tasks_to_frame(TASKS[:1]), tmp_path / "prep" / "train.parquet", "task")
     assert main(["--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "reward"),
                  "--input", f"rollout={tmp_path / 'roll'}", "--input", f"data={tmp_path / 'prep'}"]) == 0
+    df = read_parquet(tmp_path / "reward" / "scored.parquet", "scored")
+    assert df["correct"].to_list() == [True, False]
+
+
+def test_code_grading_fails_closed_without_isolation(tmp_path, monkeypatch):
+    monkeypatch.setattr(sandbox, "isolation_problems", lambda: ("root privileges",))
+    rows = [("c", ADD, "eos", 10), ("c", "```python\ndef add(a, b):\n    return 0\n```", "eos", 10)]
+    args = _write(tmp_path, _rollouts(rows), TASKS[2:3])
+    with pytest.raises(SandboxUnavailable, match="root privileges.*unsafe_allow_unsandboxed_code"):
+        main(args)
+    params_file(tmp_path / "params.yaml", reward={"unsafe_allow_unsandboxed_code": True})
+    assert main(args) == 0
     df = read_parquet(tmp_path / "reward" / "scored.parquet", "scored")
     assert df["correct"].to_list() == [True, False]

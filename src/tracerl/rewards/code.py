@@ -49,7 +49,11 @@ def build_job(response: str | None, tests: dict[str, Any]) -> CodeJob | None:
         code = tests["prefix"] + code  # a completion of the given signature
     if tests.get("setup"):
         code = tests["setup"] + "\n" + code
-    return CodeJob(code=code, method="function", tests=tuple(tests["tests"]))
+    # the task's own code also runs in the judge: its helpers (HumanEval's ``poly``) are
+    # the task's, never the program's; the entry point always comes from the program
+    trusted = "\n".join(t for t in (tests.get("setup"), tests.get("prefix")) if t)
+    return CodeJob(code=code, method="function", tests=tuple(tests["tests"]), trusted=trusted,
+                   entry_point=entry or None)
 
 
 @dataclass(frozen=True)
@@ -60,11 +64,15 @@ class CodeScore:
 
 
 def score_code_batch(responses: Sequence[str | None], tests: Sequence[dict[str, Any]],
-                     limits: SandboxLimits | None = None, workers: int = 4) -> list[CodeScore]:
-    """Grade ``responses[i]`` against ``tests[i]`` in parallel (bounded pool)."""
+                     limits: SandboxLimits | None = None, workers: int = 4, *,
+                     allow_unsandboxed: bool = False) -> list[CodeScore]:
+    """Grade ``responses[i]`` against ``tests[i]`` in parallel (bounded pool). Raises
+    :class:`~tracerl.rewards.sandbox.SandboxUnavailable` when the sandbox's isolation is
+    missing, unless ``allow_unsandboxed`` (unsafe)."""
     jobs = [build_job(r, t) for r, t in zip(responses, tests)]
     real = [j for j in jobs if j is not None]
-    results = iter(run_jobs(real, limits, workers) if real else [])
+    results = iter(run_jobs(real, limits, workers, allow_unsandboxed=allow_unsandboxed)
+                   if real else [])
     out = []
     for j in jobs:
         if j is None:

@@ -8,13 +8,15 @@ path for plain numbers, and always under a timeout: math-verify's own timeout us
 ``signal.alarm`` and so works only in the main thread, so elsewhere (Prefect runs tasks
 in worker threads) the check runs in a helper process that is killed on timeout.
 
-Extraction (:func:`extract_answer`), in order:
-1. the content of the last ``\\boxed{...}`` / ``\\fbox{...}`` (brace-balanced; also
-   ``\\boxed 5``);
-2. fallback: the text after the last ``####`` (GSM8K's format);
-3. fallback: the text after the last "final answer is" / "answer is" / "answer:".
-A response cut off by the token budget counts as wrong (spec 3.2 step 1), whatever it
-contains. Nothing here raises on model output.
+No false positives from normalisation: decimal points and spaces between digits are kept
+(``1.5x`` is not ``15x``, ``\\text{2.5 cm}`` not ``\\text{25 cm}``), and an equation is
+an answer only when every side without a variable equals the ground truth (``5 = 4`` is
+not ``4``; ``x = 4`` and ``2+2 = 4`` are).
+
+Extraction (:func:`extract_answer`, :func:`extract_boxed`) lives in
+:mod:`tracerl.data.answers`, shared with the data sources. A response cut off by the
+token budget counts as wrong (spec 3.2 step 1), whatever it contains. Nothing here
+raises on model output.
 """
 
 from __future__ import annotations
@@ -28,73 +30,9 @@ import threading
 from dataclasses import dataclass
 from fractions import Fraction
 
-_BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*")
-_ANSWER_IS_RE = re.compile(r"(?:final answer|answer)\s*(?:is|:)\s*:?\s*(.+)", re.IGNORECASE)
+from tracerl.data.answers import extract_answer, extract_boxed
 
-
-def extract_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` (or ``\\fbox``), brace-balanced; ``None`` if
-    there is none or it is unclosed.
-
-    Example:
-        >>> extract_boxed(r"so \\boxed{\\frac{1}{2}} and then \\boxed{x^{2}}")
-        'x^{2}'
-        >>> extract_boxed(r"\\boxed 7.") is None, extract_boxed(r"\\boxed{3")
-        (False, None)
-    """
-    if not isinstance(text, str):
-        return None
-    matches = list(_BOX_RE.finditer(text))
-    limit = len(text)  # an earlier box can only close before a later unclosed one starts
-    for m in reversed(matches):
-        i = m.end()
-        if i < len(text) and text[i] == "{":
-            depth, j = 0, i
-            while j < limit:
-                c = text[j]
-                if c == "\\" and j + 1 < len(text):
-                    j += 2
-                    continue
-                if c == "{":
-                    depth += 1
-                elif c == "}":
-                    depth -= 1
-                    if depth == 0:
-                        return text[i + 1 : j].strip()
-                j += 1
-            limit = m.start()
-            continue  # unclosed: try an earlier box
-        tok = re.match(r"([^\s$]+)", text[i:])
-        if tok and m.group(0).endswith(" "):
-            return tok.group(1).rstrip(".,;")
-    return None
-
-
-def extract_answer(text: str) -> str | None:
-    """Final answer of a response (see the module docstring for the fallbacks).
-
-    Example:
-        >>> extract_answer("12+30=42 \\\\boxed{42}"), extract_answer("so #### 1,000")
-        ('42', '1,000')
-        >>> extract_answer("The final answer is $7$."), extract_answer("no idea")
-        ('7', None)
-    """
-    if not isinstance(text, str) or not text.strip():
-        return None
-    boxed = extract_boxed(text)
-    if boxed is not None:
-        return boxed
-    if "####" in text:
-        tail = text.rsplit("####", 1)[1].strip().splitlines()
-        if tail and tail[0].strip():
-            return tail[0].strip()
-    hits = _ANSWER_IS_RE.findall(text)
-    if hits:
-        ans = hits[-1].strip().splitlines()[0].strip().rstrip(".").strip()
-        ans = ans.strip("$").strip()
-        return ans or None
-    return None
-
+__all__ = ["MathScore", "extract_answer", "extract_boxed", "score_math", "verify_answer"]
 
 # --------------------------------------------------------------------------- equivalence
 
@@ -132,9 +70,31 @@ def _strip_percent(s: str) -> str:
 
 
 def _norm_text(s: str) -> str:
+    """Text-level normal form: ``\\text{...}``-style wrappers, ``$`` and a final period
+    removed, lower case, spaces dropped except between two digits (``1 5`` stays apart
+    from ``15``). Decimal points are kept: ``2.5`` never normalises to ``25``."""
     s = re.sub(r"\\text\{([^{}]*)\}", r"\1", s)
     s = re.sub(r"\\(?:mathrm|textbf|mathbf)\{([^{}]*)\}", r"\1", s)
-    return re.sub(r"[\s$.]", "", s).lower()
+    s = s.replace("$", "").strip().rstrip(".").strip()
+    s = re.sub(r"(?<=\d)\s+(?=\d)", " ", s)
+    return re.sub(r"(?<!\d)\s+|\s+(?!\d)", "", s).lower()
+
+
+_LATEX_CMD_RE = re.compile(r"\\[A-Za-z]+")
+
+
+def _has_variable(s: str) -> bool:
+    """A letter outside LaTeX command names (``x``, ``f(t)``; not ``\\frac{1}{2}``)."""
+    return re.search(r"[A-Za-z]", _LATEX_CMD_RE.sub("", s)) is not None
+
+
+def _equation_sides(pred: str, gold: str) -> list[str] | None:
+    """The sides of ``pred`` when it is an equation and ``gold`` is not, else None.
+    ``=`` inside ``\\leq``/``\\geq``, ``<=``/``>=``/``!=``/``==`` does not split."""
+    if "=" not in pred or "=" in gold or re.search(r"[<>!=]=", pred):
+        return None
+    sides = [p.strip() for p in pred.split("=")]
+    return sides if len(sides) > 1 and all(sides) else None
 
 
 def _mv_check(pred: str, gold: str, timeout: int | None) -> bool:
@@ -208,6 +168,10 @@ def verify_answer(pred: str | None, gold: str, timeout_s: float = 5.0) -> bool:
             return True
         if len(pred) > 2000:  # degenerate output; do not hand it to a parser
             return False
+        sides = _equation_sides(pred, gold)
+        if sides is not None:  # "x = 4" answers 4; "5 = 4" does not (every constant side must)
+            check = [s for s in sides[:-1] if not _has_variable(s)] + [sides[-1]]
+            return all(verify_answer(s, gold, timeout_s) for s in check)
         if threading.current_thread() is threading.main_thread():
             return _mv_check(pred, gold, max(1, math.ceil(timeout_s)))
         fut = _get_pool().submit(_mv_worker, pred, gold)

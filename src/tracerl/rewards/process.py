@@ -134,13 +134,15 @@ def process_rewards(
     decode: Callable[[Sequence[int]], str],
     *,
     chunk_len: int = 200,
-    block_size: int = 4,
+    block_size: int | Sequence[int] = 4,
 ) -> list[list[float]]:
     """Per-token process rewards for every response (one list [L_j] per response).
 
     Excerpts are decoded from token-id prefixes (ids cross the boundary; the text is only
-    what the judge reads).
+    what the judge reads). ``block_size`` is one value or one per response (each
+    trajectory carries its own).
     """
+    sizes = [block_size] * len(response_ids) if isinstance(block_size, int) else list(block_size)
     requests, owner = [], []
     for j, ids in enumerate(response_ids):
         sol = decode(list(ids))
@@ -156,8 +158,40 @@ def process_rewards(
     for g in set(group_ids):
         members = [j for j, x in enumerate(group_ids) if x == g]
         for j, z in zip(members, normalize_chunks([raw[j] for j in members])):
-            out[j] = token_rewards(decode_steps[j], z, chunk_len, block_size)
+            out[j] = token_rewards(decode_steps[j], z, chunk_len, sizes[j])
     return out
+
+
+JUDGES = ("none", "hf", "vllm")
+
+
+def build_judge(kind: str, model: str, *, k_sample: int = 3, seed: int = 0) -> Judge:
+    """The judge of ``reward.process_reward``: ``hf`` loads ``model`` (a local folder or
+    hub id) with transformers, or builds the CPU test judge for ``model == "tiny"`` (a
+    2-layer random Qwen2 on the embedded tokenizer: it answers noise, so every chunk gets
+    the ``2*correct - 1`` fallback or a random unanimous verdict; for wiring tests and
+    laptops); ``vllm`` serves ``model`` with vLLM on GPU."""
+    if kind == "vllm":
+        return VLLMJudge(model, k_sample=k_sample)
+    if kind != "hf":
+        raise ValueError(f"judge kind must be one of {JUDGES[1:]}, got {kind!r}")
+    import torch
+
+    if model == "tiny":
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        from tracerl.models import build_default_tokenizer
+
+        tok = build_default_tokenizer()
+        cfg = Qwen2Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+        torch.manual_seed(seed)
+        return HFJudge(Qwen2ForCausalLM(cfg).eval(), tok, k_sample=k_sample, max_new_tokens=8,
+                       seed=seed)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return HFJudge(AutoModelForCausalLM.from_pretrained(model).eval(),
+                   AutoTokenizer.from_pretrained(model), k_sample=k_sample, seed=seed)
 
 
 class HFJudge:

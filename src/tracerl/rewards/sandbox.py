@@ -1,49 +1,78 @@
-"""Sandboxed execution of generated programs against function (assert) and stdio tests.
+"""Sandboxed execution of generated programs against function (statement) and stdio tests.
 
 The reference runs model code with plain ``exec`` in child processes, without resource,
 filesystem or network limits, and counts ``SystemExit`` as a passed test
-(Gen-Verse/dLLM-RL ``reward/rl_execute.py``; spec section 3.3 and 12.1.6). A reward that
-can be fooled teaches the policy to fool it, so here:
+(Gen-Verse/dLLM-RL ``reward/rl_execute.py``; spec sections 3.3 and 12.1.6). An RL run
+optimises whatever the reward lets through, so the grader is built against a program
+that actively tries to forge its verdict or read around it.
 
-- **one fresh process per program** (per stdio case), started with a clean environment,
-  ``start_new_session`` and, where available (root, or unprivileged user namespaces),
-  inside new network, PID and mount namespaces (``unshare``): no network at all, every
-  descendant dies with the sandbox (PID-namespace init), private tmpfs over ``/tmp`` and
-  the other world-writable folders, a fresh working folder;
-- **resource limits** set in the child: ``RLIMIT_CPU``, ``RLIMIT_AS``, ``RLIMIT_FSIZE``,
-  ``RLIMIT_NOFILE``, ``RLIMIT_NPROC``, no core files; a **wall-clock limit** enforced by
-  the host, which kills the whole process group;
-- as root, the program runs as an **unprivileged uid, one per pool slot**, so
-  ``RLIMIT_NPROC`` really bounds a fork bomb (root is exempt from it) and the host's
-  files are out of reach;
-- **an unforgeable verdict**: pass/fail travels over a pipe the host opened, tagged
-  with a random nonce; a function test passes only when the harness records it after the
-  test statement returned. ``SystemExit``, ``os._exit``, killing the parent, printing
-  "passed" or rebinding harness names never produce a pass. Stdio outputs are compared
-  by the host; expected outputs never enter the sandbox; test sources never touch disk.
+Threat model
+------------
+*Adversary*: the program text (model output), arbitrary Python, run with full knowledge
+of this module. *Trusted*: the host (this module), the dataset's tests and prompt prefix,
+the harness (:mod:`tracerl.rewards._harness`, run from the host's copy of its text), the
+kernel. *Goal of the adversary*: a test recorded as passed that the program does not
+pass; reading or writing anything outside its sandbox; outliving the grading; slowing or
+crashing the host.
 
-Limitations (documented, not hidden): function tests necessarily run in the program's
-interpreter, so a program that deliberately inspects interpreter memory (frames, ``gc``)
-could find the nonce, and an object whose ``__eq__`` always returns True satisfies
-``assert f(x) == y``; ``ctypes`` is blocked and trace/profile hooks void the verdict to
-make such attacks costly. Without ``unshare`` (containers without user namespaces) the
-network is blocked only inside Python (``socket`` replaced) and a non-root
-``RLIMIT_NPROC`` counts all of the user's processes, so the host adds the current count;
-run the reward stage in its container image there. :func:`isolation_mode` says which
-mode is active.
+Design
+------
+- **No verdict channel in the untrusted interpreter.** Each program runs in a fresh PID,
+  mount, network, IPC and UTS namespace. Its init (PID 1) forks before reading any test:
+  the child, the *candidate*, runs the program; the parent, the *judge*, only then reads
+  the tests and runs them in its own interpreter, where the program's functions are
+  proxies. A call ships its arguments to the candidate and gets back plain data only
+  (``None``, bools, numbers, strings, bytes, lists/tuples/dicts/sets of them, decoded
+  strictly), so an ``assert`` and a HumanEval ``check(candidate)`` both compare values the
+  judge built itself: an ``__eq__`` that always returns True never crosses the pipe, and
+  statement tests are exactly as hard to forge as equality tests. The judge holds the
+  only descriptor to the host; the candidate never has it, never sees the tests or the
+  expected values (not even in memory: the fork happens before they are read), runs
+  under another uid, and the judge is non-dumpable and hidden from it (``hidepid=2``).
+  ``SystemExit``, ``os._exit``, signals, printing "passed", patching builtins or walking
+  frames and ``gc`` can only change what the candidate answers, never what the judge
+  records. Helpers of the prompt prefix (e.g. HumanEval's ``poly``) are run by the judge
+  from the task, not taken from the program.
+- **It sees only what it needs.** The file-system view is a read-only minimal root: the
+  interpreter's installation, the shared libraries, ``/dev/{null,zero,random,urandom}``,
+  a private ``/proc`` and size-bounded private ``/tmp`` and ``/dev/shm``; the host's tree
+  is detached (``pivot_root``). No project, task, home or data folder exists in it.
+- **No network of any kind**: an empty network namespace, and a seccomp filter that
+  refuses ``socket``/``socketpair`` for every family except ``AF_UNIX`` (whose only
+  peers are inside the sandbox) plus the escape hatches (``io_uring``, ``bpf``,
+  ``ptrace``, ``process_vm_*``, mount and namespace calls, new namespaces via ``clone``,
+  ``clone3``, keyrings, kernel modules); x32 and foreign-architecture calls are refused.
+- **Every process reaped**: when the judge (the namespace's init) exits, the kernel kills
+  everything left in the namespace; the host kills the whole process group at the wall
+  limit, so no daemon outlives the grading.
+- **Limits** in the candidate: ``RLIMIT_CPU``, ``RLIMIT_AS``, ``RLIMIT_FSIZE``,
+  ``RLIMIT_NOFILE``, ``RLIMIT_NPROC`` (exact: a uid per grading process and slot), no core
+  files; the host's wall-clock limit; replies capped at 1 MiB.
+- **Fail closed**: :func:`isolation_problems` lists what is missing (root, ``unshare``,
+  a seccomp table for the machine, a working probe). Grading refuses to run with
+  :class:`SandboxUnavailable` naming it, unless the caller passes
+  ``allow_unsandboxed=True`` (params: ``reward.unsafe_allow_unsandboxed_code``), which
+  runs with limits and the judge/candidate split only, and says so loudly.
+
+Limitations (documented, not hidden): functions that mutate their arguments in place,
+or tests that pass callables to the program, cannot be graded through plain-data calls
+(those tests fail); results that are not plain data come back as opaque proxies that
+compare by identity; the program sees the standard library only (no site-packages).
+The sandbox needs root with CAP_SYS_ADMIN (a plain root shell, or a container granted
+that capability) because it mounts and switches uids; elsewhere it fails closed.
 """
 
 from __future__ import annotations
 
-import ast
 import functools
-import json
+import logging
+import marshal
 import math
 import os
 import queue
-import secrets
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -56,7 +85,19 @@ from pathlib import Path
 from typing import Literal
 
 _HARNESS = (Path(__file__).with_name("_harness.py")).read_text()
-_UNSHARE = ["--net", "--pid", "--mount", "--fork", "--kill-child"]
+_log = logging.getLogger(__name__)
+
+# Test-only: protections switched off, to show that each adversarial test can fail.
+# "fork" (program and tests share one interpreter, the verdict fd reachable), "host_root",
+# "host_proc", "tmpfs" (the host's /tmp and /dev/shm), "pidns", "netns", "uid" (the
+# program keeps root), "seccomp", "rlimits". Never set outside tests.
+WEAKEN_KNOBS = frozenset({"fork", "host_root", "host_proc", "tmpfs", "pidns", "netns", "uid",
+                          "seccomp", "rlimits"})
+_WEAKEN: frozenset[str] = frozenset()
+
+
+class SandboxUnavailable(RuntimeError):
+    """The isolation the sandbox needs is missing; grading untrusted code is refused."""
 
 
 @dataclass(frozen=True)
@@ -70,7 +111,7 @@ class SandboxLimits:
     fsize_mb: int = 16  # largest file the program may write (also the tmpfs size)
     nofile: int = 64
     max_output_bytes: int = 1 << 20  # stdout kept for comparison
-    uid_base: int = 1_900_000  # root only: programs run as uids above this (sandbox_uid)
+    uid_base: int = 1_900_000  # programs and judges run as uids above this (sandbox_uid)
 
     def problems(self) -> list[str]:
         p = []
@@ -106,46 +147,156 @@ class ProgramResult:
 
 # --------------------------------------------------------------------------- isolation
 
+# syscall numbers: Linux include/uapi/asm-generic/unistd.h (aarch64) and
+# arch/x86/entry/syscalls/syscall_64.tbl (x86_64), checked against the installed headers.
+_DENY = ("ptrace", "mount", "umount2", "pivot_root", "chroot", "unshare", "setns",
+         "io_uring_setup", "io_uring_enter", "io_uring_register", "bpf", "perf_event_open",
+         "userfaultfd", "keyctl", "add_key", "request_key", "process_vm_readv",
+         "process_vm_writev", "kexec_load", "kexec_file_load", "init_module", "finit_module",
+         "delete_module", "open_by_handle_at", "name_to_handle_at", "open_tree", "move_mount",
+         "fsopen", "fsconfig", "fsmount", "fspick", "mount_setattr")
+_ARCHES = {"x86_64": (0xC000003E, 0), "aarch64": (0xC00000B7, 1)}  # AUDIT_ARCH_*, column
+_NR = {  # name: (x86_64, aarch64)
+    "socket": (41, 198), "socketpair": (53, 199), "clone": (56, 220), "clone3": (435, 435),
+    "ptrace": (101, 117), "mount": (165, 40), "umount2": (166, 39), "pivot_root": (155, 41),
+    "chroot": (161, 51), "unshare": (272, 97), "setns": (308, 268),
+    "io_uring_setup": (425, 425), "io_uring_enter": (426, 426), "io_uring_register": (427, 427),
+    "bpf": (321, 280), "perf_event_open": (298, 241), "userfaultfd": (323, 282),
+    "keyctl": (250, 219), "add_key": (248, 217), "request_key": (249, 218),
+    "process_vm_readv": (310, 270), "process_vm_writev": (311, 271), "kexec_load": (246, 104),
+    "kexec_file_load": (320, 294), "init_module": (175, 105), "finit_module": (313, 273),
+    "delete_module": (176, 106), "open_by_handle_at": (304, 265),
+    "name_to_handle_at": (303, 264), "open_tree": (428, 428), "move_mount": (429, 429),
+    "fsopen": (430, 430), "fsconfig": (431, 431), "fsmount": (432, 432), "fspick": (433, 433),
+    "mount_setattr": (442, 442),
+}
+_CLONE_NEW = 0x7E020000  # CLONE_NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET
+_EPERM, _ENOSYS, _AF_UNIX = 1, 38, 1
+
+
+def seccomp_filter(machine: str | None = None) -> bytes | None:
+    """The classic-BPF seccomp program (``struct sock_filter[]``) for ``machine``, or None
+    for a machine without a table. Allows everything except: ``socket``/``socketpair`` of
+    any family but ``AF_UNIX``, the calls in ``_DENY``, ``clone`` with namespace flags
+    (EPERM), ``clone3`` (ENOSYS, so libc falls back to ``clone``), x32 calls and calls
+    of another architecture (the process is killed)."""
+    machine = machine or os.uname().machine
+    if machine not in _ARCHES:
+        return None
+    arch, col = _ARCHES[machine]
+    nr = {name: nums[col] for name, nums in _NR.items()}
+    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
+    allow, kill = 0x7FFF0000, 0x80000000
+    errno = lambda e: 0x00050000 | e  # noqa: E731 - SECCOMP_RET_ERRNO
+    prog: list[tuple[int, object, object, int]] = [
+        (ld, 0, 0, 4), (jeq, 1, 0, arch), (ret, 0, 0, kill), (ld, 0, 0, 0)]
+    if machine == "x86_64":
+        prog.append((jge, "deny", 0, 0x40000000))  # x32 ABI
+    prog += [(jeq, "deny", 0, nr[name]) for name in _DENY]
+    prog += [(jeq, "sock", 0, nr["socket"]), (jeq, "sock", 0, nr["socketpair"]),
+             (jeq, "clone", 0, nr["clone"]), (jeq, "nosys", 0, nr["clone3"]),
+             (ret, 0, 0, allow)]
+    labels = {"sock": len(prog)}
+    prog += [(ld, 0, 0, 16), (jeq, "allow", "deny", _AF_UNIX)]
+    labels["clone"] = len(prog)
+    prog += [(ld, 0, 0, 16), (jset, "deny", "allow", _CLONE_NEW)]
+    labels["nosys"] = len(prog)
+    prog.append((ret, 0, 0, errno(_ENOSYS)))
+    labels["deny"] = len(prog)
+    prog.append((ret, 0, 0, errno(_EPERM)))
+    labels["allow"] = len(prog)
+    prog.append((ret, 0, 0, allow))
+    out = b""
+    for i, (code, jt, jf, k) in enumerate(prog):
+        rel = [labels[j] - i - 1 if isinstance(j, str) else j for j in (jt, jf)]
+        out += struct.pack("<HBBI", code, rel[0], rel[1], k)
+    return out
+
+
+def _ro_binds() -> tuple[list[str], list[tuple[str, str]]]:
+    """Read-only bind mounts (the interpreter's installation, the shared libraries) and
+    the symlinks to recreate (``/lib -> usr/lib`` on merged-/usr systems)."""
+    want = [os.path.realpath(sys.base_prefix), "/usr/lib", "/usr/lib64", "/lib", "/lib64",
+            "/etc/ld.so.cache"]
+    binds: list[str] = []
+    links: list[tuple[str, str]] = []
+    for w in want:
+        if os.path.islink(w):
+            links.append((w, os.readlink(w)))
+        elif os.path.exists(w) and not any(w == b or w.startswith(b + "/") for b in binds):
+            binds = [b for b in binds if not b.startswith(w + "/")] + [w]
+    return sorted(binds), links
+
 
 @functools.lru_cache(maxsize=1)
-def isolation_mode() -> Literal["namespaces", "userns", "none"]:
-    """``namespaces`` (root: net/pid/mount namespaces + uid drop), ``userns`` (non-root
-    with user namespaces: net/pid/mount, same uid) or ``none`` (limits and Python-level
-    socket blocking only). Probed once per process."""
-    exe = shutil.which("unshare")
-    if exe is None:
-        return "none"
-    tries = [("namespaces", [])] if os.geteuid() == 0 else []
-    tries.append(("userns", ["--map-root-user"]))
-    for name, extra in tries:
-        try:
-            r = subprocess.run([exe, *extra, *_UNSHARE, "true"], capture_output=True, timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            continue
-        if r.returncode == 0:
-            return name  # type: ignore[return-value]
-    return "none"
+def _traversable() -> bool:
+    """True if an unprivileged user can reach the interpreter's installation."""
+    p = Path(os.path.realpath(sys.base_prefix))
+    try:
+        return all(d.stat().st_mode & 0o001 for d in [*p.parents, p])
+    except OSError:
+        return False
 
 
-def _needs_expose(path: str) -> bool:
-    """True if an unprivileged user cannot traverse to ``path``."""
-    p = Path(path)
-    for d in [*reversed(p.parents), p]:
-        try:
-            if not d.stat().st_mode & 0o001:
-                return True
-        except OSError:
-            return True
+def _interpreter() -> str:
+    """The base interpreter (not a venv's wrapper): the sandbox holds its tree only."""
+    for cand in (getattr(sys, "_base_executable", None), sys.executable):
+        if cand and os.path.realpath(cand).startswith(os.path.realpath(sys.base_prefix) + "/"):
+            return os.path.realpath(cand)
+    return os.path.realpath(sys.executable)
+
+
+@functools.lru_cache(maxsize=1)
+def isolation_problems() -> tuple[str, ...]:
+    """What this machine lacks for the full sandbox (empty: everything is there).
+    Probed once per process by grading one tiny program inside the real sandbox."""
+    problems = []
+    if not sys.platform.startswith("linux"):
+        return (f"Linux namespaces and seccomp (this platform is {sys.platform})",)
+    if os.geteuid() != 0:
+        problems.append("root privileges, to mount the sandbox's file-system view and run "
+                        "programs under their own uids (run the reward stage as root with "
+                        "CAP_SYS_ADMIN, the capability to create namespaces and mount)")
+    if shutil.which("unshare") is None:
+        problems.append("the `unshare` program (util-linux), to create the namespaces")
+    if seccomp_filter() is None:
+        problems.append(f"a seccomp syscall table for machine {os.uname().machine!r} "
+                        f"(tables exist for {', '.join(sorted(_ARCHES))})")
+    if problems:
+        return tuple(problems)
+    try:
+        lines, _, err, rc, _, _ = _run_process(
+            "function", "def f():\n    return 1\n", ["assert f() == 1"], None,
+            SandboxLimits(wall_s=20, cpu_s=10), 0, isolated=True, weaken=frozenset())
+    except OSError as e:
+        return (f"a working sandbox: starting it failed ({e})",)
+    if lines != ["pass 0", "done"]:
+        return (f"a working sandbox: the probe program was not graded (exit {rc}; "
+                f"stderr: {err.strip()[-400:]!r})",)
+    return ()
+
+
+def _require(allow_unsandboxed: bool) -> bool:
+    """True to run fully isolated; False to run unsandboxed (allowed and needed); raises
+    :class:`SandboxUnavailable` when isolation is missing and not explicitly waived."""
+    problems = isolation_problems()
+    if not problems:
+        return True
+    if not allow_unsandboxed:
+        raise SandboxUnavailable(
+            "refusing to run untrusted code: the code sandbox needs "
+            + "; ".join(problems)
+            + ". Fix that, or set reward.unsafe_allow_unsandboxed_code: true (params.yaml) / "
+              "allow_unsandboxed=True to grade WITHOUT isolation (unsafe).")
+    _warn_unsafe(problems)
     return False
 
 
 @functools.lru_cache(maxsize=1)
-def _expose_roots() -> tuple[str, ...]:
-    roots = []
-    for r in {os.path.realpath(sys.base_prefix), os.path.realpath(sys.prefix)}:
-        if _needs_expose(r):
-            roots.append(r)
-    return tuple(sorted(roots))
+def _warn_unsafe(problems: tuple[str, ...]) -> None:
+    _log.warning("UNSAFE: grading untrusted code WITHOUT the sandbox (missing: %s); a "
+                 "program can read host files, use the network and outlive the grader",
+                 "; ".join(problems))
 
 
 def _clean_env() -> dict[str, str]:
@@ -160,19 +311,6 @@ def _clean_env() -> dict[str, str]:
     }
 
 
-def _user_process_count() -> int:
-    uid = os.getuid()
-    n = 0
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                if os.stat(f"/proc/{d}").st_uid == uid:
-                    n += 1
-            except OSError:
-                pass
-    return n
-
-
 def _kill_group(proc: subprocess.Popen) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -184,12 +322,41 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
-def _kill_uid(uid: int) -> None:
-    """Kill every process of a sandbox uid (fallback sweep; namespaces make it moot)."""
+def _uid_alive(uids: Sequence[int]) -> bool:
     for d in os.listdir("/proc"):
         if d.isdigit():
             try:
-                if os.stat(f"/proc/{d}").st_uid == uid:
+                if os.stat(f"/proc/{d}").st_uid in uids:
+                    return True
+            except OSError:
+                pass
+    return False
+
+
+def _stop(proc: subprocess.Popen, uids: Sequence[int]) -> None:
+    """At the wall limit: kill the sandbox's init first, so that ``unshare`` reaps it only
+    after the kernel has emptied the namespace; then the group; then wait until no
+    process of the sandbox's uids is left (bounded)."""
+    try:
+        with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+            for c in f.read().split():
+                os.kill(int(c), signal.SIGKILL)
+        proc.wait(timeout=5)
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        pass
+    _kill_group(proc)
+    proc.wait()
+    deadline = time.monotonic() + 5
+    while uids and _uid_alive(uids) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _kill_uids(uids: Sequence[int]) -> None:
+    """Kill every process of the given uids (without a PID namespace only)."""
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                if os.stat(f"/proc/{d}").st_uid in uids:
                     os.kill(int(d), signal.SIGKILL)
             except OSError:
                 pass
@@ -202,46 +369,58 @@ UIDS_PER_PROCESS = 256
 
 
 def sandbox_uid(limits: SandboxLimits, slot: int, pid: int | None = None) -> int:
-    """The unprivileged uid a program of pool ``slot`` runs as (root only).
+    """The unprivileged uid the program of pool ``slot`` runs as (its judge: this + 1).
 
     Distinct per grading process *and* per slot (``uid_base + (pid mod 65536) * 256 +
-    slot``), so concurrent graders (two reward stages, parallel test workers) never share
-    a uid: they would otherwise share one RLIMIT_NPROC budget and each other's kill sweeps.
+    2 * slot``), so concurrent graders (two reward stages, parallel test workers) never
+    share a uid: they would otherwise share one RLIMIT_NPROC budget.
     """
     pid = os.getpid() if pid is None else pid
-    return limits.uid_base + (pid % 65536) * UIDS_PER_PROCESS + slot % UIDS_PER_PROCESS
+    return limits.uid_base + (pid % 65536) * UIDS_PER_PROCESS + (2 * slot) % UIDS_PER_PROCESS
 
 
 def _run_process(mode: str, code: str, tests: Sequence[str], stdin_text: str | None,
-                 limits: SandboxLimits, slot: int) -> tuple[list[str], str, str, int | None, bool, float]:
-    """Run the harness once. Returns (result lines with nonce stripped, stdout, stderr tail,
-    returncode, timed_out, seconds)."""
-    iso = isolation_mode()
+                 limits: SandboxLimits, slot: int, *, isolated: bool, trusted: str = "",
+                 entry_point: str | None = None, weaken: frozenset[str] | None = None,
+                 ) -> tuple[list[str], str, str, int | None, bool, float]:
+    """Run the harness once. Returns (result lines, stdout, stderr tail, returncode,
+    timed_out, seconds)."""
+    weaken = _WEAKEN if weaken is None else weaken
     root = os.geteuid() == 0
-    uid = sandbox_uid(limits, slot) if (iso == "namespaces" and root) else None
-    nonce = secrets.token_hex(16)
+    # unsandboxed, another uid can only run the interpreter if its tree is reachable
+    uid = sandbox_uid(limits, slot) if root and (isolated or _traversable()) else None
+    binds, links = _ro_binds()
+    machine = os.uname().machine
     with tempfile.TemporaryDirectory(prefix="tracerl-sbx-") as host_dir:
+        os.chmod(host_dir, 0o711)  # unsandboxed: the program's uid must reach its workdir
         workdir = os.path.join(host_dir, "work")
         os.mkdir(workdir, 0o700)
-        nproc = limits.nproc if uid is not None else limits.nproc + _user_process_count()
-        payload = {
-            "mode": mode, "code": code, "tests": list(tests), "nonce": nonce,
+        os.mkdir(os.path.join(host_dir, "root"), 0o700)
+        bpf = seccomp_filter()
+        cand = {
+            "mode": mode, "code": code, "weaken": sorted(weaken), "mounts": isolated,
             "limits": {"cpu_s": limits.cpu_s, "memory_mb": limits.memory_mb,
-                       "fsize_mb": limits.fsize_mb, "nofile": limits.nofile},
-            "nproc": nproc, "uid": uid, "isolate_fs": iso == "namespaces" and root,
-            "expose": list(_expose_roots()) if uid is not None else [],
-            "workdir": workdir, "env": _clean_env(),
+                       "fsize_mb": limits.fsize_mb, "nofile": limits.nofile,
+                       "nproc": limits.nproc},
+            "uid_candidate": uid, "uid_judge": None if uid is None else uid + 1,
+            "root": os.path.join(host_dir, "root"), "workdir": workdir,
+            "ro_binds": binds, "links": links, "env": _clean_env(),
+            "bpf": bpf.hex() if bpf else "",
+            "pivot_root_nr": _NR["pivot_root"][_ARCHES[machine][1]] if machine in _ARCHES else -1,
         }
-        pr, pw = os.pipe()  # payload: host -> harness
-        rr, rw = os.pipe()  # results: harness -> host
+        judge = {"tests": list(tests), "trusted": trusted, "entry_point": entry_point}
+        cr, cw = os.pipe()  # candidate payload: host -> sandbox init
+        jr, jw = os.pipe()  # judge payload: read by the judge after the fork only
+        rr, rw = os.pipe()  # results: judge -> host
         os.set_blocking(rr, False)
         out_path = os.path.join(host_dir, "stdout")
         err_path = os.path.join(host_dir, "stderr")
-        cmd = [sys.executable, "-I", "-c", _HARNESS, str(pr)]
-        if iso == "namespaces":
-            cmd = ["unshare", *_UNSHARE, *cmd]
-        elif iso == "userns":
-            cmd = ["unshare", "--map-root-user", *_UNSHARE, *cmd]
+        cmd = [_interpreter(), "-I", "-S", "-c", _HARNESS, str(cr), str(jr), str(rw)]
+        if isolated:
+            ns = ["--mount", "--ipc", "--uts", "--fork", "--kill-child"]
+            ns += [] if "netns" in weaken else ["--net"]
+            ns += [] if "pidns" in weaken else ["--pid"]
+            cmd = ["unshare", *ns, *cmd]
         t0 = time.monotonic()
         proc = None
         timed_out = False
@@ -250,35 +429,37 @@ def _run_process(mode: str, code: str, tests: Sequence[str], stdin_text: str | N
                     tempfile.TemporaryFile() as fin:
                 fin.write((stdin_text or "").encode("utf-8", "replace"))
                 fin.seek(0)
-                payload["result_fd"] = rw
-                data = json.dumps(payload).encode()
                 proc = subprocess.Popen(
-                    cmd, stdin=fin, stdout=fout, stderr=ferr, pass_fds=(pr, rw),
+                    cmd, stdin=fin, stdout=fout, stderr=ferr, pass_fds=(cr, jr, rw),
                     env=_clean_env(), cwd=workdir, start_new_session=True,
                 )
-                os.close(pr)
-                os.close(rw)
-                pr = rw = -1
-                writer = threading.Thread(target=_write_all, args=(pw, data), daemon=True)
-                pw = -1  # owned (and closed) by the writer from here on
+                for fd in (cr, jr, rw):
+                    os.close(fd)
+                cr = jr = rw = -1
+                writer = threading.Thread(
+                    target=_write_all,
+                    args=((cw, marshal.dumps(cand)), (jw, marshal.dumps(judge))),
+                    daemon=True)
+                cw = jw = -1  # owned (and closed) by the writer from here on
                 writer.start()
                 try:
                     proc.wait(timeout=limits.wall_s)
                 except subprocess.TimeoutExpired:
                     timed_out = True
+                    _stop(proc, () if uid is None else (uid, uid + 1))
                 _kill_group(proc)
                 proc.wait()
-                writer.join()  # returns: the reader is gone, so a pending write fails fast
-            if uid is not None and iso != "namespaces":
-                _kill_uid(uid)
-            lines = _read_results(rr, nonce)
+                writer.join()  # returns: the readers are gone, so a pending write fails fast
+            if uid is not None and not isolated:  # no PID namespace reaped them
+                _kill_uids((uid, uid + 1))
+            lines = _read_results(rr)
             with open(out_path, "rb") as f:
                 stdout = f.read(limits.max_output_bytes).decode("utf-8", "replace")
             with open(err_path, "rb") as f:
                 f.seek(max(0, os.path.getsize(err_path) - 2000))
                 stderr = f.read().decode("utf-8", "replace")
         finally:
-            for fd in (pr, rw, rr, pw):
+            for fd in (cr, cw, jr, jw, rr, rw):
                 if fd >= 0:
                     _close(fd)
             if proc is not None and proc.poll() is None:
@@ -295,19 +476,19 @@ def _close(fd: int) -> None:
         pass
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    try:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-    except OSError:
-        pass
-    finally:
-        os.close(fd)  # EOF for the harness; the caller never touches fd again
+def _write_all(*items: tuple[int, bytes]) -> None:
+    for fd, data in items:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError:
+            pass
+        finally:
+            os.close(fd)  # EOF for the reader; the caller never touches fd again
 
 
-def _read_results(fd: int, nonce: str) -> list[str]:
+def _read_results(fd: int) -> list[str]:
     chunks = []
     while True:
         try:
@@ -319,9 +500,7 @@ def _read_results(fd: int, nonce: str) -> list[str]:
         chunks.append(b)
         if sum(map(len, chunks)) > 1 << 20:
             break
-    tag = nonce + " "
-    return [ln[len(tag):] for ln in b"".join(chunks).decode("ascii", "replace").splitlines()
-            if ln.startswith(tag)]
+    return b"".join(chunks).decode("ascii", "replace").splitlines()
 
 
 # --------------------------------------------------------------------------- public API
@@ -334,15 +513,16 @@ def _slots(workers: int) -> queue.Queue[int]:
     return q
 
 
-_default_slots = _slots(1)
-
-
 def run_function_tests(code: str, tests: Sequence[str], limits: SandboxLimits | None = None,
-                       *, slot: int = 0) -> ProgramResult:
-    """Run ``code`` and then each test statement (``assert ...`` or ``check(fn)``).
+                       *, slot: int = 0, trusted: str = "", entry_point: str | None = None,
+                       allow_unsandboxed: bool = False) -> ProgramResult:
+    """Run ``code``, then each test statement (``assert ...``, ``check(fn)``) in the judge.
 
-    A test passes only if its statement ran to completion after the whole program did.
-    Never raises on model output.
+    A test passes only if its statement ran to completion in the judge, against the
+    program's answers (plain data). ``trusted`` (the task's prompt prefix / setup) runs in
+    the judge, so its helpers are the task's, not the program's; ``entry_point`` always
+    comes from the program. Never raises on model output; raises
+    :class:`SandboxUnavailable` when isolation is missing and not waived.
 
     Example:
         >>> r = run_function_tests("def add(a, b):\\n    return a + b",
@@ -351,13 +531,13 @@ def run_function_tests(code: str, tests: Sequence[str], limits: SandboxLimits | 
         ((True, False), 'ok')
     """
     limits = limits or SandboxLimits()
+    isolated = _require(allow_unsandboxed)
     if not isinstance(code, str) or not code.strip() or not tests:
         return ProgramResult(tuple(False for _ in tests), "invalid", detail="no code or no tests")
-    code = _safe_text(code)
-    split = [split_assert(_safe_text(t)) for t in tests]
     try:
         lines, _, err, rc, timed_out, secs = _run_process(
-            "function", code, [(k, src) for k, src, _ in split], None, limits, slot)
+            "function", _safe_text(code), [_safe_text(t) for t in tests], None, limits, slot,
+            isolated=isolated, trusted=_safe_text(trusted or ""), entry_point=entry_point)
     except OSError as e:  # host-side failure (e.g. out of pids): never a pass
         return ProgramResult(tuple(False for _ in tests), "killed", detail=f"spawn failed: {e}")
     passed = [False] * len(tests)
@@ -365,13 +545,8 @@ def run_function_tests(code: str, tests: Sequence[str], limits: SandboxLimits | 
         parts = ln.split()
         if len(parts) == 2 and parts[0] == "pass" and parts[1].isdigit():
             i = int(parts[1])
-            if 0 <= i < len(tests) and split[i][0] == "stmt":
+            if 0 <= i < len(tests):
                 passed[i] = True
-        elif len(parts) >= 2 and parts[0] == "value" and parts[1].isdigit():
-            i = int(parts[1])
-            if 0 <= i < len(tests) and split[i][0] == "expr":
-                rest = ln.split(" ", 2)[2] if len(parts) > 2 else ""
-                passed[i] = _literal_equal(rest, split[i][2])
     if timed_out:
         status = "timeout"
     elif "program_error" in lines:
@@ -384,14 +559,18 @@ def run_function_tests(code: str, tests: Sequence[str], limits: SandboxLimits | 
 
 
 def run_stdio_tests(code: str, inputs: Sequence[str], outputs: Sequence[str],
-                    limits: SandboxLimits | None = None, *, slot: int = 0) -> ProgramResult:
+                    limits: SandboxLimits | None = None, *, slot: int = 0,
+                    allow_unsandboxed: bool = False) -> ProgramResult:
     """Run ``code`` once per case with ``inputs[k]`` on stdin (a fresh sandbox each).
 
-    A case passes when the program ran to completion with exit status 0 and its stdout
-    equals ``outputs[k]`` up to whitespace (tokens joined by single spaces, as the
-    reference compares). Expected outputs stay on the host.
+    A case passes when the program exited with status 0, as the judge observed it
+    (``waitpid``; ``sys.exit(0)`` and ``os._exit(0)`` after printing count as exit 0, a
+    signal or another status does not), and its stdout equals ``outputs[k]`` up to
+    whitespace (tokens joined by single spaces, as the reference compares). Expected
+    outputs never leave the host.
     """
     limits = limits or SandboxLimits()
+    isolated = _require(allow_unsandboxed)
     if len(inputs) != len(outputs) or not inputs or not isinstance(code, str) or not code.strip():
         return ProgramResult(tuple(False for _ in outputs), "invalid",
                              detail="no code, no cases, or inputs/outputs of unequal length")
@@ -399,69 +578,16 @@ def run_stdio_tests(code: str, inputs: Sequence[str], outputs: Sequence[str],
     passed, got, statuses, total = [], [], [], 0.0
     for inp, exp in zip(inputs, outputs):
         try:
-            lines, out, _, _, timed_out, secs = _run_process("stdio", code, [], inp, limits, slot)
+            lines, out, _, _, timed_out, secs = _run_process("stdio", code, [], inp, limits, slot,
+                                                             isolated=isolated)
         except OSError:
             lines, out, timed_out, secs = [], "", False, 0.0
         total += secs
-        ok_exit = "exit 0" in lines
-        passed.append(ok_exit and not timed_out and _norm(out) == _norm(exp))
+        passed.append("exit 0" in lines and not timed_out and _norm(out) == _norm(exp))
         got.append(out)
         statuses.append("timeout" if timed_out else "ok" if lines else "killed")
     status = "timeout" if "timeout" in statuses else "killed" if "killed" in statuses else "ok"
     return ProgramResult(tuple(passed), status, total, outputs=tuple(got))
-
-
-_MISSING = object()
-
-
-def split_assert(test: str) -> tuple[str, str, object]:
-    """Split ``assert <expr> == <literal>`` into ``("expr", "<expr>", literal)`` so that the
-    expected value never enters the sandbox: the harness returns ``repr(<expr>)`` and the
-    host compares literals (defeats reading the tests from interpreter memory and
-    ``__eq__``-always-True objects). Any other statement is ``("stmt", test, None)`` and
-    runs as a whole inside the sandbox.
-
-    Example:
-        >>> split_assert("assert add(1, 2) == 3")
-        ('expr', 'add(1, 2)', 3)
-        >>> split_assert("assert abs(f(1.0) - 2) < 1e-6")[0]
-        'stmt'
-    """
-    try:
-        tree = ast.parse(test)
-    except (SyntaxError, ValueError):
-        return ("stmt", test, None)
-    if len(tree.body) != 1 or not isinstance(tree.body[0], ast.Assert):
-        return ("stmt", test, None)
-    t = tree.body[0].test
-    if not (isinstance(t, ast.Compare) and len(t.ops) == 1 and isinstance(t.ops[0], ast.Eq)):
-        return ("stmt", test, None)
-    for expr, lit in ((t.left, t.comparators[0]), (t.comparators[0], t.left)):
-        value = _literal(lit)
-        if value is not _MISSING and _literal(expr) is _MISSING:
-            return ("expr", ast.unparse(expr), value)
-    return ("stmt", test, None)
-
-
-def _literal(node: ast.AST) -> object:
-    try:
-        return ast.literal_eval(node)
-    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-        return _MISSING
-
-
-def _literal_equal(text: str, expected: object) -> bool:
-    """``repr`` text from the sandbox equals ``expected`` (both plain Python literals)."""
-    if len(text) > 100_000:
-        return False
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-        return False
-    try:
-        return bool(value == expected)
-    except Exception:  # noqa: BLE001
-        return False
 
 
 def _norm(s: str) -> str:
@@ -482,24 +608,33 @@ class CodeJob:
     tests: tuple[str, ...] = ()
     inputs: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()
+    trusted: str = ""  # task code the judge runs itself (prompt prefix, setup)
+    entry_point: str | None = None  # the name the program must define
 
 
 def run_jobs(jobs: Sequence[CodeJob], limits: SandboxLimits | None = None,
-             workers: int = 4) -> list[ProgramResult]:
+             workers: int = 4, *, allow_unsandboxed: bool = False) -> list[ProgramResult]:
     """Grade many programs in parallel through a bounded pool of ``workers`` threads,
     each launching one sandbox at a time (so at most ``workers`` sandboxes run at once).
-    Results are in job order."""
+    Results are in job order. Raises :class:`SandboxUnavailable` (before running anything)
+    when isolation is missing and ``allow_unsandboxed`` is False."""
     limits = limits or SandboxLimits()
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    if workers > UIDS_PER_PROCESS // 2:
+        raise ValueError(f"workers must be <= {UIDS_PER_PROCESS // 2}, got {workers}")
+    _require(allow_unsandboxed)
     slots = _slots(workers)
 
     def one(job: CodeJob) -> ProgramResult:
         slot = slots.get()
         try:
             if job.method == "stdio":
-                return run_stdio_tests(job.code, job.inputs, job.outputs, limits, slot=slot)
-            return run_function_tests(job.code, job.tests, limits, slot=slot)
+                return run_stdio_tests(job.code, job.inputs, job.outputs, limits, slot=slot,
+                                       allow_unsandboxed=allow_unsandboxed)
+            return run_function_tests(job.code, job.tests, limits, slot=slot, trusted=job.trusted,
+                                      entry_point=job.entry_point,
+                                      allow_unsandboxed=allow_unsandboxed)
         except Exception as e:  # noqa: BLE001 - grading never raises on model output
             n = len(job.tests) if job.method == "function" else len(job.outputs)
             return ProgramResult((False,) * n, "killed", detail=f"host error: {e!r}")

@@ -10,6 +10,8 @@ nor tests are kept in the table (``kept = False``, reward 0) and counted, never 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import numpy as np
 import polars as pl
 
@@ -17,6 +19,7 @@ from tracerl.data.records import TaskRecord
 from tracerl.rewards.advantages import compute_group_advantages
 from tracerl.rewards.code import score_code_batch
 from tracerl.rewards.math_answers import score_math
+from tracerl.rewards.process import Judge, process_rewards
 from tracerl.rewards.sandbox import SandboxLimits
 
 
@@ -31,7 +34,11 @@ def score_rollouts(
     verify_timeout_s: float = 5.0,
     code_limits: SandboxLimits | None = None,
     code_workers: int = 4,
+    code_allow_unsandboxed: bool = False,
     estimator: str = "zscore",
+    judge: Judge | None = None,
+    decode: Callable[[Sequence[int]], str] | None = None,
+    process_chunk_len: int = 200,
 ) -> tuple[pl.DataFrame, dict[str, float]]:
     """Score every rollout row and compute group advantages.
 
@@ -39,10 +46,16 @@ def score_rollouts(
         rollouts: rows in the ROLLOUT schema (``task_id``, ``response_text``,
             ``response_ids``, ``finish_reason``, ...).
         tasks: task records by ``task_id``.
+        code_allow_unsandboxed: grade code without the sandbox's isolation where it is
+            missing (unsafe; otherwise :class:`~tracerl.rewards.sandbox.SandboxUnavailable`).
+        judge, decode: the process reward (LLM judge) and the policy's id -> text
+            decoder; with a judge, ``token_rewards`` holds each valid response's per-token
+            process reward over its ``response_len`` tokens (the value model's GAE reads
+            it instead of the outcome reward), else it is null.
 
     Returns:
         ``(scored, metrics)``: ``scored`` is ``rollouts`` plus ``correct``, ``reward``,
-        ``advantage``, ``kept`` and a null ``token_rewards``; metrics are ``accuracy``,
+        ``advantage``, ``kept`` and ``token_rewards``; metrics are ``accuracy``,
         ``mean_response_tokens``, ``filtered_group_fraction``, ``zero_variance_fraction``
         and counts (``num_responses``, ``num_groups``, ``kept_responses``,
         ``overlong_responses``, ``empty_responses``, ``no_answer_responses``,
@@ -80,7 +93,8 @@ def score_rollouts(
     if code_rows:
         scores = score_code_batch([texts[i] for i in code_rows],
                                   [tasks[ids[i]].tests for i in code_rows],  # type: ignore[misc]
-                                  code_limits, code_workers)
+                                  code_limits, code_workers,
+                                  allow_unsandboxed=code_allow_unsandboxed)
         for i, s in zip(code_rows, scores):
             correct[i], reward[i] = s.correct, s.reward
             counts["no_answer_responses"] += int(s.result is None)
@@ -94,12 +108,18 @@ def score_rollouts(
     # response_len counts the tokens through EOS (the id lists run to the end of the block)
     lengths = (rollouts["response_len"] if "response_len" in rollouts.columns
                else rollouts["response_ids"].list.len()).to_numpy() if n else np.zeros(0)
+    tok_rewards: list[list[float] | None] = [None] * n
+    if judge is not None and vidx.size:
+        if decode is None:
+            raise ValueError("a process-reward judge needs decode (the policy's ids -> text)")
+        tok_rewards = _process_token_rewards(rollouts, tasks, vidx, correct, judge, decode,
+                                             process_chunk_len, tok_rewards)
     scored = rollouts.with_columns(
         pl.Series("correct", correct, dtype=pl.Boolean),
         pl.Series("reward", reward, dtype=pl.Float32),
         pl.Series("advantage", adv, dtype=pl.Float32),
         pl.Series("kept", kept, dtype=pl.Boolean),
-        pl.lit(None, dtype=pl.List(pl.Float32)).alias("token_rewards"),
+        pl.Series("token_rewards", tok_rewards, dtype=pl.List(pl.Float32)),
     )
     metrics = {
         "accuracy": float(correct[vidx].mean()) if vidx.size else 0.0,
@@ -110,3 +130,26 @@ def score_rollouts(
         **counts,
     }
     return scored, metrics
+
+
+def _process_token_rewards(rollouts: pl.DataFrame, tasks: dict[str, TaskRecord], vidx: np.ndarray,
+                           correct: np.ndarray, judge: Judge,
+                           decode: Callable[[Sequence[int]], str], chunk_len: int,
+                           out: list[list[float] | None]) -> list[list[float] | None]:
+    """Per-token process rewards of the valid rows (over their ``response_len`` tokens)."""
+    rows = [int(i) for i in vidx]
+    ids = rollouts["task_id"].to_list()
+    resp = rollouts["response_ids"].to_list()
+    steps = rollouts["decode_steps"].to_list()
+    lens = (rollouts["response_len"].to_list() if "response_len" in rollouts.columns
+            else [len(r) for r in resp])
+    blocks = (rollouts["block_size"].to_list() if "block_size" in rollouts.columns
+              else [1] * rollouts.height)
+    r = process_rewards(
+        judge, [tasks[ids[i]].prompt for i in rows], [tasks[ids[i]].answer or "" for i in rows],
+        [resp[i][:lens[i]] for i in rows], [steps[i][:lens[i]] for i in rows],
+        [bool(correct[i]) for i in rows], [ids[i] for i in rows], decode,
+        chunk_len=chunk_len, block_size=[int(blocks[i]) for i in rows])
+    for i, tr in zip(rows, r):
+        out[i] = tr if lens[i] > 0 else None
+    return out
