@@ -13,16 +13,19 @@ text ``prompt`` + ``response``/``reference_solution``. Writes ``checkpoint/``,
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
 import torch
 
 from tracerl.models import save_model
-from tracerl.pipeline.artifacts import stage_output
+from tracerl.pipeline.artifacts import sha256_file, stage_output
+from tracerl.pipeline.layout import fingerprint
 from tracerl.pipeline.resolve import policy_from_params
 from tracerl.pipeline.stage_cli import bind_inputs, load_stage_params, stage_argparser
 from tracerl.rl import (
+    SFTCheckpoints,
     SFTConfig,
     TokenScorer,
     TrainConfig,
@@ -53,14 +56,24 @@ def main(argv: list[str] | None = None) -> int:
                                block_size=model.block_size)
     cfg = pick(TrainConfig, s, micro_batch=s.batch_size // s.grad_accum, total_steps=max(s.steps, 1))
     trainer = Trainer(TokenScorer(model), cfg, kind="sft")
+    # mid-run checkpoints beside the output, valid only for these params and this data
+    data_file = a.data / "sft.parquet" if a.data.is_dir() else a.data
+    ckpts = SFTCheckpoints(a.out.parent / f".{a.out.name}.resume", fingerprint(
+        [dataclasses.asdict(s), dataclasses.asdict(m), params.run.seed, sha256_file(data_file)]))
+    resume = ckpts.restore(trainer)
+    if resume is not None:
+        print(f"sft: resuming at step {resume.done} of {s.steps} from {ckpts.folder}")
     with stage_run("sft") as tracker:  # per-step curves
         trainer.step_hooks.append(step_logger(tracker))
-        metrics = sft_train(trainer, samples, pick(SFTConfig, s), s.steps, progress=True)
+        metrics = sft_train(trainer, samples, pick(SFTConfig, s), s.steps, progress=True,
+                            resume=resume, checkpoint_every=s.checkpoint_every,
+                            on_checkpoint=lambda state: ckpts.save(trainer, state))
     with stage_output(a.out, stage="sft") as o:
         save_model(model, tok, o.dir / "checkpoint")
         trainer.save(o.dir / "trainer_state")
         o.metrics.update(metrics)
         o.metrics["examples"] = float(len(samples))
+    ckpts.clear()
     print(f"sft: {s.steps} steps, nll={metrics.get('nll', float('nan')):.4f}, "
           f"tokens/s={metrics.get('tokens_per_s', 0):.0f}")
     return 0

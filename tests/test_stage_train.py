@@ -206,3 +206,50 @@ def test_stages_train_at_the_records_block_size(tmp_path):
         policy_stage.main(["--params", str(params), "--policy", str(tmp_path / "sft"),
                            "--scored", str(tmp_path / "full.parquet"),
                            "--out", str(tmp_path / "pf")])
+
+
+def test_sft_killed_mid_run_resumes_to_the_same_model(tmp_path, monkeypatch):
+    """SFT checkpoints every 2 steps (weights, optimizer, schedule, RNG, data order); a
+    crash at step 5 of 7 resumes at step 4, and the final weights and trainer state equal
+    an uninterrupted run's, bit for bit."""
+    from stages import sft as sft_stage
+
+    from tracerl.rl import Trainer
+
+    params = _params(tmp_path, sft={"steps": 7, "checkpoint_every": 2, "batch_size": 2})
+    data = _sft_data(tmp_path)
+
+    def run(out: str) -> Path:
+        assert sft_stage.main(["--params", str(params), "--input", f"data={data}",
+                               "--out", str(tmp_path / out)]) == 0
+        return tmp_path / out
+
+    clean = run("clean")
+    real_step, calls = Trainer.step, []
+
+    def crashing_step(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("killed at step 5")
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(Trainer, "step", crashing_step)
+    with pytest.raises(RuntimeError, match="killed at step 5"):
+        run("resumed")
+    resume = tmp_path / ".resumed.resume"
+    assert json.loads((resume / "latest.json").read_text())["step"] == 4
+    calls.clear()
+    monkeypatch.setattr(Trainer, "step", lambda self, *a, **k: calls.append(1) or
+                        real_step(self, *a, **k))
+    resumed = run("resumed")
+    assert 0 < len(calls) <= 3  # what is left after step 4 only
+    assert not resume.exists()  # cleared once the output is written
+    assert weights_digest(load_model(resumed / "checkpoint")[0]) == \
+        weights_digest(load_model(clean / "checkpoint")[0])
+    a = torch.load(clean / "trainer_state" / "trainer_state.pt", weights_only=False)
+    b = torch.load(resumed / "trainer_state" / "trainer_state.pt", weights_only=False)
+    assert a["counters"] == b["counters"]
+    assert torch.equal(a["rng"]["generator"], b["rng"]["generator"])
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert read_metrics(resumed)["steps"] == read_metrics(clean)["steps"]

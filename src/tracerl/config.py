@@ -231,9 +231,14 @@ class SFTParams:
     gradient_checkpointing: bool = False
     zero_stage: int = 0  # 0 = off; 2/3 = DeepSpeed ZeRO (multi-process launch)
     seed: int = 0
+    # save model, optimizer, schedule, RNG and data order every N steps (0 = never); a
+    # killed SFT resumes there with the same result as an uninterrupted run
+    checkpoint_every: int = 200
 
     def problems(self) -> list[str]:
         p = registry_problems("tracerl.rl.builders", "SFT_ROW_BUILDERS", self.method, "sft.method")
+        if self.checkpoint_every < 0:
+            p.append("sft.checkpoint_every must be >= 0 (0 = no mid-run checkpoints)")
         if not 0.0 <= self.lower_p <= self.upper_p <= 1.0:
             p.append("sft.lower_p and sft.upper_p must satisfy 0 <= lower_p <= upper_p <= 1")
         if self.steps < 0 or self.batch_size < 1:

@@ -155,7 +155,8 @@ class RunLayout:
 
 
 # ---------------------------------------------------------------------- keys
-def _digest(obj: Any) -> str:
+def fingerprint(obj: Any) -> str:
+    """A short, stable digest of a JSON-able value (keys, resume fingerprints)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -176,7 +177,7 @@ def stage_key(stage: str, iteration: int | None, params: Mapping[str, Any],
               input_keys: Iterable[str]) -> str:
     """Digest of what a call's output depends on: stage, iteration, the params it reads
     (``params`` is ``Params.to_dict()``; the registry's ``reads``) and its inputs' keys."""
-    return _digest([stage, iteration, params_read(stage, params), sorted(input_keys)])
+    return fingerprint([stage, iteration, params_read(stage, params), sorted(input_keys)])
 
 
 def not_done_reason(call: StageCall) -> str | None:

@@ -57,7 +57,7 @@ from tracerl.rl.rows import (
     step_ranks,
 )
 from tracerl.rl.scoring import TokenScorer, ValueScorer
-from tracerl.rl.sft import sft_rows, sft_train
+from tracerl.rl.sft import SFTCheckpoints, SFTProgress, sft_rows, sft_train
 from tracerl.rl.trainer import TrainConfig, Trainer, lr_factor
 from tracerl.rl.value import value_update
 
@@ -70,7 +70,7 @@ __all__ = [
     "policy_loss_factory", "policy_update", "prepare_policy_rows", "read_scored",
     "read_sft_samples", "read_token_advantages", "records_block_size", "rounds_from_ranks",
     "rounds_loop", "run_steps", "sample_from_trajectory", "samples_from_frame", "sft_loss",
-    "sft_rows", "sft_train", "shrink_steps", "step_gae", "step_ranks", "summarize",
+    "SFTCheckpoints", "SFTProgress", "sft_rows", "sft_train", "shrink_steps", "step_gae", "step_ranks", "summarize",
     "trace_rl_loss", "train_rows", "trainer_state_dir", "trajectory_logprobs", "value_loss",
     "value_update", "write_token_advantages",
 ]
