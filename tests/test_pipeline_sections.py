@@ -27,7 +27,10 @@ TINY = {
     "data": {"train_size": 40, "heldout_size": 6, "sft_size": 16, "max_difficulty": 1},
     "sft": {"steps": 2, "batch_size": 8, "warmup_steps": 1},
     "rollout": {"tasks_per_iter": 2, "responses_per_task": 2, "max_tokens": 8, "batch_size": 8},
-    "reward": {"group_filter": "none"},
+    # the process-reward judge (the tiny CPU test judge) covers the reward stage's
+    # conditional read of model.init
+    "reward": {"group_filter": "none", "process_reward": "hf", "process_judge": "tiny",
+               "process_chunk_len": 4, "process_k_sample": 1},
     "policy": {"use_value": True, "micro_batch": 4},
     "value": {"micro_batch": 4},
     "evaluate": {"heldout_size": 2, "strategies": ["low_confidence_static"]},
