@@ -54,7 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     tasks = {t.task_id: t for t in tasks_from_frame(read_parquet(args.tasks, "task"))}
     judge = decode = None
     if p.process_reward != "none":
-        judge = build_judge(p.process_reward, p.process_judge, k_sample=p.process_k_sample)
+        from tracerl.pipeline.resolve import device_and_dtype
+
+        device, dtype = device_and_dtype(params)
+        judge = build_judge(p.process_reward, p.process_judge, k_sample=p.process_k_sample,
+                            device=device, dtype=dtype)
         decode = _policy_decoder(params.model.init)
     scored, metrics = score_rollouts(
         rollouts, tasks,

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from tracerl.devices import HOST
 from tracerl.models import DiffusionLM
 from tracerl.rl.builders import SFT_ROW_BUILDERS
 from tracerl.rl.configs import SFTConfig
@@ -52,12 +53,13 @@ def sft_train(trainer: Trainer, samples: Sequence[TraceSample], cfg: SFTConfig, 
         order: list[int] = []
         for _ in range(steps):
             while len(order) < per_step:
-                order += torch.randperm(len(samples), generator=trainer.generator).tolist()
+                order += torch.randperm(len(samples), generator=trainer.generator,
+                                        device=trainer.generator.device).tolist()
             take, order = order[:per_step], order[per_step:]
             rows, st = sft_rows([samples[i] for i in take], cfg, lm, trainer.generator)
             skipped += st.skipped_too_long
             for r in rows:
-                r.tokens["mask"] = torch.ones(r.num_targets)
+                r.tokens["mask"] = torch.ones(r.num_targets, device=HOST)
             if rows:
                 yield rows
 
