@@ -20,7 +20,9 @@ DeepSpeed's bf16 mode). Log-softmax of the trainer and the sampler runs in fp32 
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -35,6 +37,48 @@ no loss scaling here)."""
 DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 F = TypeVar("F", bound=Callable)
+
+log = logging.getLogger(__name__)
+
+FAST_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+"""CPU flags with native bf16 matmuls. Without them torch emulates bf16 on the CPU: on an
+AMD EPYC with AVX2 only, 2 threads ran 1.3 GFLOP/s in bf16 against 48 in fp32
+(docs/benchmarks.md)."""
+
+
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``lscpu``'s), or ``""`` where it is not known."""
+    for line in _cpuinfo().splitlines():
+        if line.startswith("model name"):
+            return line.partition(":")[2].strip()
+    return ""
+
+
+def cpu_has_fast_bf16() -> bool | None:
+    """Whether this CPU has native bf16 matmuls (None: unknown, e.g. not Linux)."""
+    info = _cpuinfo()
+    if not info:
+        return None
+    flags = set()
+    for line in info.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+    return any(f in flags for f in FAST_BF16_FLAGS)
+
+
+def warn_slow_bf16(what: str, device: torch.device) -> None:
+    """Log a warning when ``what`` asks for bf16 on a CPU that only emulates it."""
+    if torch.device(device).type == "cpu" and cpu_has_fast_bf16() is False:
+        log.warning("%s: bf16 on this CPU (%s) has no native bf16 matmuls (%s); torch "
+                    "emulates them, tens of times slower than float32. Use float32 here.",
+                    what, cpu_model() or "unknown", " / ".join(FAST_BF16_FLAGS))
 
 
 class DeviceError(ValueError):
@@ -94,6 +138,8 @@ def resolve_dtype(name: str | torch.dtype, device: str | torch.device = HOST) ->
     if dtype == torch.bfloat16 and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise DeviceError(f"model.dtype bfloat16: the GPU of {dev} does not support bf16; "
                           "use model.dtype: float32")
+    if dtype == torch.bfloat16:
+        warn_slow_bf16("model.dtype bfloat16", dev)
     return dtype
 
 

@@ -30,7 +30,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from tracerl.devices import HOST
+from tracerl.devices import HOST, warn_slow_bf16
 from tracerl.rl.rows import Batch
 
 log = logging.getLogger(__name__)
@@ -133,6 +133,8 @@ class Trainer:
                     break
         params = [p for p in module.parameters() if p.requires_grad]
         self.device = params[0].device if params else HOST
+        if cfg.bf16:
+            warn_slow_bf16(f"{kind} bf16 autocast", self.device)
         # weights in a low-precision dtype (model.dtype bfloat16) train against fp32 master
         # copies, so AdamW's moments and its small updates keep fp32 precision
         self.master: list[tuple[nn.Parameter, torch.Tensor]] = []
