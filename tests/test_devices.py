@@ -174,6 +174,15 @@ def test_bad_devices_and_dtypes_are_one_clear_error():
         resolve_dtype("float16")
 
 
+def test_params_refuse_a_device_name_torch_does_not_know(tmp_path):
+    from conftest import params_file
+    from tracerl.config import ConfigError, load_params
+
+    with pytest.raises(ConfigError, match="run.device 'gpu0' is not a device name"):
+        load_params(params_file(tmp_path / "p.yaml", run={"device": "gpu0"}))
+    assert load_params(params_file(tmp_path / "q.yaml", run={"device": "cuda:1"})).run.device
+
+
 def test_stage_refuses_a_missing_device_before_any_work(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("CUDA is present")

@@ -85,11 +85,12 @@ class DeviceError(ValueError):
     """``run.device`` / ``model.dtype`` cannot run here; the message says what to set."""
 
 
-def device_problem(name: str) -> str | None:
-    """Why ``name`` is not a usable device on this machine (None: it is).
+def device_name_problem(name: str) -> str | None:
+    """Why ``name`` is not a device tracerl runs on, on any machine (None: it is one).
+    Checked when params load; whether this machine has it is :func:`device_problem`'s.
 
     Example:
-        >>> device_problem("cpu") is None, device_problem("gpu0") is not None
+        >>> device_name_problem("cuda:1") is None, device_name_problem("gpu0") is not None
         (True, True)
     """
     try:
@@ -99,6 +100,14 @@ def device_problem(name: str) -> str | None:
                 f"{', '.join(DEVICE_TYPES)} (optionally with an index, e.g. cuda:1)")
     if dev.type not in DEVICE_TYPES:
         return f"run.device {name!r}: tracerl runs on {', '.join(DEVICE_TYPES)}, not {dev.type}"
+    return None
+
+
+def device_problem(name: str) -> str | None:
+    """Why ``name`` is not a usable device on this machine (None: it is)."""
+    if (problem := device_name_problem(name)) is not None:
+        return problem
+    dev = torch.device(name)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             return (f"run.device is {name!r} but CUDA is not available here (torch "
