@@ -66,7 +66,8 @@ def _recorded_usable(trainer: Trainer, lm: DiffusionLM, samples: Sequence[TraceS
     """Whether the rollout's log-probs are exactly the old log-probs: TraceRL rounds with
     ``shrink = 1``, fp32 unpartitioned training, and every sample sampled by these weights."""
     ok = (cfg.use_recorded_logprobs and cfg.method == "trace_rl" and cfg.shrink == 1
-          and not trainer.cfg.bf16 and trainer.cfg.zero_stage != 3  # (partitioned weights)
+          and not trainer.cfg.bf16 and lm.dtype == torch.float32
+          and trainer.cfg.zero_stage != 3  # (partitioned weights)
           and all(s.logprobs is not None and s.policy_id for s in samples))
     if ok:
         digest = weights_digest(lm)

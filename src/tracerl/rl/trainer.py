@@ -14,6 +14,12 @@ ranks; :mod:`tracerl.rl.losses`), so gradients are summed, never averaged: on on
 multiplied by the world size to undo ZeRO's gradient averaging and passed with
 ``scale_wrt_gas=False``. A step whose gradients are not finite is skipped (optimizer and
 schedule untouched), counted in ``skipped_steps`` and logged.
+
+Devices and precision (:mod:`tracerl.devices`): the trainer works on its module's device;
+a batch arrives there from :func:`~tracerl.rl.rows.collate`. Weights in bf16
+(``model.dtype``) train against fp32 master copies: gradients move onto them, AdamW's
+moments are fp32, and the updated masters are rounded back into the weights; the masters
+are saved with the trainer state and restored while they still round to the weights.
 """
 
 from __future__ import annotations
