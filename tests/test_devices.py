@@ -193,3 +193,29 @@ def test_stage_refuses_a_missing_device_before_any_work(tmp_path):
     with pytest.raises(DeviceError, match="CUDA is not available"):
         policy_stage.main(["--params", str(params), "--policy", str(tmp_path / "nope"),
                            "--scored", str(tmp_path / "nope"), "--out", str(tmp_path / "out")])
+
+
+def test_training_stages_run_with_meta_as_default_device(tmp_path):
+    """The stage code too (loading, saving, trainer state): SFT, value and policy stages
+    with the default device on meta and ``run.device: cpu``."""
+    from stages import policy as policy_stage
+    from stages import sft as sft_stage
+    from stages import value as value_stage
+    from tests.test_stage_train import _params, _scored, _sft_data
+    from tracerl.pipeline.artifacts import read_metrics
+
+    params = _params(tmp_path, policy={"use_value": True}, sft={"steps": 1})
+    data = _sft_data(tmp_path)
+    with torch.device("meta"):
+        assert sft_stage.main(["--params", str(params), "--input", f"data={data}",
+                               "--out", str(tmp_path / "sft")]) == 0
+    scored = _scored(tmp_path, tmp_path / "sft" / "checkpoint")
+    with torch.device("meta"):
+        assert value_stage.main(["--params", str(params), "--value", "none", "--policy",
+                                 str(tmp_path / "sft"), "--scored", str(scored), "--out",
+                                 str(tmp_path / "v0"), "--iteration", "0"]) == 0
+        assert policy_stage.main(["--params", str(params), "--policy", str(tmp_path / "sft"),
+                                  "--scored", str(scored), "--value-advantages",
+                                  str(tmp_path / "v0"), "--out", str(tmp_path / "p0")]) == 0
+    assert read_metrics(tmp_path / "p0")["steps"] >= 1
+    assert read_metrics(tmp_path / "v0")["trained"] == 1.0
