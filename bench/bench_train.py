@@ -38,7 +38,6 @@ from tracerl.models import build_default_tokenizer, build_for_tokenizer
 from tracerl.rl import PolicyConfig, TokenScorer, TraceSample, TrainConfig, Trainer, policy_update
 from tracerl.rl.rows import build_trace_rows, collate
 
-
 PEAK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 

@@ -186,8 +186,8 @@ def test_params_refuse_a_device_name_torch_does_not_know(tmp_path):
 def test_stage_refuses_a_missing_device_before_any_work(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("CUDA is present")
-    from tests.test_stage_train import _params
     from stages import policy as policy_stage
+    from tests.test_stage_train import _params
 
     params = _params(tmp_path, run={"device": "cuda"})
     with pytest.raises(DeviceError, match="CUDA is not available"):
@@ -202,6 +202,7 @@ def test_training_stages_run_with_meta_as_default_device(tmp_path):
     from stages import sft as sft_stage
     from stages import value as value_stage
     from tests.test_stage_train import _params, _scored, _sft_data
+
     from tracerl.pipeline.artifacts import read_metrics
 
     params = _params(tmp_path, policy={"use_value": True}, sft={"steps": 1})

@@ -13,7 +13,6 @@ import copy
 
 import pytest
 import torch
-
 from tests.test_devices import _one_of_each, _update
 
 pytestmark = [pytest.mark.gpu,

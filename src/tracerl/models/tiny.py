@@ -6,7 +6,6 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from tracerl.devices import on_host
-
 from tracerl.models.model import (
     ATTENTION,
     BACKBONES,
