@@ -20,6 +20,7 @@ import torch
 
 from tracerl.models import load_model, save_model
 from tracerl.pipeline.artifacts import stage_output
+from tracerl.pipeline.resolve import device_and_dtype
 from tracerl.pipeline.stage_cli import bind_inputs, load_stage_params, stage_argparser
 from tracerl.rl import (
     PolicyConfig,
@@ -50,9 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     params = load_stage_params(a.params, "policy")
     p, m = params.policy, params.model
+    device, dtype = device_and_dtype(params)
     torch.manual_seed(p.seed + (a.iteration or 0))
     # no block size from params: the update trains at the block size of the records
-    model, tok = load_model(checkpoint_dir(a.policy), family=m.family)
+    model, tok = load_model(checkpoint_dir(a.policy), family=m.family, dtype=dtype, device=device)
     trainer = Trainer(TokenScorer(model), pick(TrainConfig, p), kind="policy")
     resumed = trainer.load(trainer_state_dir(a.policy))
     adv = None
@@ -67,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     if p.beta > 0 and p.kl_target == "reference":
         if a.reference is None:
             raise ValueError("policy.kl_target 'reference' with beta > 0 needs --reference CKPT")
-        ref = load_model(checkpoint_dir(a.reference), family=m.family)[0]
+        ref = load_model(checkpoint_dir(a.reference), family=m.family, dtype=dtype,
+                         device=device)[0]
     with stage_run("policy", iteration=a.iteration) as tracker:  # per-step curves
         trainer.step_hooks.append(step_logger(tracker))
         metrics = policy_update(trainer, samples, pick(PolicyConfig, p), ref_model=ref,

@@ -53,9 +53,16 @@ def main(argv: list[str] | None = None) -> int:
     rollouts = read_parquet(args.rollouts, "rollout")
     tasks = {t.task_id: t for t in tasks_from_frame(read_parquet(args.tasks, "task"))}
     judge = decode = None
+    # the judge's settings are part of this stage's key whether or not a judge runs; they
+    # are resolved (and a missing device refused) only when one does
+    init, device, dtype = params.model.init, params.run.device, params.model.dtype
     if p.process_reward != "none":
-        judge = build_judge(p.process_reward, p.process_judge, k_sample=p.process_k_sample)
-        decode = _policy_decoder(params.model.init)
+        from tracerl.devices import resolve_device, resolve_dtype
+
+        device = resolve_device(device)
+        judge = build_judge(p.process_reward, p.process_judge, k_sample=p.process_k_sample,
+                            device=device, dtype=resolve_dtype(dtype, device))
+        decode = _policy_decoder(init)
     scored, metrics = score_rollouts(
         rollouts, tasks,
         estimator=p.advantage, group_filter=p.group_filter,

@@ -21,6 +21,7 @@ import torch
 
 from tracerl.models import ValueModel, load_model, load_tokenizer
 from tracerl.pipeline.artifacts import stage_output
+from tracerl.pipeline.resolve import device_and_dtype
 from tracerl.pipeline.stage_cli import bind_inputs, load_stage_params, stage_argparser
 from tracerl.rl import (
     TrainConfig,
@@ -51,13 +52,16 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     params = load_stage_params(a.params, "value")
     v, m = params.value, params.model
+    device, dtype = device_and_dtype(params)
     torch.manual_seed(v.seed + (a.iteration or 0))
     if a.value in (None, "none", ""):
         # no block size from params: the update trains at the block size of the records
-        policy, tok = load_model(checkpoint_dir(a.policy), family=m.family)
-        vm, state = ValueModel.from_policy(policy), None
+        policy, tok = load_model(checkpoint_dir(a.policy), family=m.family, dtype=dtype,
+                                 device=device)
+        vm, state = ValueModel(policy), None  # the policy's backbone, a zero head
     else:
-        vm, state = ValueModel.load(checkpoint_dir(a.value)), trainer_state_dir(a.value)
+        vm = ValueModel.load(checkpoint_dir(a.value), dtype=dtype, device=device)
+        state = trainer_state_dir(a.value)
         tok = load_tokenizer(checkpoint_dir(a.value))
     trainer = Trainer(ValueScorer(vm), pick(TrainConfig, v), kind="value")
     resumed = trainer.load(state) if state is not None else False

@@ -165,7 +165,8 @@ def test_kill_9_mid_stage_resumes(project, clean_run):
     """A real kill: SIGKILL the CLI while a stage is inside its output temp folder."""
     log = project / "kill.log"
     env = {**os.environ, "FAKE_LOG": str(log), "FAKE_HANG": "reward[1]",
-           "PYTHONPATH": os.pathsep.join([str(project), str(REPO)])}
+           # the repository's own tracerl (src), not whichever one the environment installed
+           "PYTHONPATH": os.pathsep.join([str(project), str(REPO / "src"), str(REPO)])}
     cmd = [sys.executable, "-m", "flows.tracerl_flow", "--no-prefect", "--run-name", "killed",
            "--package", "fake_stages"]
     proc = subprocess.Popen(cmd, cwd=project, env=env, stdout=subprocess.DEVNULL,

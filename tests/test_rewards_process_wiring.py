@@ -112,11 +112,12 @@ def test_stage_switch_wires_the_judge(tmp_path, monkeypatch):
                        [20, 21, 22]], ["a", "a", "ghost"])
     made = []
     monkeypatch.setattr(stages.reward, "build_judge",
-                        lambda kind, model, k_sample: made.append((kind, model, k_sample)) or ScriptedJudge())
+                        lambda kind, model, k_sample, device, dtype:
+                        made.append((kind, model, k_sample, str(device), dtype)) or ScriptedJudge())
     monkeypatch.setattr(stages.reward, "_policy_decoder",
                         lambda init: lambda ids: "".join(VOCAB[i] for i in ids))
     tr = _run_stage(tmp_path, rollouts)
-    assert made == [("hf", "tiny", 2)]
+    assert made == [("hf", "tiny", 2, "cpu", torch.float32)]  # run.device, model.dtype
     assert tr[0] == pytest.approx([0, 0, 0, 1, 0, 0, 0, -1]) and tr[2] is None  # unknown task
 
 

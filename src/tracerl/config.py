@@ -69,6 +69,10 @@ class RunParams:
             p.append("run.threads must be >= 0 (0 keeps torch's default)")
         if not self.name or "/" in self.name or self.name.startswith("."):
             p.append(f"run.name {self.name!r} must be a non-empty folder name without '/'")
+        from tracerl.devices import device_name_problem
+
+        if (bad := device_name_problem(self.device)) is not None:
+            p.append(bad)
         if self.gpus == 0 or self.gpus < -1:
             p.append("run.gpus must be -1 (all) or >= 1")
         return p
@@ -95,6 +99,7 @@ class ModelParams:
     # the model's block size: the rollout's too unless curriculum.block_size_schedule says
     # otherwise; the trainer takes the block size recorded with each trajectory
     block_size: int = 4
+    # weights' dtype; bfloat16 trains against fp32 master weights (tracerl.devices)
     dtype: Literal["float32", "bfloat16"] = "float32"
     # sizes of the embedded default (used only when init == "tiny")
     hidden_size: int = 128
@@ -227,7 +232,7 @@ class SFTParams:
     max_len: int = 0  # skip examples with prompt + response longer (0 = no limit)
     normalize: Literal["tokens", "padded"] = "tokens"  # reference: padded
     max_grad_norm: float = 1.0
-    bf16: bool = False  # bf16 autocast
+    bf16: bool = False  # bf16 autocast over model.dtype float32 weights (tracerl.devices)
     gradient_checkpointing: bool = False
     zero_stage: int = 0  # 0 = off; 2/3 = DeepSpeed ZeRO (multi-process launch)
     seed: int = 0
@@ -359,7 +364,7 @@ class PolicyParams:
     copies_per_row: int = 0  # noisy copies packed per row (0 = all rounds; 1 = reference)
     max_len: int = 0  # skip (and count) samples with prompt + response longer (0 = no limit)
     shuffle: bool = True
-    bf16: bool = False  # bf16 autocast; log-softmax stays fp32
+    bf16: bool = False  # bf16 autocast over model.dtype float32 weights (tracerl.devices)
     gradient_checkpointing: bool = False
     zero_stage: int = 0  # 0 = off; 2/3 = DeepSpeed ZeRO (multi-process launch)
     seed: int = 0
@@ -404,7 +409,7 @@ class ValueParams:
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
     warmup_steps: int = 0
-    bf16: bool = False
+    bf16: bool = False  # bf16 autocast over model.dtype float32 weights (tracerl.devices)
     gradient_checkpointing: bool = False
     zero_stage: int = 0
     seed: int = 0

@@ -44,6 +44,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from tracerl.devices import on_host
 from tracerl.limits import is_hub_id
 from tracerl.models.masks import attention_bias
 from tracerl.registry import Registry
@@ -436,6 +437,7 @@ def load_tokenizer(folder: str | os.PathLike) -> PreTrainedTokenizerBase:
         ) from e
 
 
+@on_host  # loaded on the host, then moved to ``device``
 def load_model(
     source: str | os.PathLike,
     *,

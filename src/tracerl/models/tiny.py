@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from tracerl.devices import on_host
 from tracerl.models.model import (
     ATTENTION,
     BACKBONES,
@@ -16,6 +17,7 @@ from tracerl.models.model import (
 )
 
 
+@on_host  # initialised on the host: the same weights whatever the run's device
 def build_model(
     family: str = "sdar",
     *,

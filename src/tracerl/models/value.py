@@ -29,7 +29,8 @@ class ValueModel(nn.Module):
     def __init__(self, lm: DiffusionLM):
         super().__init__()
         self.lm = lm
-        self.head = nn.Linear(lm.config.hidden_size, 1, bias=False, dtype=lm.dtype)
+        self.head = nn.Linear(lm.config.hidden_size, 1, bias=False, dtype=lm.dtype,
+                              device=lm.device)
         nn.init.zeros_(self.head.weight)
 
     @classmethod
@@ -52,7 +53,7 @@ class ValueModel(nn.Module):
 
     @classmethod
     def load(cls, folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
-             device: str = "cpu") -> ValueModel:
+             device: str | torch.device = "cpu") -> ValueModel:
         lm, _ = load_model(folder, dtype=dtype, device=device)
         vm = cls(lm)
         head = Path(folder) / HEAD_FILE

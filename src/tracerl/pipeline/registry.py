@@ -133,7 +133,9 @@ declare(StageSpec(
 ))
 declare(StageSpec(
     "reward", "verification, group filter and advantages",
-    reads=("reward", "model.init"),  # model.init: the tokenizer of a process-reward judge
+    # model.init: the tokenizer of a process-reward judge; run.device, model.dtype: where
+    # and in which dtype the judge runs
+    reads=("reward", "model.init", "model.dtype", "run.device"),
     inputs=("data", "rollout"),
     outputs=("scored.parquet",),
     metrics=("accuracy", "mean_reward", "kept_responses"),
@@ -141,7 +143,7 @@ declare(StageSpec(
 ))
 declare(StageSpec(
     "value", "value-model regression and token advantages (policy.use_value)",
-    reads=("model", "value"),
+    reads=("model", "value", "run.device"),
     inputs=("scored", "policy", "value"),
     outputs=("checkpoint/*", "trainer_state/*", "advantages.parquet"),
     metrics=("value_loss", "value_mean", "explained_var", "grad_norm", "lr"),
@@ -151,7 +153,7 @@ declare(StageSpec(
 ))
 declare(StageSpec(
     "policy", "one TraceRL update of the policy",
-    reads=("model", "policy"),
+    reads=("model", "policy", "run.device"),
     inputs=("scored", "policy", "reference", "value"),
     outputs=("checkpoint/*", "trainer_state/*"),
     metrics=("loss", "kl", "clip_fraction", "ratio_max", "entropy", "grad_norm", "lr"),

@@ -14,6 +14,16 @@ from tracerl.config import Params
 from tracerl.curriculum import CurriculumDecision, CurriculumRule, initial_decision
 
 
+def device_and_dtype(p: Params) -> tuple[torch.device, torch.dtype]:
+    """``run.device`` and ``model.dtype``, checked here before any work (a device this
+    machine lacks, or a dtype it cannot run, is one clear error:
+    :class:`tracerl.devices.DeviceError`)."""
+    from tracerl.devices import resolve_device, resolve_dtype
+
+    device = resolve_device(p.run.device)
+    return device, resolve_dtype(p.model.dtype, device)
+
+
 def policy_from_params(source: str | os.PathLike, p: Params, *, cached: bool = True):
     """``(model, tokenizer)`` for ``source``: the embedded default built from ``model.*``
     sizes (seeded by ``run.seed``) for ``"tiny"``, else a checkpoint (or stage) folder or
@@ -23,7 +33,7 @@ def policy_from_params(source: str | os.PathLike, p: Params, *, cached: bool = T
     from tracerl.sampling import load_policy
 
     m = p.model
-    dtype = getattr(torch, m.dtype)
+    device, dtype = device_and_dtype(p)
     if str(source) == "tiny":
         tok = build_default_tokenizer()
         model = build_for_tokenizer(
@@ -31,10 +41,9 @@ def policy_from_params(source: str | os.PathLike, p: Params, *, cached: bool = T
             num_layers=m.num_layers, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
             intermediate_size=m.intermediate_size,
             max_position_embeddings=m.max_position_embeddings, seed=p.run.seed, dtype=dtype)
-        return model.to(p.run.device), tok
+        return model.to(device), tok
     load = load_policy if cached else load_model  # both find a stage folder's checkpoint/
-    return load(source, family=m.family, dtype=dtype, device=p.run.device,
-                block_size=m.block_size)
+    return load(source, family=m.family, dtype=dtype, device=device, block_size=m.block_size)
 
 
 def curriculum_policy(p: Params) -> str:

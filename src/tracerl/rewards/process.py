@@ -165,18 +165,23 @@ def process_rewards(
 JUDGES = ("none", "hf", "vllm")
 
 
-def build_judge(kind: str, model: str, *, k_sample: int = 3, seed: int = 0) -> Judge:
+def build_judge(kind: str, model: str, *, k_sample: int = 3, seed: int = 0,
+                device: Any = "cpu", dtype: Any = None) -> Judge:
     """The judge of ``reward.process_reward``: ``hf`` loads ``model`` (a local folder or
     hub id) with transformers, or builds the CPU test judge for ``model == "tiny"`` (a
     2-layer random Qwen2 on the embedded tokenizer: it answers noise, so every chunk gets
     the ``2*correct - 1`` fallback or a random unanimous verdict; for wiring tests and
-    laptops); ``vllm`` serves ``model`` with vLLM on GPU."""
+    laptops); ``vllm`` serves ``model`` with vLLM on GPU. An ``hf`` judge runs on ``device``
+    in ``dtype`` (default float32), like the policy."""
     if kind == "vllm":
         return VLLMJudge(model, k_sample=k_sample)
     if kind != "hf":
         raise ValueError(f"judge kind must be one of {JUDGES[1:]}, got {kind!r}")
     import torch
 
+    from tracerl.devices import on_host
+
+    dtype = dtype or torch.float32
     if model == "tiny":
         from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -186,12 +191,14 @@ def build_judge(kind: str, model: str, *, k_sample: int = 3, seed: int = 0) -> J
         cfg = Qwen2Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
                           num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
         torch.manual_seed(seed)
-        return HFJudge(Qwen2ForCausalLM(cfg).eval(), tok, k_sample=k_sample, max_new_tokens=8,
-                       seed=seed)
+        lm = on_host(Qwen2ForCausalLM)(cfg)  # the same weights on every device
+        return HFJudge(lm.to(device=device, dtype=dtype).eval(), tok, k_sample=k_sample,
+                       max_new_tokens=8, seed=seed)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return HFJudge(AutoModelForCausalLM.from_pretrained(model).eval(),
-                   AutoTokenizer.from_pretrained(model), k_sample=k_sample, seed=seed)
+    lm = on_host(AutoModelForCausalLM.from_pretrained)(model, dtype=dtype)
+    return HFJudge(lm.to(device).eval(), AutoTokenizer.from_pretrained(model), k_sample=k_sample,
+                   seed=seed)
 
 
 class HFJudge:
@@ -209,7 +216,7 @@ class HFJudge:
         torch.manual_seed(self.seed)
         out = []
         for p in prompts:
-            ids = self.tokenizer(p, return_tensors="pt")["input_ids"]
+            ids = self.tokenizer(p, return_tensors="pt")["input_ids"].to(self.model.device)
             gen = self.model.generate(
                 ids, do_sample=self.temperature > 0, temperature=max(self.temperature, 1e-5),
                 max_new_tokens=self.max_new_tokens, num_return_sequences=self.k_sample,

@@ -61,10 +61,11 @@ def step_gae(
     if m.shape != steps.shape:
         raise ValueError(f"mask shape {tuple(m.shape)} != {tuple(steps.shape)}")
     B, L = steps.shape
+    dev = steps.device  # computed where the inputs are
     r = rewards.double() * m
     v = values.double() * m
     if not m.any():
-        return torch.zeros(B, L), torch.zeros(B, L)
+        return torch.zeros(B, L, device=dev), torch.zeros(B, L, device=dev)
     # rank of each token's step among the distinct steps of its response (padding last)
     key = torch.where(m, steps.long(), steps.long().max() + 1)
     sorted_key, order = key.sort(dim=1, stable=True)
@@ -74,22 +75,23 @@ def step_gae(
     S = int(rank[m].max()) + 1
     rank = torch.where(m, rank, S)  # padding goes to a scratch column S
     # per-step means [B, S] (0 for steps a response does not have)
-    z = torch.zeros(B, S + 1, dtype=torch.float64)
+    f64 = dict(dtype=torch.float64, device=dev)
+    z = torch.zeros(B, S + 1, **f64)
     cnt = z.scatter_add(1, rank, m.double())[:, :S]
     r_step = z.scatter_add(1, rank, r)[:, :S] / cnt.clamp(min=1)
     v_step = z.scatter_add(1, rank, v)[:, :S] / cnt.clamp(min=1)
     # backward recursion over step ranks, all responses at once; index i holds X*_{i+1}
-    V_next = torch.cat([v_step[:, 1:], torch.zeros(B, 1, dtype=torch.float64)], dim=1)
-    R_next = torch.zeros(B, S + 1, dtype=torch.float64)
-    A_next = torch.zeros(B, S + 1, dtype=torch.float64)
-    R_star = torch.zeros(B, dtype=torch.float64)
-    A_star = torch.zeros(B, dtype=torch.float64)
+    V_next = torch.cat([v_step[:, 1:], torch.zeros(B, 1, **f64)], dim=1)
+    R_next = torch.zeros(B, S + 1, **f64)
+    A_next = torch.zeros(B, S + 1, **f64)
+    R_star = torch.zeros(B, **f64)
+    A_star = torch.zeros(B, **f64)
     for i in range(S - 1, -1, -1):
         R_next[:, i], A_next[:, i] = R_star, A_star
         R_star = r_step[:, i] + gamma * R_star
         A_star = r_step[:, i] - v_step[:, i] + gamma * V_next[:, i] + gamma * lam * A_star
     idx = rank.clamp(max=S - 1)
-    V_tok = torch.cat([V_next, torch.zeros(B, 1, dtype=torch.float64)], dim=1).gather(1, idx)
+    V_tok = torch.cat([V_next, torch.zeros(B, 1, **f64)], dim=1).gather(1, idx)
     returns = (r + gamma * R_next.gather(1, idx)) * m
     adv = (r - v + gamma * V_tok + gamma * lam * A_next.gather(1, idx)) * m
     return returns.float(), adv.float()
@@ -109,9 +111,9 @@ def outcome_token_rewards(reward: torch.Tensor | float, steps: torch.Tensor,
         [[0.0, 2.0, 0.0, 2.0]]
     """
     m = torch.ones_like(steps, dtype=torch.bool) if mask is None else mask.bool()
-    reward = torch.as_tensor(reward, dtype=torch.float32).expand(steps.shape[0])
+    reward = torch.as_tensor(reward, dtype=torch.float32, device=steps.device).expand(steps.shape[0])
     if steps.numel() == 0:
-        return torch.zeros(steps.shape)
+        return torch.zeros(steps.shape, device=steps.device)
     s = torch.where(m, steps.long(), steps.long().min() - 1)
     last = m & (s == s.max(dim=1, keepdim=True).values)
-    return torch.where(last, reward[:, None], torch.zeros(()))
+    return torch.where(last, reward[:, None], 0.0)

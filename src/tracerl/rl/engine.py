@@ -16,6 +16,7 @@ from dataclasses import replace
 
 import torch
 
+from tracerl.devices import HOST
 from tracerl.models import DiffusionLM
 from tracerl.rl.rows import Row, TraceSample, collate, records_block_size
 from tracerl.rl.scoring import TokenScorer
@@ -55,7 +56,7 @@ def padded_len(samples: Sequence[TraceSample]) -> int:
 
 def _dummy(r: Row) -> Row:
     """A row that runs a forward but trains nothing (keeps ranks in lockstep)."""
-    return replace(r, tokens={**r.tokens, "mask": torch.zeros(r.num_targets)})
+    return replace(r, tokens={**r.tokens, "mask": torch.zeros(r.num_targets, device=HOST)})
 
 
 def split_step(step_rows: Sequence[Row], grad_accum: int, world: int, rank: int) -> list[list[Row]]:
@@ -78,17 +79,18 @@ def progress_bar(items, enabled: bool, desc: str, total: int | None = None):
 
 def score_rows(trainer: Trainer, rows: Sequence[Row], pad_id: int, micro_batch: int,
                progress: bool = False) -> list:
-    """No-grad module outputs per row: a tensor ``[M_r]`` (or a tuple of them) per row."""
+    """No-grad module outputs per row: a tensor ``[M_r]`` (or a tuple of them) per row, on the
+    host (rows live there; one copy per scored micro-batch)."""
     out: list = []
     chunks = [rows[i:i + micro_batch] for i in range(0, len(rows), micro_batch)]
     for chunk in progress_bar(chunks, progress, "score"):
-        res = trainer.score([collate(chunk, pad_id)])[0]
+        res = trainer.score([collate(chunk, pad_id, trainer.device)])[0]
         sizes = [r.num_targets for r in chunk]
         if isinstance(res, tuple):
-            split = [t.split(sizes) for t in res]
+            split = [t.to(HOST).split(sizes) for t in res]
             out.extend(tuple(s[i] for s in split) for i in range(len(chunk)))
         else:
-            out.extend(res.split(sizes))
+            out.extend(res.to(HOST).split(sizes))
     return out
 
 
@@ -101,7 +103,7 @@ def run_steps(trainer: Trainer, steps: Iterable[list[Row]], make_loss: LossFacto
     for step_rows in progress_bar(steps, progress, trainer.kind, total):
         loss_fn = make_loss(step_rows)
         mbs = split_step(step_rows, c.grad_accum, trainer.world_size, trainer.rank)
-        history.append(trainer.step([collate(mb, pad_id) for mb in mbs], loss_fn))
+        history.append(trainer.step([collate(mb, pad_id, trainer.device) for mb in mbs], loss_fn))
     return history
 
 
@@ -118,7 +120,8 @@ def train_rows(trainer: Trainer, rows: list[Row], make_loss: LossFactory, pad_id
 
     def steps():
         for _ in range(epochs):
-            order = (torch.randperm(len(rows), generator=trainer.generator).tolist() if shuffle
+            order = (torch.randperm(len(rows), generator=trainer.generator,
+                                    device=trainer.generator.device).tolist() if shuffle
                      else list(range(len(rows))))
             for s in range(0, len(order), per_step):
                 yield [rows[i] for i in order[s:s + per_step]]

@@ -15,6 +15,7 @@ from dataclasses import replace
 
 import torch
 
+from tracerl.devices import HOST
 from tracerl.models import DiffusionLM, weights_digest
 from tracerl.rl.builders import ROW_BUILDERS
 from tracerl.rl.configs import PolicyConfig
@@ -49,10 +50,10 @@ def trajectory_logprobs(lm: DiffusionLM, samples: Sequence[TraceSample], *, shri
     scorer = TokenScorer(lm)
     was = lm.training
     lm.eval()
-    out = [torch.full((s.response_len,), float("nan")) for s in samples]
+    out = [torch.full((s.response_len,), float("nan"), device=HOST) for s in samples]
     with torch.no_grad():
         for i in range(0, len(rows), micro_batch):
-            b = collate(rows[i:i + micro_batch], lm.tokens.pad_id)
+            b = collate(rows[i:i + micro_batch], lm.tokens.pad_id, lm.device)
             logp, _ = scorer(**b.model_inputs())
             for s, j, v in zip(b.sample.tolist(), b.resp_pos.tolist(), logp.tolist()):
                 out[s][j] = v
@@ -65,7 +66,8 @@ def _recorded_usable(trainer: Trainer, lm: DiffusionLM, samples: Sequence[TraceS
     """Whether the rollout's log-probs are exactly the old log-probs: TraceRL rounds with
     ``shrink = 1``, fp32 unpartitioned training, and every sample sampled by these weights."""
     ok = (cfg.use_recorded_logprobs and cfg.method == "trace_rl" and cfg.shrink == 1
-          and not trainer.cfg.bf16 and trainer.cfg.zero_stage != 3  # (partitioned weights)
+          and not trainer.cfg.bf16 and lm.dtype == torch.float32
+          and trainer.cfg.zero_stage != 3  # (partitioned weights)
           and all(s.logprobs is not None and s.policy_id for s in samples))
     if ok:
         digest = weights_digest(lm)
@@ -96,7 +98,8 @@ def prepare_policy_rows(trainer: Trainer, samples: Sequence[TraceSample], cfg: P
     recorded = _recorded_usable(trainer, lm, samples, cfg)
     if recorded:
         for r in rows:
-            lp = torch.as_tensor(list(samples[r.sample].logprobs), dtype=torch.float32)
+            lp = torch.as_tensor(list(samples[r.sample].logprobs), dtype=torch.float32,
+                                 device=HOST)
             r.tokens["old_logprobs"] = lp[r.resp_pos]
     else:
         drift = []
@@ -105,7 +108,7 @@ def prepare_policy_rows(trainer: Trainer, samples: Sequence[TraceSample], cfg: P
             r.tokens["old_logprobs"] = lp.float()
             rec = samples[r.sample].logprobs
             if rec is not None:
-                rec = torch.as_tensor(list(rec), dtype=torch.float32)[r.resp_pos]
+                rec = torch.as_tensor(list(rec), dtype=torch.float32, device=HOST)[r.resp_pos]
                 drift.append(float((lp.float() - rec).abs().max()) if len(rec) else 0.0)
         if drift:
             info["old_logprob_drift_max"] = max(drift)
@@ -120,11 +123,12 @@ def prepare_policy_rows(trainer: Trainer, samples: Sequence[TraceSample], cfg: P
     for r in rows:
         s = samples[r.sample]
         if s.token_advantages is not None:
-            adv = torch.as_tensor(list(s.token_advantages), dtype=torch.float32)[r.resp_pos]
+            adv = torch.as_tensor(list(s.token_advantages), dtype=torch.float32,
+                                  device=HOST)[r.resp_pos]
         else:
-            adv = torch.full((r.num_targets,), float(s.advantage))
+            adv = torch.full((r.num_targets,), float(s.advantage), device=HOST)
         r.tokens["advantages"] = adv
-        r.tokens["mask"] = torch.ones(r.num_targets)
+        r.tokens["mask"] = torch.ones(r.num_targets, device=HOST)
     return rows, info
 
 
@@ -186,6 +190,6 @@ def evaluate_policy_loss(trainer: Trainer, rows: list[Row], cfg: PolicyConfig,
     total = 0.0
     pad = lm_of(trainer).tokens.pad_id
     for i in range(0, len(rows), trainer.cfg.micro_batch):
-        b = collate(rows[i:i + trainer.cfg.micro_batch], pad)
+        b = collate(rows[i:i + trainer.cfg.micro_batch], pad, trainer.device)
         total += loss_fn(trainer.score([b])[0], b)[0].item()
     return total

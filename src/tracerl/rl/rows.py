@@ -35,9 +35,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
+
+from tracerl.devices import HOST, on_host
 
 _BIG = 1 << 40  # key = block * _BIG + step (steps are far below 2**40)
 
@@ -169,6 +171,7 @@ def records_block_size(samples: Sequence[TraceSample], attention: str,
 # --------------------------------------------------------------------------- steps
 
 
+@on_host
 def response_blocks(prompt_len: int, response_len: int, block_size: int | None) -> torch.Tensor:
     """Block id ``[R]`` of each response position (absolute alignment); all 0 if full attention.
 
@@ -182,6 +185,7 @@ def response_blocks(prompt_len: int, response_len: int, block_size: int | None) 
                      rounding_mode="floor")
 
 
+@on_host
 def shrink_steps(steps: torch.Tensor, blocks: torch.Tensor, shrink: int) -> torch.Tensor:
     """Merge ``shrink`` consecutive distinct steps of each block into one (spec 4.3).
 
@@ -407,6 +411,7 @@ def _chunks(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
+@on_host
 def build_trace_rows(samples: Sequence[TraceSample], *, block_size: int | None, mask_id: int,
                      shrink: int = 1, copies_per_row: int = 0, max_len: int = 0
                      ) -> tuple[list[Row], RowStats]:
@@ -459,6 +464,7 @@ def random_masks(n: int, lower: float, upper: float, generator: torch.Generator,
     return torch.rand(n, generator=generator) <= p
 
 
+@on_host
 def build_masked_rows(samples: Sequence[TraceSample], *, block_size: int | None, mask_id: int,
                       lower: float, upper: float, generator: torch.Generator,
                       coupled: bool = False, times: int = 1, max_len: int = 0
@@ -549,41 +555,67 @@ class Batch:
                 "position_ids": self.position_ids, "target_row": self.target_row,
                 "target_col": self.target_col, "labels": self.labels}
 
+    @property
+    def device(self) -> torch.device:
+        return self.input_ids.device
 
-def collate(rows: Sequence[Row], pad_id: int) -> Batch:
-    """Right-pad rows into a :class:`Batch` and build each row's visibility."""
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """This batch on ``device`` (itself when it is there already)."""
+        device = torch.device(device)
+        if self.device == device:
+            return self
+        mv = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return Batch(**{f.name: mv(getattr(self, f.name)) for f in fields(self)
+                        if f.name != "tokens"}, tokens={k: mv(v) for k, v in self.tokens.items()})
+
+
+def collate(rows: Sequence[Row], pad_id: int, device: torch.device | str = HOST) -> Batch:
+    """Right-pad rows into a :class:`Batch` on ``device`` and build each row's visibility.
+
+    The padded ids, positions and per-target tensors are assembled on the host (rows live
+    there) and cross to ``device`` once, pinned when it is a GPU; the ``[B, N, N]``
+    visibility is built on ``device`` from them, never copied.
+    """
     if not rows:
         raise ValueError("collate needs at least one row")
+    device = torch.device(device)
     n = max(len(r) for r in rows)
     B = len(rows)
-    ids = torch.full((B, n), pad_id, dtype=torch.long)
-    pos = torch.zeros((B, n), dtype=torch.long)
-    seg = torch.zeros((B, n), dtype=torch.long)
-    valid = torch.zeros((B, n), dtype=torch.bool)
+    ids = torch.full((B, n), pad_id, dtype=torch.long, device=HOST)
+    pos = torch.zeros((B, n), dtype=torch.long, device=HOST)
+    seg = torch.zeros((B, n), dtype=torch.long, device=HOST)
+    length = torch.tensor([len(r) for r in rows], dtype=torch.long, device=HOST)
     for i, r in enumerate(rows):
         k = len(r)
-        ids[i, :k], pos[i, :k], seg[i, :k], valid[i, :k] = r.input_ids, r.position_ids, r.segment, True
-    if rows[0].attention == "full":
-        visible = valid[:, None, :].expand(B, n, n).clone()
-    else:
-        b = rows[0].block_size
-        block = torch.where(valid, torch.div(pos, b, rounding_mode="floor"), -1)
-        visible = packed_visibility(block, seg, valid)
+        ids[i, :k], pos[i, :k], seg[i, :k] = r.input_ids, r.position_ids, r.segment
     keys = sorted(set().union(*(r.tokens for r in rows)))
     tokens = {}
     for k in keys:
         missing = [i for i, r in enumerate(rows) if k not in r.tokens]
         if missing:
             raise ValueError(f"token field {k!r} missing on rows {missing}")
-        tokens[k] = torch.cat([r.tokens[k] for r in rows])
-    return Batch(
-        input_ids=ids, position_ids=pos, visible=visible,
-        target_row=torch.cat([torch.full((r.num_targets,), i, dtype=torch.long)
+        tokens[k] = torch.cat([r.tokens[k].to(HOST) for r in rows])
+    host = dict(
+        input_ids=ids, position_ids=pos, segment=seg, length=length,
+        target_row=torch.cat([torch.full((r.num_targets,), i, dtype=torch.long, device=HOST)
                               for i, r in enumerate(rows)]),
         target_col=torch.cat([r.target_index for r in rows]),
         labels=torch.cat([r.labels for r in rows]),
-        sample=torch.cat([torch.full((r.num_targets,), r.sample, dtype=torch.long) for r in rows]),
+        sample=torch.cat([torch.full((r.num_targets,), r.sample, dtype=torch.long, device=HOST)
+                          for r in rows]),
         resp_pos=torch.cat([r.resp_pos for r in rows]),
         round=torch.cat([r.round for r in rows]),
-        tokens=tokens,
+        **{f"tok.{k}": v for k, v in tokens.items()},
     )
+    pin = device.type == "cuda"
+    d = {k: (v.pin_memory() if pin else v).to(device, non_blocking=pin) for k, v in host.items()}
+    valid = torch.arange(n, device=device)[None, :] < d.pop("length")[:, None]
+    seg = d.pop("segment")
+    if rows[0].attention == "full":
+        visible = valid[:, None, :].expand(B, n, n).clone()
+    else:
+        b = rows[0].block_size
+        block = torch.where(valid, torch.div(d["position_ids"], b, rounding_mode="floor"), -1)
+        visible = packed_visibility(block, seg, valid)
+    tokens = {k: d.pop(f"tok.{k}") for k in keys}
+    return Batch(visible=visible, tokens=tokens, **d)

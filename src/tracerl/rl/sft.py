@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tracerl.devices import HOST
 from tracerl.models import DiffusionLM
 from tracerl.rl.builders import SFT_ROW_BUILDERS
 from tracerl.rl.configs import SFTConfig
@@ -77,13 +78,14 @@ def sft_train(trainer: Trainer, samples: Sequence[TraceSample], cfg: SFTConfig, 
     def step_rows():
         for _ in range(steps - state.done):
             while len(state.order) < per_step:
-                state.order += torch.randperm(len(samples), generator=trainer.generator).tolist()
+                state.order += torch.randperm(len(samples), generator=trainer.generator,
+                                              device=trainer.generator.device).tolist()
             take, state.order = state.order[:per_step], state.order[per_step:]
             rows, st = sft_rows([samples[i] for i in take], cfg, lm, trainer.generator)
             state.skipped += st.skipped_too_long
             state.done += 1
             for r in rows:
-                r.tokens["mask"] = torch.ones(r.num_targets)
+                r.tokens["mask"] = torch.ones(r.num_targets, device=HOST)
             if rows:
                 yield rows
 

@@ -14,6 +14,12 @@ ranks; :mod:`tracerl.rl.losses`), so gradients are summed, never averaged: on on
 multiplied by the world size to undo ZeRO's gradient averaging and passed with
 ``scale_wrt_gas=False``. A step whose gradients are not finite is skipped (optimizer and
 schedule untouched), counted in ``skipped_steps`` and logged.
+
+Devices and precision (:mod:`tracerl.devices`): the trainer works on its module's device;
+a batch arrives there from :func:`~tracerl.rl.rows.collate`. Weights in bf16
+(``model.dtype``) train against fp32 master copies: gradients move onto them, AdamW's
+moments are fp32, and the updated masters are rounded back into the weights; the masters
+are saved with the trainer state and restored while they still round to the weights.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from tracerl.devices import HOST, warn_slow_bf16
 from tracerl.rl.rows import Batch
 
 log = logging.getLogger(__name__)
@@ -61,7 +68,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # 0 = no clipping
     micro_batch: int = 8  # rows per forward
     grad_accum: int = 1  # micro-batches per optimizer step per process
-    bf16: bool = False  # bf16 autocast (fp32 master weights); DeepSpeed: its bf16 mode
+    bf16: bool = False  # bf16 autocast over fp32 weights; DeepSpeed: its bf16 mode
     gradient_checkpointing: bool = False
     zero_stage: int = 0  # 0 = plain torch; 2 or 3 = DeepSpeed ZeRO
     seed: int = 0
@@ -118,7 +125,8 @@ class Trainer:
         self.kind = kind
         self.counters = {"optimizer_steps": 0, "skipped_steps": 0, "micro_steps": 0,
                          "tokens": 0, "updates": 0}
-        self.generator = torch.Generator().manual_seed(cfg.seed)
+        # host-side randomness (row order, SFT/baseline masks): rows live on the host
+        self.generator = torch.Generator(device=HOST).manual_seed(cfg.seed)
         # called after every optimizer step with (steps so far, the step's metrics): the
         # stages log per-step curves through it (tracerl.tracking.step_logger)
         self.step_hooks: list[Callable[[int, dict[str, float]], None]] = []
@@ -130,6 +138,15 @@ class Trainer:
                         gradient_checkpointing_kwargs={"use_reentrant": False})
                     break
         params = [p for p in module.parameters() if p.requires_grad]
+        self.device = params[0].device if params else HOST
+        if cfg.bf16:
+            warn_slow_bf16(f"{kind} bf16 autocast", self.device)
+        # weights in a low-precision dtype (model.dtype bfloat16) train against fp32 master
+        # copies, so AdamW's moments and its small updates keep fp32 precision
+        self.master: list[tuple[nn.Parameter, torch.Tensor]] = []
+        if cfg.zero_stage == 0 and any(p.dtype != torch.float32 for p in params):
+            self.master = [(p, p.detach().float().clone()) for p in params]
+            params = [m for _, m in self.master]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps,
                                            weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -179,14 +196,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ forward
     def _autocast(self):
-        if self.cfg.bf16 and self.engine is None:
-            return torch.autocast("cpu" if not torch.cuda.is_available() else "cuda",
-                                  dtype=torch.bfloat16)
-        return torch.autocast("cpu", enabled=False)
+        on = self.cfg.bf16 and self.engine is None
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=on)
 
     def forward(self, batch: Batch):
-        """Run the module on a batch (with grad if in a step, autocast per config)."""
+        """Run the module on a batch (with grad if in a step, autocast per config).
+
+        The batch should already be on the trainer's device (``collate(..., trainer.device)``
+        builds it there); one left on another device is moved here, once.
+        """
         fn = self.engine if self.engine is not None else self.module
+        batch = batch.to(self.device)
         with self._autocast():
             return fn(**batch.model_inputs())
 
@@ -237,13 +257,17 @@ class Trainer:
             grad_norm = float(gn) if gn is not None else float("nan")
             skipped = self.engine.skipped_steps > skipped_before
         else:
+            self._grads_to_master()
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
             skipped = not math.isfinite(grad_norm)
             if not skipped:
-                self.optimizer.step()
+                # torch's optimizers keep their step counters on the host by design
+                with torch.device(HOST):
+                    self.optimizer.step()
                 self.scheduler.step()
+                self._master_to_weights()
             self.optimizer.zero_grad(set_to_none=True)
         if skipped:
             self.counters["skipped_steps"] += 1
@@ -258,6 +282,33 @@ class Trainer:
         for hook in self.step_hooks:
             hook(self.counters["optimizer_steps"] + self.counters["skipped_steps"], metrics)
         return metrics
+
+    def _grads_to_master(self) -> None:
+        """Move the low-precision weights' gradients onto their fp32 master copies."""
+        for p, m in self.master:
+            m.grad = None if p.grad is None else p.grad.float()
+            p.grad = None
+
+    @torch.no_grad()
+    def _master_to_weights(self) -> None:
+        for p, m in self.master:
+            p.copy_(m)
+
+    @torch.no_grad()
+    def _load_master(self, saved: list[torch.Tensor]) -> None:
+        """Restore saved fp32 master weights when they round to the current weights (the
+        checkpoint saved with them); otherwise keep masters taken from the weights."""
+        if not self.master:
+            return
+        if len(saved) == len(self.master) and all(
+                s.shape == p.shape and torch.equal(s.to(p.dtype), p.detach().to(HOST))
+                for (p, _), s in zip(self.master, saved)):
+            for (_, m), s in zip(self.master, saved):
+                m.copy_(s)
+        else:
+            log.info("%s trainer: saved master weights do not match the model; master "
+                     "weights restart from the model's %s weights", self.kind,
+                     self.master[0][0].dtype)
 
     def _reduce(self, parts: list[dict[str, float]]) -> dict[str, float]:
         """Combine micro-batch metrics (and ranks): sums for losses and counts, max for
@@ -303,6 +354,8 @@ class Trainer:
             # the process-global Python RNG is not saved: no training code draws from it,
             # and its unseeded state would make equal runs' trainer states differ
             "rng": {"generator": self.generator.get_state(), "torch": torch.get_rng_state()},
+            # fp32 master weights of low-precision weights (restored when they still match)
+            "master": [m.detach().to(HOST) for _, m in self.master],
         }
 
     def save(self, out_dir: str | Path) -> Path:
@@ -345,7 +398,9 @@ class Trainer:
                                             load_module_strict=False,
                                             load_lr_scheduler_states=False)
             else:
-                self.optimizer.load_state_dict(state["optimizer"])
+                with torch.device(HOST):
+                    self.optimizer.load_state_dict(state["optimizer"])
+                self._load_master(state.get("master") or [])
             self.scheduler.load_state_dict(state["scheduler"])
         except (ValueError, KeyError, RuntimeError) as e:
             raise ValueError(f"trainer state in {in_dir} does not fit this model: {e}") from e

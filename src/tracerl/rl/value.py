@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from tracerl.devices import HOST
 from tracerl.rl.advantages import outcome_token_rewards, step_gae
 from tracerl.rl.configs import ValueConfig
 from tracerl.rl.engine import (
@@ -32,8 +33,8 @@ log = logging.getLogger(__name__)
 def _gae_steps(s: TraceSample, block_size: int | None, shrink: int) -> torch.Tensor:
     """The (shrunk) decode step of each trained token ``[response_len]``: GAE's time steps."""
     R = len(s.response_ids)
-    steps = (torch.as_tensor(list(s.decode_steps)) if s.decode_steps is not None
-             else torch.arange(1, R + 1))
+    steps = (torch.as_tensor(list(s.decode_steps), device=HOST) if s.decode_steps is not None
+             else torch.arange(1, R + 1, device=HOST))
     return shrink_steps(steps, response_blocks(len(s.prompt_ids), R, block_size),
                         shrink)[: s.response_len]
 
@@ -67,7 +68,7 @@ def value_update(trainer: Trainer, samples: Sequence[TraceSample], cfg: ValueCon
         return advs, rets, {**info, "empty_batch": 1.0}
     old = score_rows(trainer, rows, lm.tokens.pad_id, trainer.cfg.micro_batch, progress)
     kept = sorted({r.sample for r in rows})
-    values = {i: torch.full((samples[i].response_len,), float("nan")) for i in kept}
+    values = {i: torch.full((samples[i].response_len,), float("nan"), device=HOST) for i in kept}
     for r, v in zip(rows, old):
         values[r.sample][r.resp_pos] = v.float()
     for i in kept:
@@ -76,16 +77,18 @@ def value_update(trainer: Trainer, samples: Sequence[TraceSample], cfg: ValueCon
     # one padded batch [K, L] of the kept samples -> batched GAE
     steps = pad_sequence([_gae_steps(samples[i], block, cfg.shrink) for i in kept], batch_first=True)
     V = pad_sequence([values[i] for i in kept], batch_first=True)
-    mask = pad_sequence([torch.ones(samples[i].response_len, dtype=torch.bool) for i in kept],
+    mask = pad_sequence([torch.ones(samples[i].response_len, dtype=torch.bool, device=HOST)
+                         for i in kept],
                         batch_first=True)
-    outcome = outcome_token_rewards(torch.tensor([float(samples[i].advantage) for i in kept]),
+    outcome = outcome_token_rewards(torch.tensor([float(samples[i].advantage) for i in kept],
+                                                 device=HOST),
                                     steps, mask)
     process = [samples[i].token_rewards for i in kept]
     if any(p is not None for p in process):
-        tok = pad_sequence([torch.as_tensor(list(p), dtype=torch.float32) if p is not None
-                            else torch.zeros(samples[i].response_len)
+        tok = pad_sequence([torch.as_tensor(list(p), dtype=torch.float32, device=HOST)
+                            if p is not None else torch.zeros(samples[i].response_len, device=HOST)
                             for i, p in zip(kept, process)], batch_first=True)
-        has = torch.tensor([p is not None for p in process])[:, None]
+        has = torch.tensor([p is not None for p in process], device=HOST)[:, None]
         rewards = torch.where(has, tok, outcome)
     else:
         rewards = outcome
@@ -101,8 +104,8 @@ def value_update(trainer: Trainer, samples: Sequence[TraceSample], cfg: ValueCon
         return advs, rets, info
     for r, v in zip(rows, old):
         r.tokens["old_values"] = v.float()
-        r.tokens["returns"] = torch.as_tensor(rets[r.sample])[r.resp_pos]
-        r.tokens["mask"] = torch.ones(r.num_targets)
+        r.tokens["returns"] = torch.as_tensor(rets[r.sample], device=HOST)[r.resp_pos]
+        r.tokens["mask"] = torch.ones(r.num_targets, device=HOST)
     padded = padded_len(samples)
 
     def make(step_rows):
