@@ -13,6 +13,7 @@ from tracerl.pipeline import dvcgen
 from tracerl.pipeline.layout import stage_key
 from tracerl.pipeline.registry import (
     DVC_PARTS,
+    EVAL_PLOTS,
     PLOTS,
     STAGES,
     missing_metrics,
@@ -55,7 +56,7 @@ def test_dvc_params_are_the_union_of_stage_reads():
     # the reward section reaches evaluate (its key and DVC params), the curriculum the rollout
     assert "reward" in dvc["stages"]["evaluate"]["params"]
     assert "curriculum" in STAGES.get("rollout").reads
-    plotted = {k for keys in PLOTS.values() for k in keys}
+    plotted = {k for keys in (*PLOTS.values(), *EVAL_PLOTS.values()) for k in keys}
     assert plotted == {k for p in dvc["plots"] for v in p.values() for k in
                        next(iter(v["y"].values()))}
 
@@ -106,6 +107,8 @@ def test_keys_change_only_with_declared_reads():
 
 def test_missing_outputs_and_metrics_are_named(tmp_path):
     (tmp_path / "scored.parquet").write_bytes(b"x")
+    assert missing_outputs("reward", tmp_path) == ["trajectory.html"]
+    (tmp_path / "trajectory.html").write_text("<html>")
     assert missing_outputs("reward", tmp_path) == []
     assert missing_outputs("evaluate", tmp_path) == ["eval.json", "samples_*.parquet"]
     assert missing_metrics("reward", {"accuracy": 1.0}) == ["mean_reward", "kept_responses"]

@@ -14,7 +14,10 @@ Each coarse DVC stage (a part of :data:`~tracerl.pipeline.registry.DVC_PARTS`) g
   ``src/tracerl/``; a package whose files are all needed is listed as its folder (a
   ``.py`` file that a module names in a string, e.g. to run it by path, counts as
   imported when it lies beside that module);
-- ``outs``/``metrics``/``plots``: the part's folder, its metrics file, the curves.
+- ``outs``: the part's folder and its full metrics file ``metrics/<part>.json`` (a plain
+  output: ``dvc metrics show <file>`` still reads it); ``metrics``: only the headline
+  (``metrics/headline.json``), so ``dvc metrics show`` and ``dvc exp show`` stay a few
+  columns wide; ``plots``: the curves.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from tracerl.pipeline.registry import DVC_PARTS, PLOTS, STAGES
+from tracerl.pipeline.registry import DVC_PARTS, EVAL_PLOTS, PLOTS, STAGES
 
 ROOT = Path(__file__).resolve().parents[3]  # the project: src/tracerl/pipeline/ -> root
 RUN = "${run.runs_dir}/${run.name}"
@@ -42,7 +45,10 @@ HEADER = """\
 # params.yaml (run.runs_dir, run.name) through DVC's own templating.
 #   dvc repro                          the whole pipeline on the embedded default
 #   dvc exp run -S policy.lr=1e-4      an experiment; re-runs rl and evaluate only
-#   dvc exp show / dvc metrics show / dvc plots show
+#   dvc metrics show                   the headline: held-out accuracy, SFT vs final policy
+#   dvc exp show --only-changed        experiments side by side (params changed + headline)
+#   tracerl plots                      every curve as one offline page (dvc plots show needs
+#                                      Vega from the internet)
 """
 
 
@@ -140,8 +146,13 @@ def dvc_stages(root: Path = ROOT) -> dict:
         out: str | dict = f"{RUN}/{name}"
         entry: dict = {"cmd": cmd if part.prefect else cmd + " --no-prefect",
                        "deps": deps, "params": _params(reads),
-                       "outs": [{out: {"persist": True}} if part.persist else out],
-                       "metrics": [f"{RUN}/metrics/{name}.json"]}
+                       "outs": [{out: {"persist": True}} if part.persist else out,
+                                f"{RUN}/metrics/{name}.json"]}
+        if part.headline:
+            entry["metrics"] = [f"{RUN}/metrics/headline.json"]
+            entry["plots"] = [{f"{RUN}/plots/eval_curve.json": {
+                "x": "iteration", "y": "accuracy",
+                "title": "held-out accuracy per evaluation (0 = SFT model)"}}]
         if part.orchestration:
             entry["plots"] = [{f"{RUN}/plots/rl_curves.json": {
                 "x": "iteration", "y": "reward.accuracy",
@@ -151,17 +162,19 @@ def dvc_stages(root: Path = ROOT) -> dict:
 
 
 def dvc_plots() -> list[dict]:
+    curves = [(name, "rl_curves.json", keys) for name, keys in PLOTS.items()]
+    evals = [(name, "eval_curve.json", keys) for name, keys in EVAL_PLOTS.items()]
     return [{name: {"template": "linear", "x": "iteration",
-                    "y": {f"{RUN}/plots/rl_curves.json": list(keys)}}}
-            for name, keys in PLOTS.items()]
+                    "y": {f"{RUN}/plots/{file}": list(keys)}}}
+            for name, file, keys in curves + evals]
 
 
 def render(root: Path = ROOT) -> str:
     """The text dvc.yaml must have."""
     body = yaml.safe_dump({"stages": dvc_stages(root)}, sort_keys=False, width=100)
     plots = yaml.safe_dump({"plots": dvc_plots()}, sort_keys=False, width=100)
-    return (HEADER + "\n" + body + "\n# learning curves over RL iterations (`dvc plots show`); "
-            "one row per iteration\n" + plots)
+    return (HEADER + "\n" + body + "\n# learning curves over RL iterations (`dvc plots show`; "
+            "offline: `tracerl plots`); one row per iteration\n" + plots)
 
 
 def main(argv: list[str] | None = None) -> int:
