@@ -110,7 +110,7 @@ def run_pipeline(orch: Orchestrator, planner: Planner, part: str, submit: Submit
         summary["heldout_accuracy"] = orch.write_final_metrics(final.out)
         summary["final_eval"] = res.metrics
     summary["curves"] = str(L.curves)
-    summary["metrics"] = str(L.root / "metrics")
+    summary["metrics"] = str(L.headline)
     summary["parent_run_id"] = orch.parent_run_id
     return summary
 
@@ -215,8 +215,8 @@ def print_where_to_look(summary: dict[str, Any]) -> None:
     print("\n".join([
         "",
         f"run folder      {summary['run_dir']}",
-        f"DVC metrics     {summary['metrics']}   (dvc metrics show)",
-        f"learning curves {summary['curves']}   (dvc plots show)",
+        f"headline        {summary['metrics']}   (dvc metrics show)",
+        f"learning curves {summary['curves']}   (tracerl plots: one offline page)",
         f"MLflow          parent run {summary.get('parent_run_id')}   "
         "(mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1)",
     ]))

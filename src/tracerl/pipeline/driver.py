@@ -341,7 +341,8 @@ class Orchestrator:
             return StageResult(call.label, str(call.out), True, 0.0, read_metrics(call.out))
         if reason is None:
             reason = f"its input {stale_input} was written again"
-        if reason.startswith(("output damaged", "unreadable")) or stale_input is not None:
+        # say why a finished output is redone (not a fresh stage whose input is new)
+        if reason.startswith(("output damaged", "unreadable", "its input")):
             log.warning("%s runs again: %s", call.label, reason)
             print(f"[tracerl] {call.label} runs again: {reason}", flush=True)
         _clean_temp(call.out)
@@ -470,7 +471,7 @@ class Orchestrator:
             reg = self._registered()
             if reg:
                 self.tracker.update_model_version(
-                    reg["name"], reg["version"], description=text,
+                    reg["name"], reg["version"], description=f"{self._about_final()}\n\n{text}",
                     tags={f"tracerl.{k}": v for k, v in numeric_metrics(head).items()})
         return head
 
@@ -482,6 +483,10 @@ class Orchestrator:
             if rec.get("parent_run_id") == self.parent_run_id:
                 return rec
         return None
+
+    def _about_final(self) -> str:
+        return (f"final policy of run {self.layout.root.name} "
+                f"({self.params.run.iterations} TraceRL iterations)")
 
     def register_final(self, policy_dir: Path) -> str | None:
         """Register the final policy's checkpoint in the model registry (once per parent
@@ -506,8 +511,7 @@ class Orchestrator:
                    if k in REGISTRY_PARAMS}}
         version = self.tracker.register_model(
             folder, name, tags=tags,
-            description=f"final policy of run {self.layout.root.name} "
-                        f"({self.params.run.iterations} TraceRL iterations)")
+            description=self._about_final())
         self.tracker.set_tags({"tracerl.registered_model": f"{name}/{version}"})
         _write_json(self.layout.root / "registered.json",
                     {"parent_run_id": self.parent_run_id, "name": name, "version": version})

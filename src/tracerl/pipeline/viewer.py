@@ -4,11 +4,11 @@ TraceRL trains on the *order* in which a dLLM unmasked its tokens (the per-token
 step of the rollout record). This page makes that order visible, together with what the
 order earned: a few tasks of an iteration, each with its prompt and gold answer, and every
 response of the task with its reward, whether it was correct, its advantage and why it
-stopped. Every response starts as ``[MASK]`` tokens and a slider (or the play button)
-reveals them step by step, the tokens of the current step highlighted, so a reader sees
-block by block how the model decoded (left to right within blocks, several tokens per
-step under dynamic decoding). A filter shows only the correct or only the wrong
-responses; the decoding settings of the records head the page.
+stopped. The page opens on the finished responses; a slider (or the play button) replays
+them from all ``[MASK]`` tokens step by step, the tokens of the current step highlighted,
+so a reader sees block by block how the model decoded (left to right within blocks,
+several tokens per step under dynamic decoding). A filter shows only the correct or only
+the wrong responses; the decoding settings of the records head the page.
 
 The page has no external resources (no CDN): it works offline and as an MLflow artifact.
 The orchestrator logs every ``*.html`` file of a stage output to the stage's MLflow run,
@@ -134,7 +134,7 @@ s.oninput = () => show(+s.value);
 document.getElementById("play").onclick = () => {{
   let k = 0; const id = setInterval(() => {{ s.value = k; show(k); if (++k > maxStep) clearInterval(id); }}, 400);
 }};
-show(0);
+s.value = maxStep; show(maxStep);  // the finished responses; play replays from step 0
 </script></body></html>
 """
 
