@@ -43,6 +43,27 @@ def test_dvc_yaml_is_generated_from_the_registry():
         "dvc.yaml is stale: python -m tracerl.pipeline.dvcgen --write")
 
 
+def test_dvc_plots_template_has_integer_iterations():
+    """The plots' template (written with dvc.yaml) is DVC's linear one with whole-number
+    iteration ticks on every x encoding, and up to date."""
+    tpl = json.loads((ROOT / ".dvc" / "plots" / f"{dvcgen.TEMPLATE}.json").read_text())
+    assert tpl == dvcgen.iterations_template()
+    xs = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            if node.get("field") == "<DVC_METRIC_X>":
+                xs.append(node)
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(tpl)
+    assert xs and all(x["axis"] == {"tickMinStep": 1, "format": "d"} for x in xs)
+
+
 def test_dvc_params_are_the_union_of_stage_reads():
     import yaml
 

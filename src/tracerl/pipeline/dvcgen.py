@@ -17,13 +17,15 @@ Each coarse DVC stage (a part of :data:`~tracerl.pipeline.registry.DVC_PARTS`) g
 - ``outs``: the part's folder and its full metrics file ``metrics/<part>.json`` (a plain
   output: ``dvc metrics show <file>`` still reads it); ``metrics``: only the headline
   (``metrics/headline.json``), so ``dvc metrics show`` and ``dvc exp show`` stay a few
-  columns wide; ``plots``: the curves.
+  columns wide; ``plots``: the curves, drawn with the template ``.dvc/plots/iterations.json``
+  (written beside dvc.yaml: DVC's ``linear`` with whole-number iteration ticks).
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import json
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -161,10 +163,31 @@ def dvc_stages(root: Path = ROOT) -> dict:
     return stages
 
 
+TEMPLATE = "iterations"  # .dvc/plots/iterations.json: DVC's `linear`, integer x axis
+
+
+def iterations_template() -> dict:
+    """DVC's ``linear`` Vega-Lite template with whole-number ticks on the x axis (RL
+    iterations: never 0.1, 0.2)."""
+    from dvc_render.vega_templates import LinearTemplate
+
+    def walk(node):
+        if isinstance(node, dict):
+            out = {k: walk(v) for k, v in node.items()}
+            if out.get("field") == "<DVC_METRIC_X>":
+                out["axis"] = {"tickMinStep": 1, "format": "d"}
+            return out
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    return walk(LinearTemplate.DEFAULT_CONTENT)
+
+
 def dvc_plots() -> list[dict]:
     curves = [(name, "rl_curves.json", keys) for name, keys in PLOTS.items()]
     evals = [(name, "eval_curve.json", keys) for name, keys in EVAL_PLOTS.items()]
-    return [{name: {"template": "linear", "x": "iteration",
+    return [{name: {"template": TEMPLATE, "x": "iteration",
                     "y": {f"{RUN}/plots/{file}": list(keys)}}}
             for name, file, keys in curves + evals]
 
@@ -185,11 +208,16 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--check", action="store_true", help="exit 1 when dvc.yaml is stale")
     a = ap.parse_args(argv)
     text, path = render(), ROOT / "dvc.yaml"
+    tpl_text = json.dumps(iterations_template(), indent=2) + "\n"
+    tpl = ROOT / ".dvc" / "plots" / f"{TEMPLATE}.json"
     if a.write:
         path.write_text(text)
-        print(f"wrote {path.name}")
+        tpl.parent.mkdir(parents=True, exist_ok=True)
+        tpl.write_text(tpl_text)
+        print(f"wrote {path.name} and {tpl.relative_to(ROOT)}")
     elif a.check:
-        if not path.is_file() or path.read_text() != text:
+        stale = not tpl.is_file() or tpl.read_text() != tpl_text
+        if stale or not path.is_file() or path.read_text() != text:
             print("dvc.yaml is stale: run python -m tracerl.pipeline.dvcgen --write",
                   file=sys.stderr)
             return 1
