@@ -48,6 +48,12 @@ def _policy_tokenizer(init: str):
     return build_default_tokenizer() if init == "tiny" else load_tokenizer(checkpoint_dir(init))
 
 
+def _policy_decoder(init: str):
+    """ids -> text with the policy's tokenizer."""
+    tok = _policy_tokenizer(init)
+    return lambda ids: tok.decode(list(ids), skip_special_tokens=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     params = load_stage_params(args.params, "reward")
@@ -55,10 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     rollouts = read_parquet(args.rollouts, "rollout")
     tasks = {t.task_id: t for t in tasks_from_frame(read_parquet(args.tasks, "task"))}
     judge = decode = None
-    tok = _policy_tokenizer(params.model.init)
     if p.process_reward != "none":
         judge = build_judge(p.process_reward, p.process_judge, k_sample=p.process_k_sample)
-        decode = lambda ids: tok.decode(list(ids), skip_special_tokens=True)  # noqa: E731
+        decode = _policy_decoder(params.model.init)
     scored, metrics = score_rollouts(
         rollouts, tasks,
         estimator=p.advantage, group_filter=p.group_filter,
@@ -72,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         write_parquet(scored, o.dir / "scored.parquet", "scored")
         answers = {t.task_id: t.answer for t in tasks.values()}
         (o.dir / "trajectory.html").write_text(scored_viewer(
-            scored, answers, tok, title=f"iteration {args.iteration or 0}"))
+            scored, answers, _policy_tokenizer(params.model.init),
+            title=f"iteration {args.iteration or 0}"))
         o.metrics.update(metrics)
     print(f"reward: accuracy={metrics['accuracy']:.3f} responses={metrics['num_responses']} "
           f"kept={metrics['kept_responses']} filtered_groups={metrics['filtered_groups']}")
