@@ -7,8 +7,9 @@
    ``tracerl`` restricted to the RL loop. DVC skips what is up to date, so a second run
    does nothing. Outside a git/DVC checkout (or with ``--no-dvc``) it runs the Prefect
    flow for the whole pipeline directly.
-3. Prints the held-out accuracy of the SFT model and of the final RL model, and where to
-   look: ``dvc metrics show``, ``dvc plots show``, the MLflow UI, the trajectory viewer.
+3. Writes the learning curves as one offline page (``plots/index.html``), prints the
+   held-out accuracy of the SFT model and of the final RL model, and where to look:
+   ``dvc metrics show``, ``dvc exp show``, the curves, the MLflow UI, the trajectory viewer.
 """
 
 from __future__ import annotations
@@ -54,33 +55,34 @@ def main(argv: list[str] | None = None) -> int:
         return rc
     run_dir = root / params.run.runs_dir / params.run.name
     print(f"\n[tracerl] done in {time.time() - t0:.0f} s")
+    from tracerl.pipeline.layout import RunLayout
+    from tracerl.pipeline.plots import write_plots_page
+
+    write_plots_page(RunLayout(run_dir))
     print_summary(run_dir)
     return 0
 
 
 def print_summary(run_dir: Path) -> None:
-    metrics = run_dir / "metrics"
+    from tracerl.pipeline.layout import RunLayout
 
-    def read(name: str) -> dict:
-        f = metrics / f"{name}.json"
-        return json.loads(f.read_text()) if f.is_file() else {}
-
-    lines = []
-    head = read("evaluate").get("heldout_accuracy", {})
-    sft_acc, final_acc = head.get("sft"), head.get("final_rl")
-    for label, acc in (("SFT model", sft_acc), ("final RL model", final_acc)):
-        if acc is not None:
-            lines.append(f"  held-out accuracy, {label:15s} {acc:.3f}")
-    if lines:
-        print("\n".join(lines))
-    viewers = sorted(run_dir.rglob("trajectory*.html"))
+    L = RunLayout(run_dir)
+    head = json.loads(L.headline.read_text()) if L.headline.is_file() else {}
+    acc = head.get("heldout_accuracy", {})
+    for label, key in (("SFT model", "sft"), ("final RL model", "final_rl"), ("gain", "gain")):
+        if acc.get(key) is not None:
+            print(f"  held-out accuracy, {label:15s} {acc[key]:+.3f}" if key == "gain" else
+                  f"  held-out accuracy, {label:15s} {acc[key]:.3f}")
     print("\nwhere to look:")
-    print("  dvc metrics show              (heldout_accuracy.sft vs heldout_accuracy.final_rl, ...)")
-    print("  dvc plots show                (learning curves -> dvc_plots/index.html)")
+    print("  dvc metrics show              (the headline: SFT vs final policy, per decoding)")
+    print("  dvc exp show --only-changed   (experiments side by side)")
+    print(f"  {L.plots_page}   (every learning curve, offline; "
+          "`tracerl plots` rewrites it)")
     print("  mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1")
     print("                                (one parent run, child runs per stage, checkpoints)")
-    if viewers:
-        print(f"  {viewers[-1]}   (trajectory viewer: the order tokens were unmasked)")
+    viewer = L.latest_viewer()
+    if viewer:
+        print(f"  {viewer[1]}   (trajectory viewer of iteration {viewer[0]}, the latest)")
     print(f"  {run_dir}   (every artifact, with manifests)")
 
 

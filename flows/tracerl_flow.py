@@ -37,10 +37,11 @@ from tracerl.config import ConfigError, Params, load_params
 from tracerl.pipeline.driver import Orchestrator, StageResult
 from tracerl.pipeline.layout import Planner, RunLayout, StageCall, is_done, plan_all
 from tracerl.pipeline.lock import RunLocked
+from tracerl.pipeline.registry import DVC_PARTS
 from tracerl.pipeline.runners import make_runner
 from tracerl.tracking import make_tracker
 
-PARTS = ("all", "prepare", "sft", "rl", "evaluate")  # "all" or one coarse DVC stage
+PARTS = ("all", *DVC_PARTS)  # "all" or one coarse DVC stage
 
 Submit = Callable[[StageCall], StageResult]
 
@@ -109,7 +110,7 @@ def run_pipeline(orch: Orchestrator, planner: Planner, part: str, submit: Submit
         summary["heldout_accuracy"] = orch.write_final_metrics(final.out)
         summary["final_eval"] = res.metrics
     summary["curves"] = str(L.curves)
-    summary["metrics"] = str(L.root / "metrics")
+    summary["metrics"] = str(L.headline)
     summary["parent_run_id"] = orch.parent_run_id
     return summary
 
@@ -170,7 +171,7 @@ def tracerl(params_path: str = "params.yaml", run_name: str | None = None,
     """
     _, orch, planner, plan_key = build(params_path, run_name, iterations, runner,
                                        project_root, package)
-    with orch.parent_run(plan_key, tags={"tracerl.part": part}):
+    with orch.parent_run(plan_key, part=part):
         summary = run_pipeline(orch, planner, part, _prefect_submit(orch))
     return summary
 
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.no_prefect:
             _, orch, planner, plan_key = build(a.params, a.run_name, a.iterations, a.runner,
                                                package=a.package)
-            with orch.parent_run(plan_key, tags={"tracerl.part": a.stage}):
+            with orch.parent_run(plan_key, part=a.stage):
                 summary = run_pipeline(orch, planner, a.stage, orch.run_call)
         else:
             summary = tracerl(a.params, a.run_name, a.iterations, a.runner, a.stage,
@@ -214,8 +215,8 @@ def print_where_to_look(summary: dict[str, Any]) -> None:
     print("\n".join([
         "",
         f"run folder      {summary['run_dir']}",
-        f"DVC metrics     {summary['metrics']}   (dvc metrics show)",
-        f"learning curves {summary['curves']}   (dvc plots show)",
+        f"headline        {summary['metrics']}   (dvc metrics show)",
+        f"learning curves {summary['curves']}   (tracerl plots: one offline page)",
         f"MLflow          parent run {summary.get('parent_run_id')}   "
         "(mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1)",
     ]))

@@ -5,7 +5,9 @@
 
 Reads ``params.reward``; the library (:func:`tracerl.rewards.score_rollouts`) computes.
 With ``reward.process_reward`` on, the LLM judge's per-token rewards fill
-``token_rewards`` (decoded with the policy's tokenizer, ``model.init``).
+``token_rewards`` (decoded with the policy's tokenizer, ``model.init``). Writes the
+trajectory viewer ``trajectory.html``: a few tasks with their gold answers and every
+response's decode order, reward and correctness (:mod:`tracerl.pipeline.viewer`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from tracerl.data import tasks_from_frame
 from tracerl.pipeline.artifacts import stage_output
 from tracerl.pipeline.stage_cli import load_stage_params, stage_argparser
+from tracerl.pipeline.viewer import scored_viewer
 from tracerl.rewards import limits_from, score_rollouts
 from tracerl.rewards.process import build_judge
 from tracerl.schemas import read_parquet, write_parquet
@@ -37,12 +40,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ns
 
 
-def _policy_decoder(init: str):
-    """ids -> text with the policy's tokenizer (the embedded one for ``tiny``)."""
+def _policy_tokenizer(init: str):
+    """The policy's tokenizer (the embedded one for ``tiny``)."""
     from tracerl.models import build_default_tokenizer, checkpoint_dir
     from tracerl.models.model import load_tokenizer
 
-    tok = build_default_tokenizer() if init == "tiny" else load_tokenizer(checkpoint_dir(init))
+    return build_default_tokenizer() if init == "tiny" else load_tokenizer(checkpoint_dir(init))
+
+
+def _policy_decoder(init: str):
+    """ids -> text with the policy's tokenizer."""
+    tok = _policy_tokenizer(init)
     return lambda ids: tok.decode(list(ids), skip_special_tokens=True)
 
 
@@ -74,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     with stage_output(args.out, stage="reward") as o:
         write_parquet(scored, o.dir / "scored.parquet", "scored")
+        answers = {t.task_id: t.answer for t in tasks.values()}
+        (o.dir / "trajectory.html").write_text(scored_viewer(
+            scored, answers, _policy_tokenizer(params.model.init),
+            title=f"iteration {args.iteration or 0}"))
         o.metrics.update(metrics)
     print(f"reward: accuracy={metrics['accuracy']:.3f} responses={metrics['num_responses']} "
           f"kept={metrics['kept_responses']} filtered_groups={metrics['filtered_groups']}")

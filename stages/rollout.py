@@ -31,11 +31,8 @@ from tracerl.models import weights_digest
 from tracerl.pipeline.artifacts import stage_output
 from tracerl.pipeline.resolve import curriculum_decision, policy_from_params, sampling_config
 from tracerl.pipeline.stage_cli import load_stage_params, stage_argparser
-from tracerl.pipeline.viewer import render_trajectories, trajectories_from_ids
 from tracerl.sampling import generate, trajectories_to_frame
 from tracerl.schemas import read_parquet, write_parquet
-
-VIEWER_RESPONSES = 8
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,10 +99,6 @@ def main(argv: list[str] | None = None) -> int:
     with stage_output(args.out, stage="rollout") as o:
         write_parquet(df, o.dir / "rollouts.parquet", "rollout")
         skipped.write(o.dir / SKIPPED_FILE)
-        shown = trajs[:VIEWER_RESPONSES]  # the decode order, replayable (logged to MLflow)
-        titles = [f"{task_ids[j]} #{j % k}" for j in range(len(shown))]
-        (o.dir / "trajectory.html").write_text(render_trajectories(
-            trajectories_from_ids(tok, shown, titles), title=f"rollout, iteration {it}"))
         o.metrics.update({
             "num_tasks": len(rendered),
             "num_responses": len(trajs),

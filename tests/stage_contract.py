@@ -9,12 +9,13 @@ import math
 
 from tracerl.pipeline.artifacts import read_manifest, read_metrics
 from tracerl.pipeline.layout import SECONDS_FIELD
-from tracerl.pipeline.registry import PLOTS, STAGES, missing_metrics, missing_outputs
+from tracerl.pipeline.registry import EVAL_PLOTS, PLOTS, STAGES, missing_metrics, missing_outputs
 
 
 def assert_run_meets_contract(calls, layout) -> None:
     """Each call wrote its declared outputs and metrics, read only declared params, has a
-    real wall time; every plotted curve key is there with data."""
+    real wall time; every plotted curve key is there with data; the evaluation curve runs
+    from the SFT baseline (x = 0) to the final policy (x = iterations)."""
     observed: dict[str, set[str]] = {}
     for c in calls:
         assert missing_outputs(c.stage, c.out) == [], c.label
@@ -36,3 +37,11 @@ def assert_run_meets_contract(calls, layout) -> None:
                 assert len(values) == len(rows), (plot, key)
             assert any(isinstance(v, (int, float)) and math.isfinite(v) for v in values), (
                 plot, key, values)
+    evals = json.loads(layout.eval_curve.read_text())
+    iterations = len(rows)
+    assert [r["model"] for r in evals][0] == "sft" and evals[0]["iteration"] == 0
+    assert evals[-1]["model"] == "final" and evals[-1]["iteration"] == iterations
+    assert [r["iteration"] for r in evals] == sorted({r["iteration"] for r in evals})
+    for plot, keys in EVAL_PLOTS.items():
+        for key in keys:
+            assert all(math.isfinite(r[key]) for r in evals), (plot, key)

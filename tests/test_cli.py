@@ -46,17 +46,17 @@ def test_where_lists_a_runs_results_with_the_latest_iteration(tmp_path):
     for i in range(11):  # iter_0 .. iter_10: the latest is 10 (not 9, as text order says)
         (run / "rl" / f"iter_{i}" / "curriculum").mkdir(parents=True)
         (run / "rl" / f"iter_{i}" / "curriculum" / "manifest.json").write_text("{}")
-        (run / "rl" / f"iter_{i}" / "rollout").mkdir()
-        (run / "rl" / f"iter_{i}" / "rollout" / "trajectory.html").write_text("<html>")
+        (run / "rl" / f"iter_{i}" / "reward").mkdir()
+        (run / "rl" / f"iter_{i}" / "reward" / "trajectory.html").write_text("<html>")
     (run / "metrics").mkdir()
-    (run / "metrics" / "evaluate.json").write_text(json.dumps({"heldout_accuracy": {}}))
+    (run / "metrics" / "headline.json").write_text(json.dumps({"heldout_accuracy": {}}))
     r = tracerl("where", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     lines = {line.split()[0]: line for line in r.stdout.splitlines()}
     assert "runs/demo/sft  (done)" in lines["sft"]
     assert "(not finished)" in lines["evaluate"]
     assert "11 of 12 iterations done" in lines["rl"]
-    assert "runs/demo/rl/iter_10/rollout/trajectory.html" in lines["viewer"]
+    assert "runs/demo/rl/iter_10/reward/trajectory.html" in lines["viewer"]
     assert "mlflow ui --backend-store-uri sqlite:///somewhere/mlflow.db" in lines["mlflow"]
     r = tracerl("where", "other", cwd=tmp_path)
     assert r.returncode == 1 and "no run folder runs/other yet; runs there: demo" in r.stderr

@@ -133,12 +133,53 @@ def test_two_iterations_end_to_end(project, clean_run):
     assert pol.data.tags["tracerl.iteration"] == "1"
     assert [m.step for m in c.get_metric_history(pol.info.run_id, "train_loss")] == [0, 1, 2]
     assert "checkpoint" in {a.path for a in c.list_artifacts(pol.info.run_id)}
-    roll = by_name["rollout[0]"].info.run_id
-    assert "trajectory.html" in {a.path for a in c.list_artifacts(roll)}
+    scored = by_name["reward[0]"].info.run_id
+    assert "trajectory.html" in {a.path for a in c.list_artifacts(scored)}
     assert "rollout.max_tokens" in by_name["rollout[0]"].data.params
-    # the final policy is registered
+    # the final policy is registered, with the run, the params and the headline
     mv = c.get_model_version(params.run.registered_model, "1")
     assert mv.run_id == parent_id
+    plan_key = json.loads(layout.tracking.read_text())["plan_key"]
+    assert mv.tags["tracerl.run"] == "clean" and mv.tags["tracerl.plan_key"] == plan_key
+    assert mv.tags["params.policy.lr"] == str(params.policy.lr)
+    assert mv.tags["tracerl.heldout_accuracy.final_rl"] == "0.5"
+    assert "SFT 0.300 -> final policy 0.500 (+0.200)" in mv.description
+
+
+def test_mlflow_names_and_tags_tell_runs_apart(project, clean_run):
+    """The parent run is named after the run (and plan key), tagged with the part(s) it
+    covers, leads with the headline; evaluations are named by the model they score."""
+    from tracerl.pipeline.driver import parent_run_name
+
+    params = load_params(project / "params.yaml", {"run": {"name": "clean"}})
+    layout = RunLayout.from_params(params, base=project)
+    c = MlflowTracker(project).client
+    rec = json.loads(layout.tracking.read_text())
+    parent = c.get_run(rec["parent_run_id"])
+    assert parent.info.run_name == f"clean {rec['plan_key'][:8]}"
+    assert parent.data.tags["tracerl.part"] == "all"
+    assert parent.data.tags["tracerl.plan_key"] == rec["plan_key"]
+    assert parent.data.metrics["heldout_accuracy.final_rl"] == pytest.approx(0.5)
+    assert parent.data.metrics["heldout_accuracy.gain"] == pytest.approx(0.2)
+    assert parent.data.tags["mlflow.note.content"].startswith("held-out accuracy: SFT 0.300")
+    names = {r.info.run_name for r in c.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'")}
+    assert {"evaluate[sft]", "evaluate[0]", "evaluate[final]"} <= names
+    assert "evaluate" not in names and "evaluate[1]" not in names
+    # the DVC way: one part per command, under `dvc exp run` (DVC_EXP_NAME): one parent,
+    # named after the experiment, whose part tag grows with the parts run under it
+    log = project / "parts.log"
+    for part, tag in (("prepare", "prepare"), ("sft", "prepare+sft"), ("rl", "prepare+sft+rl"),
+                      ("evaluate", "all")):
+        rc, _, err = _main(project, log, "--stage", part, "--run-name", "parts",
+                           DVC_EXP_NAME="brisk-lynx")
+        assert rc == 0, err
+        rec = json.loads((project / "runs" / "parts" / "tracking.json").read_text())
+        run = c.get_run(rec["parent_run_id"])
+        assert run.data.tags["tracerl.part"] == tag, part
+    assert run.info.run_name == parent_run_name("parts", rec["plan_key"], "brisk-lynx")
+    assert run.info.run_name.startswith("parts/brisk-lynx ")
+    assert run.data.tags["tracerl.dvc_experiment"] == "brisk-lynx"
 
 
 def test_crash_mid_iteration_resumes(project, clean_run, prefect_harness):
@@ -154,7 +195,7 @@ def test_crash_mid_iteration_resumes(project, clean_run, prefect_harness):
     before = labels(log)
     run_flow(project, "crashy", log)
     resumed = labels(log)[len(before):]
-    assert resumed == ["policy[1]", "curriculum[1]", "evaluate[1]"]
+    assert resumed == ["policy[1]", "curriculum[1]", "evaluate[final]"]
     assert final_numbers(project, "crashy") == final_numbers(project, "clean")
     # the same parent run was reopened and finished
     assert json.loads((root / "tracking.json").read_text())["parent_run_id"] == parent_id
@@ -220,9 +261,9 @@ def test_changed_param_reruns_only_downstream(project, clean_run):
     # depends on policy[0] runs again
     ran = labels(log)
     assert "prepare" not in ran and "sft" not in ran and "rollout[0]" not in ran
-    assert "curriculum[0]" not in ran and "evaluate" not in ran
+    assert "curriculum[0]" not in ran and "evaluate[sft]" not in ran
     assert ran == ["policy[0]", "evaluate[0]", "rollout[1]", "reward[1]", "value[1]",
-                   "policy[1]", "curriculum[1]", "evaluate[1]"]
+                   "policy[1]", "curriculum[1]", "evaluate[final]"]
     ev = json.loads((project / "runs" / "clean" / "evaluate" / "metrics.json").read_text())
     assert ev["accuracy"] == pytest.approx(0.5)
 
@@ -292,7 +333,7 @@ def test_damaged_artifacts_are_detected_and_rerun(project, clean_run):
     assert f"{scored}: 50 bytes, the manifest says" in out
     ran = labels(log)
     assert ran[0] == "rollout[0]" and "reward[0]" in ran and "reward[1]" in ran
-    assert "prepare" not in ran and "sft" not in ran and "evaluate" not in ran  # baseline kept
+    assert "prepare" not in ran and "sft" not in ran and "evaluate[sft]" not in ran  # kept
     assert final_numbers(project, "damaged") == final_numbers(project, "clean")
 
 

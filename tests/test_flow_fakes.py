@@ -67,7 +67,6 @@ def rollout(a, p, out):
              "top_k": p.rollout.top_k, "top_p": p.rollout.top_p, "policy_id": str(w),
              "response_text": "x"} for t in range(N_TASKS) for s in range(k)]
     write_parquet(pl.DataFrame(rows), out.dir / "rollouts.parquet", "rollout")
-    (out.dir / "trajectory.html").write_text("<html><body>replay</body></html>")
     out.metrics.update(response_length=10.0 + w, tokens_per_s=100.0, forward_per_token=1.0,
                        block_size=p.model.block_size, max_tokens=p.rollout.max_tokens, level=0)
 
@@ -80,6 +79,7 @@ def reward(a, p, out):
     df = df.with_columns(correct=pl.Series(correct), reward=pl.Series([float(c) for c in correct]),
                          advantage=pl.lit(0.0), kept=pl.lit(True))
     write_parquet(df, out.dir / "scored.parquet", "scored")
+    (out.dir / "trajectory.html").write_text("<html><body>replay</body></html>")
     out.metrics.update(accuracy=float(df["correct"].mean()), mean_reward=float(df["reward"].mean()),
                        kept_responses=df.height)
 
@@ -117,6 +117,11 @@ def log_label(stage, argv):
         for d in paths:
             assert is_complete(d), f"{stage}: input {name}={d} is not complete"
     label = stage if a.iteration is None else f"{stage}[{a.iteration}]"
+    if stage == "evaluate":  # the planner's roles: the SFT baseline, the final policy
+        if a.iteration is None:
+            label = "evaluate[sft]"
+        elif Path(a.out).parent.name != f"iter_{a.iteration}":
+            label = "evaluate[final]"
     log = os.environ.get("FAKE_LOG")
     if log:
         with open(log, "a") as f:

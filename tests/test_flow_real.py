@@ -61,7 +61,7 @@ def test_real_stages_two_iterations(tmp_path, monkeypatch):
         assert scored.height == 8 and scored["kept"].all()
         assert (layout.stage_dir("policy", i) / "checkpoint" / "config.json").is_file()
         assert (layout.stage_dir("value", i) / "advantages.parquet").is_file()
-        assert "<html" in (layout.stage_dir("rollout", i) / "trajectory.html").read_text()
+        assert "gold answer" in (layout.stage_dir("reward", i) / "trajectory.html").read_text()
         assert (layout.stage_dir("curriculum", i) / "decision.json").is_file()
     # learning curves and DVC metrics
     curves = json.loads(layout.curves.read_text())
@@ -73,10 +73,18 @@ def test_real_stages_two_iterations(tmp_path, monkeypatch):
     assert 0 <= summary["final_eval"]["accuracy"] <= 1
     for s in ("prepare", "sft", "rl", "evaluate"):
         assert layout.dvc_metrics(s).is_file()
-    # `dvc metrics show` says which accuracy is the SFT model's and which the final policy's
-    head = json.loads(layout.dvc_metrics("evaluate").read_text())["heldout_accuracy"]
-    baseline = json.loads((layout.baseline_eval / "metrics.json").read_text())["accuracy"]
-    assert head == {"sft": baseline, "final_rl": summary["final_eval"]["accuracy"]}
+    # `dvc metrics show` (the headline file) says which accuracy is the SFT model's and
+    # which the final policy's, with the gain, and the same per decoding strategy
+    head = json.loads(layout.headline.read_text())
+    baseline = json.loads((layout.baseline_eval / "metrics.json").read_text())
+    final = summary["final_eval"]
+    assert head["heldout_accuracy"] == pytest.approx({
+        "sft": baseline["accuracy"], "final_rl": final["accuracy"],
+        "gain": final["accuracy"] - baseline["accuracy"]})
+    assert sorted(head["accuracy"]["heldout"]) == sorted(params.evaluate.strategies)
+    for s in params.evaluate.strategies:
+        assert head["accuracy"]["heldout"][s] == {
+            "sft": baseline[f"heldout.{s}.accuracy"], "final_rl": final[f"heldout.{s}.accuracy"]}
     # MLflow: one parent, a finished child per stage call, metrics, the registered policy
     tracker = MlflowTracker(tmp_path)
     parent_id = json.loads(layout.tracking.read_text())["parent_run_id"]

@@ -3,6 +3,7 @@ a second `dvc repro` does nothing, and changing an RL param marks only rl and ev
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -63,8 +64,19 @@ def test_repro_then_noop_then_param_change(dvc_project):
     assert (root / "dvc.lock").is_file()
     again = sh([DVC, "repro"], root, env)
     assert "Running stage" not in again, again
-    metrics = sh([DVC, "metrics", "show"], root, env)
-    assert "runs/test/metrics/evaluate.json" in metrics and "accuracy" in metrics
+    # the headline only: a few columns, SFT vs final policy; the full files stay outputs
+    metrics = sh([DVC, "metrics", "show", "--json"], root, env)
+    shown = json.loads(metrics)[""]["data"]
+    assert list(shown) == ["runs/test/metrics/headline.json"]
+    head = shown["runs/test/metrics/headline.json"]["data"]
+    assert head["heldout_accuracy"] == pytest.approx({"sft": 0.3, "final_rl": 0.5, "gain": 0.2})
+    # `dvc exp show` (needs a commit): the headline's columns, no metric named like a param
+    sh(["git", "add", "-A"], root, env)
+    sh(["git", "commit", "-qm", "reference run"], root, env)
+    header = sh([DVC, "exp", "show", "--csv"], root, env).splitlines()[0].split(",")
+    assert [c for c in header if "accuracy" in c] == [
+        "heldout_accuracy.final_rl", "heldout_accuracy.gain", "heldout_accuracy.sft"]
+    assert header.count("policy.lr") == 1  # the param; no metric of that name
     # an RL param changes: only rl and evaluate are out of date
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["policy"]["lr"] = params["policy"]["lr"] * 2

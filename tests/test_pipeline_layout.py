@@ -41,10 +41,10 @@ def test_plan_order_and_inputs(tmp_path):
     calls = plan_all(p, L)
     # value only with policy.use_value; eval after iteration 1 (every 2, not after the last)
     assert [c.label for c in calls] == [
-        "prepare", "sft", "evaluate",
+        "prepare", "sft", "evaluate[sft]",
         "rollout[0]", "reward[0]", "policy[0]", "curriculum[0]",
         "rollout[1]", "reward[1]", "policy[1]", "curriculum[1]", "evaluate[1]",
-        "rollout[2]", "reward[2]", "policy[2]", "curriculum[2]", "evaluate[2]",
+        "rollout[2]", "reward[2]", "policy[2]", "curriculum[2]", "evaluate[final]",
     ]
     by = {(c.label, c.out): c for c in calls}
     r1 = next(c for c in calls if c.label == "rollout[1]")
@@ -76,7 +76,7 @@ def test_keys_chain(tmp_path):
     same = {k for k in a if a[k] == b[k]}
     # a policy change keeps everything upstream of policy[0] and curriculum[0] (which
     # reads only data and rewards of iteration 0)
-    assert same == {"prepare", "sft", "evaluate", "rollout[0]", "reward[0]", "curriculum[0]"}
+    assert same == {"prepare", "sft", "evaluate[sft]", "rollout[0]", "reward[0]", "curriculum[0]"}
     c = {c.label: c.key for c in plan_all(params(data={"train_size": 10}), L)}
     assert all(a[k] != c[k] for k in a)  # data feeds everything
     assert a == {c.label: c.key for c in plan_all(params(), L)}  # deterministic

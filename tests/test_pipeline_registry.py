@@ -13,6 +13,7 @@ from tracerl.pipeline import dvcgen
 from tracerl.pipeline.layout import stage_key
 from tracerl.pipeline.registry import (
     DVC_PARTS,
+    EVAL_PLOTS,
     PLOTS,
     STAGES,
     missing_metrics,
@@ -42,6 +43,27 @@ def test_dvc_yaml_is_generated_from_the_registry():
         "dvc.yaml is stale: python -m tracerl.pipeline.dvcgen --write")
 
 
+def test_dvc_plots_template_has_integer_iterations():
+    """The plots' template (written with dvc.yaml) is DVC's linear one with whole-number
+    iteration ticks on every x encoding, and up to date."""
+    tpl = json.loads((ROOT / ".dvc" / "plots" / f"{dvcgen.TEMPLATE}.json").read_text())
+    assert tpl == dvcgen.iterations_template()
+    xs = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            if node.get("field") == "<DVC_METRIC_X>":
+                xs.append(node)
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(tpl)
+    assert xs and all(x["axis"] == {"tickMinStep": 1, "format": "d"} for x in xs)
+
+
 def test_dvc_params_are_the_union_of_stage_reads():
     import yaml
 
@@ -55,7 +77,7 @@ def test_dvc_params_are_the_union_of_stage_reads():
     # the reward section reaches evaluate (its key and DVC params), the curriculum the rollout
     assert "reward" in dvc["stages"]["evaluate"]["params"]
     assert "curriculum" in STAGES.get("rollout").reads
-    plotted = {k for keys in PLOTS.values() for k in keys}
+    plotted = {k for keys in (*PLOTS.values(), *EVAL_PLOTS.values()) for k in keys}
     assert plotted == {k for p in dvc["plots"] for v in p.values() for k in
                        next(iter(v["y"].values()))}
 
@@ -106,6 +128,8 @@ def test_keys_change_only_with_declared_reads():
 
 def test_missing_outputs_and_metrics_are_named(tmp_path):
     (tmp_path / "scored.parquet").write_bytes(b"x")
+    assert missing_outputs("reward", tmp_path) == ["trajectory.html"]
+    (tmp_path / "trajectory.html").write_text("<html>")
     assert missing_outputs("reward", tmp_path) == []
     assert missing_outputs("evaluate", tmp_path) == ["eval.json", "samples_*.parquet"]
     assert missing_metrics("reward", {"accuracy": 1.0}) == ["mean_reward", "kept_responses"]

@@ -16,7 +16,8 @@ def test_page_embeds_steps_and_tokens():
     assert page.startswith("<!doctype html>") and "<title>iter 0</title>" in page
     data = json.loads(re.search(r"const data = (.*);\n", page).group(1))
     assert data == [{"title": "t0#1", "prompt": "12+30=", "tokens": ["4", "2", "<eos>", "x"],
-                     "steps": [2, 1, 3, 3], "reward": 1.0}]
+                     "steps": [2, 1, 3, 3], "reward": 1.0, "correct": None, "answer": None,
+                     "task": "", "advantage": None, "finish": ""}]
     assert "http://" not in page and "https://" not in page  # offline, no CDN
 
 

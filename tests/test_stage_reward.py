@@ -100,6 +100,26 @@ def test_every_group_filtered_flows_through(tmp_path):
     assert m["filtered_group_fraction"] == 1.0 and m["kept_responses"] == 0
 
 
+def test_viewer_shows_tasks_answers_and_rewards(tmp_path):
+    """trajectory.html: a few tasks (partly right first), each with its gold answer and
+    every response's decode order, reward and correctness; the decoding settings."""
+    import re
+
+    rows = [("a", "\\boxed{4}", "eos", 3), ("a", "\\boxed{5}", "eos", 3)] * 2
+    rows += [("b", "\\boxed{1}", "length", 3)] * 4
+    assert main(_write(tmp_path, _rollouts(rows), TASKS[:2])) == 0
+    page = (tmp_path / "reward" / "trajectory.html").read_text()
+    data = json.loads(re.search(r"const data = (.*);\n", page).group(1))
+    assert [(d["task"], d["title"]) for d in data] == [
+        ("a", "#0"), ("a", "#1"), ("a", "#2"), ("a", "#3"),  # partly right: shown first
+        ("b", "#0"), ("b", "#1"), ("b", "#2"), ("b", "#3")]
+    assert [d["correct"] for d in data[:4]] == [True, False, True, False]
+    assert [d["reward"] for d in data[:2]] == [1.0, 0.0]
+    assert {d["answer"] for d in data} == {"4", "9"} and data[4]["finish"] == "length"
+    assert all(len(d["tokens"]) == len(d["steps"]) == 3 for d in data)
+    assert "strategy low_confidence_static" in page and 'value="wrong"' in page
+
+
 def test_accuracy_band_filter_from_params(tmp_path):
     rows = [("a", "\\boxed{4}", "eos", 3)] * 3 + [("a", "\\boxed{5}", "eos", 3)]
     args = _write(tmp_path, _rollouts(rows), TASKS[:1],

@@ -2,6 +2,7 @@
 
     tracerl params check [FILE]   validate a params file; print every problem with its fix
     tracerl where [RUN]           where a run's results are (folders, metrics, viewer, MLflow)
+    tracerl plots [RUN]           every learning curve as one offline page (plots/index.html)
 
 (``python -m tracerl.cli ...`` is the same.) Running the pipeline stays
 ``bash scripts/run.sh`` / ``dvc repro``; the stages stay ``python -m stages.<name>``.
@@ -31,38 +32,57 @@ def _params_check(a: argparse.Namespace) -> int:
     return 0
 
 
-def _where(a: argparse.Namespace) -> int:
+def _run_layout(a: argparse.Namespace):
+    """``(params, layout)`` of the run ``a.run`` (default ``run.name``), or None after
+    saying why (bad params, no such run folder)."""
     from tracerl.config import ConfigError, load_params
     from tracerl.pipeline.layout import RunLayout
-    from tracerl.tracking import default_tracking_uri
 
     try:
         p = load_params(a.params)
     except (FileNotFoundError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return None
     L = RunLayout.from_params(p, name=a.run)
     if not L.root.is_dir():
         runs = Path(p.run.runs_dir)
         known = sorted(d.name for d in runs.iterdir() if d.is_dir()) if runs.is_dir() else []
         print(f"no run folder {L.root} yet; runs there: {', '.join(known) or 'none'}",
               file=sys.stderr)
+        return None
+    return p, L
+
+
+def _plots(a: argparse.Namespace) -> int:
+    from tracerl.pipeline.plots import write_plots_page
+
+    found = _run_layout(a)
+    if found is None:
         return 1
+    print(write_plots_page(found[1]))
+    return 0
+
+
+def _where(a: argparse.Namespace) -> int:
+    from tracerl.tracking import default_tracking_uri
+
+    found = _run_layout(a)
+    if found is None:
+        return 1
+    p, L = found
     done = L.iterations_done()
     rows = [("run folder", L.root, "every artifact, each with its manifest.json")]
     for name, folder in (("prepare", L.prepare), ("sft", L.sft), ("evaluate", L.evaluate)):
         rows.append((name, folder, "done" if (folder / "manifest.json").is_file() else
                      "not finished"))
     rows.append(("rl", L.rl, f"{len(done)} of {p.run.iterations} iterations done"))
-    metrics = sorted(L.root.glob("metrics/*.json"))
-    if metrics:
-        rows.append(("metrics", L.root / "metrics", "dvc metrics show"))
+    if L.headline.is_file():
+        rows.append(("headline", L.headline, "dvc metrics show"))
     if L.curves.is_file():
-        rows.append(("plots", L.curves, "dvc plots show"))
-    if done:
-        viewer = L.iteration(done[-1]) / "rollout" / "trajectory.html"
-        if viewer.is_file():
-            rows.append(("viewer", viewer, f"trajectories of iteration {done[-1]}, the latest"))
+        rows.append(("plots", L.plots_page, "tracerl plots writes it; offline"))
+    viewer = L.latest_viewer()
+    if viewer:
+        rows.append(("viewer", viewer[1], f"trajectories of iteration {viewer[0]}, the latest"))
     uri = default_tracking_uri()
     rows.append(("mlflow", uri, f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1"))
     width = max(len(r[0]) for r in rows)
@@ -80,10 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     check = psub.add_parser("check", help="validate a params file, listing every problem")
     check.add_argument("file", nargs="?", default="params.yaml")
     check.set_defaults(func=_params_check)
-    where = sub.add_parser("where", help="where a run's results are")
-    where.add_argument("run", nargs="?", default=None, help="run name (default: run.name)")
-    where.add_argument("--params", default="params.yaml")
-    where.set_defaults(func=_where)
+    for name, func, text in (("where", _where, "where a run's results are"),
+                             ("plots", _plots, "write the run's curves as one offline page")):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("run", nargs="?", default=None, help="run name (default: run.name)")
+        cmd.add_argument("--params", default="params.yaml")
+        cmd.set_defaults(func=func)
     return ap
 
 

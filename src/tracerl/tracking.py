@@ -91,9 +91,15 @@ class Tracker(Protocol):
 
     def set_tags(self, tags: Mapping[str, Any]) -> None: ...
 
-    def register_model(self, path: str | os.PathLike, name: str) -> str:
-        """Log the model folder ``path`` and register it as a new version of ``name``;
-        returns the version."""
+    def register_model(self, path: str | os.PathLike, name: str, *,
+                       tags: Mapping[str, Any] | None = None, description: str = "") -> str:
+        """Log the model folder ``path`` and register it as a new version of ``name``
+        with ``tags`` and ``description``; returns the version."""
+        ...
+
+    def update_model_version(self, name: str, version: str, *, description: str = "",
+                             tags: Mapping[str, Any] | None = None) -> None:
+        """Replace a registered version's description (when given) and add ``tags``."""
         ...
 
 
@@ -170,8 +176,11 @@ class NullTracker:
     def set_tags(self, tags) -> None:
         pass
 
-    def register_model(self, path, name) -> str:
+    def register_model(self, path, name, *, tags=None, description="") -> str:
         return "0"
+
+    def update_model_version(self, name, version, *, description="", tags=None) -> None:
+        pass
 
 
 def default_tracking_uri(root: str | os.PathLike | None = None) -> str:
@@ -311,9 +320,11 @@ class MlflowTracker:
         items = [RunTag(str(k), str(v)) for k, v in tags.items()]
         self.client.log_batch(self._current(), tags=items)
 
-    def register_model(self, path: str | os.PathLike, name: str) -> str:
+    def register_model(self, path: str | os.PathLike, name: str, *,
+                       tags: Mapping[str, Any] | None = None, description: str = "") -> str:
         """Log folder ``path`` under artifact path ``model`` of the current run and
-        register it as a new version of the registered model ``name``."""
+        register it as a new version of the registered model ``name``, with ``tags`` and
+        ``description``."""
         run_id = self._current()
         self.log_artifact(path, artifact_path="model")
         from mlflow.exceptions import MlflowException
@@ -324,8 +335,17 @@ class MlflowTracker:
             if "already exists" not in str(e).lower() and "RESOURCE_ALREADY_EXISTS" not in str(e):
                 raise
         source = f"{self.client.get_run(run_id).info.artifact_uri}/model"
-        mv = self.client.create_model_version(name, source=source, run_id=run_id)
+        mv = self.client.create_model_version(
+            name, source=source, run_id=run_id, description=description or None,
+            tags={str(k): str(v) for k, v in (tags or {}).items()})
         return str(mv.version)
+
+    def update_model_version(self, name: str, version: str, *, description: str = "",
+                             tags: Mapping[str, Any] | None = None) -> None:
+        if description:
+            self.client.update_model_version(name, version, description=description)
+        for k, v in (tags or {}).items():
+            self.client.set_model_version_tag(name, version, str(k), str(v))
 
 
 # ---------------------------------------------------------------------- stage side

@@ -49,6 +49,7 @@ from tracerl.pipeline.layout import (
 )
 from tracerl.pipeline.lock import pid_alive, writer_lock
 from tracerl.pipeline.registry import (
+    DVC_PARTS,
     ITERATION_STAGES,
     STAGES,
     missing_metrics,
@@ -108,6 +109,108 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+PART_TAG = "tracerl.part"
+DVC_EXP_ENV = "DVC_EXP_NAME"  # set by `dvc exp run` for the commands of its stages
+NOTE_TAG = "mlflow.note.content"  # a run's description: the top of its page in the MLflow UI
+# params a registered policy version is tagged with (what a reader compares versions by)
+REGISTRY_PARAMS = ("policy.method", "policy.lr", "policy.use_value", "policy.beta",
+                   "rollout.strategy", "rollout.responses_per_task", "rollout.max_tokens")
+
+
+def parts_label(parts: set[str]) -> str:
+    """The parts of a pipeline run under one parent run, in order; ``all`` when complete.
+
+    >>> parts_label({"sft", "prepare"}), parts_label({"all"}), parts_label(set(DVC_PARTS))
+    ('prepare+sft', 'all', 'all')
+    """
+    if "all" in parts or parts >= set(DVC_PARTS):
+        return "all"
+    return "+".join(p for p in DVC_PARTS if p in parts)
+
+
+def parent_run_name(run: str, plan_key: str, experiment: str = "") -> str:
+    """The MLflow name of a pipeline's parent run: the run folder's name, the DVC
+    experiment when ``dvc exp run`` runs it, and the plan key's first 8 characters (which
+    params and code planned it), so the runs of different experiments differ by name.
+
+    >>> parent_run_name("default", "3f2a1b9c77d0e1aa"), parent_run_name("default", "3f2a1b9c", "brisk-lynx")
+    ('default 3f2a1b9c', 'default/brisk-lynx 3f2a1b9c')
+    """
+    return f"{run}/{experiment} {plan_key[:8]}" if experiment else f"{run} {plan_key[:8]}"
+
+
+def headline(sft: Mapping[str, Any], final: Mapping[str, Any]) -> dict[str, Any]:
+    """The result of a run in a few numbers: held-out accuracy of the SFT model and of the
+    final policy, and the gain; then per benchmark and decoding strategy (the evaluate
+    stage's ``<benchmark>.<strategy>.accuracy``) the same pair. ``sft`` or ``final`` may
+    be empty (a run whose baseline is missing): its numbers are left out.
+
+    >>> headline({"accuracy": 0.4, "heldout.static.accuracy": 0.4},
+    ...          {"accuracy": 0.5, "heldout.static.accuracy": 0.5, "heldout.static.tasks": 9})
+    {'heldout_accuracy': {'sft': 0.4, 'final_rl': 0.5, 'gain': 0.1}, 'accuracy': {'heldout': {'static': {'sft': 0.4, 'final_rl': 0.5}}}}
+    """
+    def pair(key: str) -> dict[str, float]:
+        return {name: float(m[key]) for name, m in (("sft", sft), ("final_rl", final))
+                if isinstance(m.get(key), (int, float))}
+
+    top = pair("accuracy")
+    if len(top) == 2:
+        top["gain"] = round(top["final_rl"] - top["sft"], 6)
+    per: dict[str, dict[str, dict[str, float]]] = {}
+    for key in sorted({*sft, *final}):
+        parts = key.split(".")
+        if len(parts) == 3 and parts[2] == "accuracy":
+            per.setdefault(parts[0], {})[parts[1]] = pair(key)
+    return {"heldout_accuracy": top, "accuracy": per}
+
+
+def headline_markdown(head: Mapping[str, Any]) -> str:
+    """The headline as a small markdown table (the parent run's and the model version's
+    description).
+
+    >>> print(headline_markdown({"heldout_accuracy": {"sft": 0.4, "final_rl": 0.5,
+    ...                          "gain": 0.1}, "accuracy": {}}))
+    held-out accuracy: SFT 0.400 -> final policy 0.500 (+0.100)
+    <BLANKLINE>
+    | benchmark | decoding | SFT | final |
+    |---|---|---|---|
+    """
+    def fmt(x: Any) -> str:
+        return f"{x:.3f}" if isinstance(x, (int, float)) else "-"
+
+    top = head.get("heldout_accuracy", {})
+    lines = [f"held-out accuracy: SFT {fmt(top.get('sft'))} -> final policy "
+             f"{fmt(top.get('final_rl'))} ({top['gain']:+.3f})" if "gain" in top else
+             f"held-out accuracy: SFT {fmt(top.get('sft'))}, final policy "
+             f"{fmt(top.get('final_rl'))}", "", "| benchmark | decoding | SFT | final |",
+             "|---|---|---|---|"]
+    for bench, per in head.get("accuracy", {}).items():
+        for strategy, pair in per.items():
+            lines.append(f"| {bench} | {strategy} | {fmt(pair.get('sft'))} | "
+                         f"{fmt(pair.get('final_rl'))} |")
+    return "\n".join(lines)
+
+
+def eval_curve(layout: RunLayout) -> list[dict[str, Any]]:
+    """Held-out accuracy over the run, one row per finished evaluation, ``x`` = RL
+    iterations done when it was evaluated: 0 for the SFT baseline, ``i + 1`` after
+    iteration ``i``, the run's last for the final evaluation. ``model`` says which
+    (``sft``, ``iter_<i>``, ``final``); the columns are the evaluate stage's accuracies."""
+    found: list[tuple[int, str, Path]] = [(0, "sft", layout.baseline_eval)]
+    for i in layout.iterations_done():
+        found.append((i + 1, f"iter_{i}", layout.stage_dir("evaluate", i)))
+    done = layout.iterations_done()
+    if done:
+        found.append((done[-1] + 1, "final", layout.evaluate))
+    rows = []
+    for x, model, d in found:
+        if is_complete(d):
+            m = numeric_metrics(read_metrics(d))
+            rows.append({"iteration": x, "model": model,
+                         **{k: v for k, v in m.items() if k.endswith("accuracy")}})
+    return rows
+
+
 class Orchestrator:
     """Executes :class:`StageCall` s of one pipeline run.
 
@@ -134,36 +237,46 @@ class Orchestrator:
         self.rewritten: set[Path] = set()
 
     # ------------------------------------------------------------------ parent run
-    def parent_run(self, plan_key: str, tags: Mapping[str, Any] | None = None):
+    def parent_run(self, plan_key: str, part: str = "all",
+                   tags: Mapping[str, Any] | None = None):
         """Context manager: open the pipeline's parent run, or reopen the one recorded in
-        ``tracking.json`` for the same ``plan_key`` (a resumed or continued run)."""
+        ``tracking.json`` for the same ``plan_key`` (a resumed or continued run, or the
+        next DVC stage of the same pipeline).
+
+        The run is named by :func:`parent_run_name` and tagged ``tracerl.part`` with the
+        parts run under it so far (``prepare+sft``, ..., ``all`` once every part ran)."""
         import contextlib
 
         @contextlib.contextmanager
         def cm():
-            existing = None
+            existing, parts = None, {part}
             if self.layout.tracking.is_file():
                 rec = json.loads(self.layout.tracking.read_text())
                 if rec.get("plan_key") == plan_key and rec.get("tracking_uri") == self._uri():
                     existing = rec.get("parent_run_id")
             if existing and isinstance(self.tracker, MlflowTracker):
                 try:
+                    run = self.tracker.client.get_run(existing)
+                    parts.update(run.data.tags.get(PART_TAG, "").split("+"))
                     self.tracker.client.update_run(existing, status="RUNNING")
                 except Exception:  # deleted run, other backend: start a new one
-                    existing = None
+                    existing, parts = None, {part}
+            exp = os.environ.get(DVC_EXP_ENV, "")
             all_tags = {"tracerl.run": self.layout.root.name, "tracerl.runner": self.runner.name,
                         "tracerl.plan_key": plan_key, "mlflow.source.git.commit": git_sha(),
-                        **(tags or {})}
+                        PART_TAG: parts_label(parts),
+                        **({"tracerl.dvc_experiment": exp} if exp else {}), **(tags or {})}
+            name = parent_run_name(self.layout.root.name, plan_key, exp)
             if existing:
-                ctx = self.tracker.start_run(self.layout.root.name, run_id=existing,
-                                             end_on_exit=True)
+                ctx = self.tracker.start_run(name, run_id=existing, end_on_exit=True)
             else:
-                ctx = self.tracker.start_run(self.layout.root.name, tags=all_tags)
+                ctx = self.tracker.start_run(name, tags=all_tags)
             with writer_lock(self.layout.root), ctx as rid:
                 self.freeze_params()
                 self.parent_run_id = rid
                 if existing:
                     self._close_zombies(existing)
+                    self.tracker.set_tags(all_tags)
                 if not existing:
                     self.tracker.log_params(self.params_dict)
                     _write_json(self.layout.tracking, {"parent_run_id": rid, "plan_key": plan_key,
@@ -228,7 +341,8 @@ class Orchestrator:
             return StageResult(call.label, str(call.out), True, 0.0, read_metrics(call.out))
         if reason is None:
             reason = f"its input {stale_input} was written again"
-        if reason.startswith(("output damaged", "unreadable")) or stale_input is not None:
+        # say why a finished output is redone (not a fresh stage whose input is new)
+        if reason.startswith(("output damaged", "unreadable", "its input")):
             log.warning("%s runs again: %s", call.label, reason)
             print(f"[tracerl] {call.label} runs again: {reason}", flush=True)
         _clean_temp(call.out)
@@ -338,32 +452,67 @@ class Orchestrator:
         _write_json(self.layout.dvc_metrics(dvc_stage), read_metrics(out))
 
     def write_final_metrics(self, out: Path) -> dict[str, Any]:
-        """``metrics/evaluate.json``: the final evaluation, headed by the pair that says
-        which model is which: ``heldout_accuracy.sft`` (the SFT model, before RL) and
-        ``heldout_accuracy.final_rl`` (the final policy). Returns the headline."""
+        """``metrics/evaluate.json`` (the final evaluation's metrics, a plain output) and
+        ``metrics/headline.json`` (the one DVC metrics file: :func:`headline`), then the
+        evaluation curve ``plots/eval_curve.json``. The headline also goes to the parent
+        run (metrics, and its description, which heads the run's page) and to the
+        registered policy's version. Returns the headline."""
         final = read_metrics(out)
-        head: dict[str, Any] = {"final_rl": final.get("accuracy")}
-        if is_complete(self.layout.baseline_eval):
-            head["sft"] = read_metrics(self.layout.baseline_eval).get("accuracy")
-        _write_json(self.layout.dvc_metrics("evaluate"), {"heldout_accuracy": head, **final})
+        _write_json(self.layout.dvc_metrics("evaluate"), final)
+        sft = (read_metrics(self.layout.baseline_eval)
+               if is_complete(self.layout.baseline_eval) else {})
+        head = headline(sft, final)
+        _write_json(self.layout.headline, head)
+        _write_json(self.layout.eval_curve, eval_curve(self.layout))
+        if self.parent_run_id:
+            text = headline_markdown(head)
+            self.tracker.log_metrics(head)
+            self.tracker.set_tags({NOTE_TAG: text})
+            reg = self._registered()
+            if reg:
+                self.tracker.update_model_version(
+                    reg["name"], reg["version"], description=f"{self._about_final()}\n\n{text}",
+                    tags={f"tracerl.{k}": v for k, v in numeric_metrics(head).items()})
         return head
 
-    def register_final(self, policy_dir: Path) -> str | None:
-        """Register the final policy's checkpoint in the model registry (once per parent
-        run; ``run.registered_model: ""`` disables it). Returns the version."""
-        name = self.params.run.registered_model
-        if not name or not self.parent_run_id:
-            return None
+    def _registered(self) -> dict[str, Any] | None:
+        """The model version registered under the current parent run, if any."""
         marker = self.layout.root / "registered.json"
         if marker.is_file():
             rec = json.loads(marker.read_text())
             if rec.get("parent_run_id") == self.parent_run_id:
-                return rec.get("version")
+                return rec
+        return None
+
+    def _about_final(self) -> str:
+        return (f"final policy of run {self.layout.root.name} "
+                f"({self.params.run.iterations} TraceRL iterations)")
+
+    def register_final(self, policy_dir: Path) -> str | None:
+        """Register the final policy's checkpoint in the model registry (once per parent
+        run; ``run.registered_model: ""`` disables it), tagged with the run, its plan key
+        (which params and code made it), the git commit and the RL part of the params.
+        Returns the version. The final evaluation adds the headline later."""
+        name = self.params.run.registered_model
+        if not name or not self.parent_run_id:
+            return None
+        rec = self._registered()
+        if rec:
+            return rec.get("version")
         from tracerl.models import checkpoint_dir
 
         folder = checkpoint_dir(policy_dir)
-        version = self.tracker.register_model(folder, name)
+        plan = json.loads(self.layout.tracking.read_text()).get("plan_key", "")
+        tags = {"tracerl.run": self.layout.root.name, "tracerl.plan_key": plan,
+                "tracerl.parent_run_id": self.parent_run_id, "git_commit": git_sha(),
+                "tracerl.iterations": self.params.run.iterations,
+                **{f"params.{k}": v for k, v in flatten_params(
+                    {s: self.params_dict[s] for s in ("policy", "rollout")}).items()
+                   if k in REGISTRY_PARAMS}}
+        version = self.tracker.register_model(
+            folder, name, tags=tags,
+            description=self._about_final())
         self.tracker.set_tags({"tracerl.registered_model": f"{name}/{version}"})
-        _write_json(marker, {"parent_run_id": self.parent_run_id, "name": name,
-                             "version": version})
+        _write_json(self.layout.root / "registered.json",
+                    {"parent_run_id": self.parent_run_id, "name": name, "version": version})
         return version

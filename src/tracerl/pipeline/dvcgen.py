@@ -14,20 +14,25 @@ Each coarse DVC stage (a part of :data:`~tracerl.pipeline.registry.DVC_PARTS`) g
   ``src/tracerl/``; a package whose files are all needed is listed as its folder (a
   ``.py`` file that a module names in a string, e.g. to run it by path, counts as
   imported when it lies beside that module);
-- ``outs``/``metrics``/``plots``: the part's folder, its metrics file, the curves.
+- ``outs``: the part's folder and its full metrics file ``metrics/<part>.json`` (a plain
+  output: ``dvc metrics show <file>`` still reads it); ``metrics``: only the headline
+  (``metrics/headline.json``), so ``dvc metrics show`` and ``dvc exp show`` stay a few
+  columns wide; ``plots``: the curves, drawn with the template ``.dvc/plots/iterations.json``
+  (written beside dvc.yaml: DVC's ``linear`` with whole-number iteration ticks).
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import json
 import sys
 from collections.abc import Iterable
 from pathlib import Path
 
 import yaml
 
-from tracerl.pipeline.registry import DVC_PARTS, PLOTS, STAGES
+from tracerl.pipeline.registry import DVC_PARTS, EVAL_PLOTS, PLOTS, STAGES
 
 ROOT = Path(__file__).resolve().parents[3]  # the project: src/tracerl/pipeline/ -> root
 RUN = "${run.runs_dir}/${run.name}"
@@ -42,7 +47,10 @@ HEADER = """\
 # params.yaml (run.runs_dir, run.name) through DVC's own templating.
 #   dvc repro                          the whole pipeline on the embedded default
 #   dvc exp run -S policy.lr=1e-4      an experiment; re-runs rl and evaluate only
-#   dvc exp show / dvc metrics show / dvc plots show
+#   dvc metrics show                   the headline: held-out accuracy, SFT vs final policy
+#   dvc exp show --only-changed        experiments side by side (params changed + headline)
+#   tracerl plots                      every curve as one offline page (dvc plots show needs
+#                                      Vega from the internet)
 """
 
 
@@ -140,8 +148,13 @@ def dvc_stages(root: Path = ROOT) -> dict:
         out: str | dict = f"{RUN}/{name}"
         entry: dict = {"cmd": cmd if part.prefect else cmd + " --no-prefect",
                        "deps": deps, "params": _params(reads),
-                       "outs": [{out: {"persist": True}} if part.persist else out],
-                       "metrics": [f"{RUN}/metrics/{name}.json"]}
+                       "outs": [{out: {"persist": True}} if part.persist else out,
+                                f"{RUN}/metrics/{name}.json"]}
+        if part.headline:
+            entry["metrics"] = [f"{RUN}/metrics/headline.json"]
+            entry["plots"] = [{f"{RUN}/plots/eval_curve.json": {
+                "x": "iteration", "y": "accuracy",
+                "title": "held-out accuracy per evaluation (0 = SFT model)"}}]
         if part.orchestration:
             entry["plots"] = [{f"{RUN}/plots/rl_curves.json": {
                 "x": "iteration", "y": "reward.accuracy",
@@ -150,18 +163,41 @@ def dvc_stages(root: Path = ROOT) -> dict:
     return stages
 
 
+TEMPLATE = "iterations"  # .dvc/plots/iterations.json: DVC's `linear`, integer x axis
+
+
+def iterations_template() -> dict:
+    """DVC's ``linear`` Vega-Lite template with whole-number ticks on the x axis (RL
+    iterations: never 0.1, 0.2)."""
+    from dvc_render.vega_templates import LinearTemplate
+
+    def walk(node):
+        if isinstance(node, dict):
+            out = {k: walk(v) for k, v in node.items()}
+            if out.get("field") == "<DVC_METRIC_X>":
+                out["axis"] = {"tickMinStep": 1, "format": "d"}
+            return out
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    return walk(LinearTemplate.DEFAULT_CONTENT)
+
+
 def dvc_plots() -> list[dict]:
-    return [{name: {"template": "linear", "x": "iteration",
-                    "y": {f"{RUN}/plots/rl_curves.json": list(keys)}}}
-            for name, keys in PLOTS.items()]
+    curves = [(name, "rl_curves.json", keys) for name, keys in PLOTS.items()]
+    evals = [(name, "eval_curve.json", keys) for name, keys in EVAL_PLOTS.items()]
+    return [{name: {"template": TEMPLATE, "x": "iteration",
+                    "y": {f"{RUN}/plots/{file}": list(keys)}}}
+            for name, file, keys in curves + evals]
 
 
 def render(root: Path = ROOT) -> str:
     """The text dvc.yaml must have."""
     body = yaml.safe_dump({"stages": dvc_stages(root)}, sort_keys=False, width=100)
     plots = yaml.safe_dump({"plots": dvc_plots()}, sort_keys=False, width=100)
-    return (HEADER + "\n" + body + "\n# learning curves over RL iterations (`dvc plots show`); "
-            "one row per iteration\n" + plots)
+    return (HEADER + "\n" + body + "\n# learning curves over RL iterations (`dvc plots show`; "
+            "offline: `tracerl plots`); one row per iteration\n" + plots)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,11 +208,16 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--check", action="store_true", help="exit 1 when dvc.yaml is stale")
     a = ap.parse_args(argv)
     text, path = render(), ROOT / "dvc.yaml"
+    tpl_text = json.dumps(iterations_template(), indent=2) + "\n"
+    tpl = ROOT / ".dvc" / "plots" / f"{TEMPLATE}.json"
     if a.write:
         path.write_text(text)
-        print(f"wrote {path.name}")
+        tpl.parent.mkdir(parents=True, exist_ok=True)
+        tpl.write_text(tpl_text)
+        print(f"wrote {path.name} and {tpl.relative_to(ROOT)}")
     elif a.check:
-        if not path.is_file() or path.read_text() != text:
+        stale = not tpl.is_file() or tpl.read_text() != tpl_text
+        if stale or not path.is_file() or path.read_text() != text:
             print("dvc.yaml is stale: run python -m tracerl.pipeline.dvcgen --write",
                   file=sys.stderr)
             return 1

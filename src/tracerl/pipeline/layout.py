@@ -13,8 +13,11 @@ One folder per pipeline run, ``<runs_dir>/<run.name>/``::
       iter_<i>/curriculum/         decision.json: pool and schedule of iteration i+1
       iter_<i>/evaluate/           every run.eval_every iterations (not after the last)
     evaluate/                      the final policy scored                 (dvc stage evaluate)
-    metrics/<dvc stage>.json       DVC metrics (outside the outs: DVC forbids overlap)
+    metrics/headline.json          the DVC metrics: held-out accuracy of SFT and final policy
+    metrics/<dvc stage>.json       every metric of each coarse stage (plain DVC outputs)
     plots/rl_curves.json           DVC plots: one row per RL iteration
+    plots/eval_curve.json          DVC plots: held-out accuracy per evaluation
+    plots/index.html               the curves as one offline page (`tracerl plots`)
     tracking.json                  the MLflow parent run, reused when a run resumes
     params.yaml                    the params of the launch (frozen; stages read this)
     .writer.lock                   held by the one process writing the run
@@ -43,6 +46,7 @@ from typing import Any
 from tracerl.pipeline.artifacts import MANIFEST, is_complete, read_manifest, verify_outputs
 from tracerl.pipeline.registry import ITERATION_STAGES, STAGES
 
+VIEWER_STAGE, VIEWER_FILE = "reward", "trajectory.html"  # the trajectory viewer's page
 KEY_FIELD = "tracerl_key"  # manifest field stamped by the orchestrator
 SECONDS_FIELD = "tracerl_wall_seconds"  # the runner's wall time of the call, stamped too
 __all__ = ["ITERATION_STAGES", "KEY_FIELD", "Planner", "RunLayout", "StageCall", "is_done",
@@ -55,6 +59,8 @@ class StageCall:
 
     ``inputs`` maps an input name to one or more artifact folders; ``iteration`` is None
     for stages outside the RL loop. ``key`` identifies the call's parameters and inputs.
+    ``role`` names what a call is when its iteration does not say it (``sft``: the
+    evaluation of the SFT model; ``final``: of the final policy); it is no part of the key.
     """
 
     stage: str
@@ -62,10 +68,14 @@ class StageCall:
     iteration: int | None = None
     inputs: Mapping[str, tuple[Path, ...]] = field(default_factory=dict)
     key: str = ""
+    role: str = ""
 
     @property
     def label(self) -> str:
-        """``rollout[3]``, ``sft``: the task name in Prefect and the run name in MLflow."""
+        """``rollout[3]``, ``sft``, ``evaluate[sft]``, ``evaluate[final]``: the task name in
+        Prefect and the run name in MLflow."""
+        if self.role:
+            return f"{self.stage}[{self.role}]"
         return self.stage if self.iteration is None else f"{self.stage}[{self.iteration}]"
 
     def argv(self, params_path: str | os.PathLike, path_map=None) -> list[str]:
@@ -131,8 +141,23 @@ class RunLayout:
         return self.root / "metrics" / f"{dvc_stage}.json"
 
     @property
+    def headline(self) -> Path:
+        """The run's result in a few numbers: the one file ``dvc metrics show`` lists."""
+        return self.root / "metrics" / "headline.json"
+
+    @property
     def curves(self) -> Path:
         return self.root / "plots" / "rl_curves.json"
+
+    @property
+    def plots_page(self) -> Path:
+        """Every curve as one offline page (:mod:`tracerl.pipeline.plots`)."""
+        return self.root / "plots" / "index.html"
+
+    @property
+    def eval_curve(self) -> Path:
+        """Held-out accuracy per evaluation (SFT baseline, every k iterations, final)."""
+        return self.root / "plots" / "eval_curve.json"
 
     @property
     def frozen_params(self) -> Path:
@@ -142,6 +167,15 @@ class RunLayout:
     @property
     def tracking(self) -> Path:
         return self.root / "tracking.json"
+
+    def latest_viewer(self) -> tuple[int, Path] | None:
+        """``(i, page)``: the trajectory viewer of the latest finished iteration ``i``
+        (iterations in numeric order: ``iter_10`` comes after ``iter_9``), or None."""
+        for i in reversed(self.iterations_done()):
+            page = self.stage_dir(VIEWER_STAGE, i) / VIEWER_FILE
+            if page.is_file():
+                return i, page
+        return None
 
     def iterations_done(self) -> list[int]:
         """Iterations whose curriculum stage finished (sorted)."""
@@ -234,7 +268,7 @@ class Planner:
         self.keys: dict[Path, str] = {}
 
     def _call(self, stage: str, iteration: int | None, out: Path,
-              inputs: Mapping[str, Sequence[Path]]) -> StageCall:
+              inputs: Mapping[str, Sequence[Path]], role: str = "") -> StageCall:
         undeclared = sorted(set(inputs) - set(STAGES.get(stage).inputs))
         assert not undeclared, f"{stage}: inputs {undeclared} are not declared in its registry entry"
         ins = {k: tuple(v) for k, v in inputs.items() if v}
@@ -242,7 +276,7 @@ class Planner:
         assert not missing, f"{stage}: inputs planned out of order: {missing}"
         key = stage_key(stage, iteration, self.p, [self.keys[p] for v in ins.values() for p in v])
         self.keys[out] = key
-        return StageCall(stage, out, iteration, ins, key)
+        return StageCall(stage, out, iteration, ins, key, role)
 
     def prepare(self) -> StageCall:
         return self._call("prepare", None, self.layout.prepare, {})
@@ -286,12 +320,13 @@ class Planner:
         baseline). ``final`` writes to the run's top-level ``evaluate/`` (dvc stage)."""
         L = self.layout
         if after is None:
-            policy, cur, out = L.sft, [], L.baseline_eval
+            policy, cur, out, role = L.sft, [], L.baseline_eval, "sft"
         else:
             policy, cur = L.stage_dir("policy", after), [L.stage_dir("curriculum", after)]
             out = L.evaluate if final else L.stage_dir("evaluate", after)
+            role = "final" if final else ""
         return self._call("evaluate", after, out,
-                          {"data": [L.prepare], "policy": [policy], "curriculum": cur})
+                          {"data": [L.prepare], "policy": [policy], "curriculum": cur}, role)
 
     def eval_after(self, i: int) -> bool:
         """Periodic evaluation inside the loop: every ``run.eval_every`` iterations, but

@@ -125,7 +125,7 @@ declare(StageSpec(
     "rollout", "k responses per task with their decoding trajectories",
     reads=("model", "rollout", "curriculum", "data", "run.seed", "run.device", "run.threads"),
     inputs=("data", "policy", "curriculum"),
-    outputs=("rollouts.parquet", "trajectory.html"),
+    outputs=("rollouts.parquet",),
     metrics=("response_length", "tokens_per_s", "forward_per_token", "block_size",
              "max_tokens", "level"),
     loop="iteration",
@@ -137,7 +137,7 @@ declare(StageSpec(
     # and in which dtype the judge runs
     reads=("reward", "model.init", "model.dtype", "run.device"),
     inputs=("data", "rollout"),
-    outputs=("scored.parquet",),
+    outputs=("scored.parquet", "trajectory.html"),
     metrics=("accuracy", "mean_reward", "kept_responses"),
     loop="iteration",
 ))
@@ -194,6 +194,9 @@ class DvcPart:
         prefect: run it as a Prefect flow (else ``--no-prefect``).
         persist: keep its output between runs (DVC ``persist``): resumable loops.
         orchestration: the flow's own code is a dependency (it decides what runs).
+        headline: it writes ``metrics/headline.json``, the run's result in a few numbers:
+            the one DVC metrics file (every part's full ``metrics/<part>.json`` is a plain
+            output, so ``dvc metrics show`` / ``dvc exp show`` stay a few columns wide).
     """
 
     stages: tuple[str, ...]
@@ -202,6 +205,7 @@ class DvcPart:
     prefect: bool = False
     persist: bool = False
     orchestration: bool = False
+    headline: bool = False
 
 
 DVC_PARTS: dict[str, DvcPart] = {
@@ -212,7 +216,7 @@ DVC_PARTS: dict[str, DvcPart] = {
                   flow_reads=("run.iterations", "run.eval_every"), prefect=True,
                   persist=True, orchestration=True),
     "evaluate": DvcPart(("evaluate",), upstream=("prepare", "rl"),
-                        flow_reads=("run.iterations",)),
+                        flow_reads=("run.iterations",), headline=True),
 }
 
 # learning curves (`dvc plots show`): plot name -> keys `<stage>.<metric>` of rl_curves.json
@@ -222,7 +226,12 @@ PLOTS: dict[str, tuple[str, ...]] = {
     "rl_value": ("value.value_loss", "value.value_mean"),
     "rl_rollout": ("rollout.response_length", "rollout.tokens_per_s"),
     "rl_seconds": ("rollout.seconds", "reward.seconds", "policy.seconds"),
-    "rl_eval": ("evaluate.accuracy",),
+    "rl_curriculum": ("curriculum.level", "curriculum.pass_rate"),
+}
+# held-out accuracy per evaluation (plots/eval_curve.json, written by the evaluate part;
+# x = RL iterations done: 0 is the SFT baseline): plot name -> evaluate stage metrics
+EVAL_PLOTS: dict[str, tuple[str, ...]] = {
+    "heldout_accuracy": ("accuracy",),
 }
 
 
@@ -253,6 +262,9 @@ def problems() -> list[str]:
         for u in p.upstream:
             if u not in DVC_PARTS:
                 out.append(f"dvc part {part}: unknown upstream part {u!r}")
+    for plot, keys in EVAL_PLOTS.items():
+        out += [f"plot {plot}: {k!r} is not a declared metric of stage evaluate"
+                for k in keys if k not in STAGES.get("evaluate").metrics]
     for plot, keys in PLOTS.items():
         for k in keys:
             stage, _, metric = k.partition(".")
