@@ -40,7 +40,9 @@ from typing import Any
 
 from tracerl.pipeline.artifacts import MANIFEST, METRICS, is_complete, read_manifest, read_metrics
 from tracerl.pipeline.layout import (
+    DAMAGED,
     SECONDS_FIELD,
+    UNREADABLE,
     RunLayout,
     StageCall,
     not_done_reason,
@@ -299,7 +301,9 @@ class Orchestrator:
         import yaml
 
         frozen = self.layout.frozen_params
-        if frozen.is_file() and self.params_path.resolve() != frozen.resolve():
+        if self.params_path.resolve() == frozen.resolve():  # launched from the record
+            return frozen
+        if frozen.is_file():
             before = flatten_params(yaml.safe_load(frozen.read_text()) or {})
             now = flatten_params(self.params_dict)
             changed = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}"
@@ -308,14 +312,13 @@ class Orchestrator:
                 print(f"[tracerl] params differ from the last launch of {self.layout.root.name}"
                       f" (the stages that read them run again): {'; '.join(changed)}",
                       flush=True)
-        if self.params_path.resolve() != frozen.resolve():
-            frozen.parent.mkdir(parents=True, exist_ok=True)
-            tmp = frozen.with_name(f".{frozen.name}.tmp")
-            tmp.write_text("# the params this run was launched with (written by the flow; "
-                           "every stage reads this file)\n"
-                           + yaml.safe_dump(self.params_dict, sort_keys=False))
-            os.replace(tmp, frozen)
-            self.params_path = frozen
+        frozen.parent.mkdir(parents=True, exist_ok=True)
+        tmp = frozen.with_name(f".{frozen.name}.tmp")
+        tmp.write_text("# the params this run was launched with (written by the flow; "
+                       "every stage reads this file)\n"
+                       + yaml.safe_dump(self.params_dict, sort_keys=False))
+        os.replace(tmp, frozen)
+        self.params_path = frozen
         return frozen
 
     def _close_zombies(self, parent_id: str) -> None:
@@ -342,7 +345,7 @@ class Orchestrator:
         if reason is None:
             reason = f"its input {stale_input} was written again"
         # say why a finished output is redone (not a fresh stage whose input is new)
-        if reason.startswith(("output damaged", "unreadable", "its input")):
+        if stale_input is not None or reason.startswith((DAMAGED, UNREADABLE)):
             log.warning("%s runs again: %s", call.label, reason)
             print(f"[tracerl] {call.label} runs again: {reason}", flush=True)
         _clean_temp(call.out)
@@ -477,7 +480,7 @@ class Orchestrator:
 
     def _registered(self) -> dict[str, Any] | None:
         """The model version registered under the current parent run, if any."""
-        marker = self.layout.root / "registered.json"
+        marker = self.layout.registered
         if marker.is_file():
             rec = json.loads(marker.read_text())
             if rec.get("parent_run_id") == self.parent_run_id:
@@ -513,6 +516,6 @@ class Orchestrator:
             folder, name, tags=tags,
             description=self._about_final())
         self.tracker.set_tags({"tracerl.registered_model": f"{name}/{version}"})
-        _write_json(self.layout.root / "registered.json",
+        _write_json(self.layout.registered,
                     {"parent_run_id": self.parent_run_id, "name": name, "version": version})
         return version

@@ -44,13 +44,14 @@ from pathlib import Path
 from typing import Any
 
 from tracerl.pipeline.artifacts import MANIFEST, is_complete, read_manifest, verify_outputs
-from tracerl.pipeline.registry import ITERATION_STAGES, STAGES
+from tracerl.pipeline.registry import STAGES
 
 VIEWER_STAGE, VIEWER_FILE = "reward", "trajectory.html"  # the trajectory viewer's page
 KEY_FIELD = "tracerl_key"  # manifest field stamped by the orchestrator
 SECONDS_FIELD = "tracerl_wall_seconds"  # the runner's wall time of the call, stamped too
-__all__ = ["ITERATION_STAGES", "KEY_FIELD", "Planner", "RunLayout", "StageCall", "is_done",
-           "plan_all", "params_read", "stage_key", "stamp_key"]
+# not_done_reason's words for a finished output that can no longer be trusted (the
+# orchestrator says so when it redoes one; a fresh or re-planned stage needs no notice)
+DAMAGED, UNREADABLE = "output damaged", "unreadable manifest"
 
 
 @dataclass(frozen=True)
@@ -168,6 +169,11 @@ class RunLayout:
     def tracking(self) -> Path:
         return self.root / "tracking.json"
 
+    @property
+    def registered(self) -> Path:
+        """The model version registered for the run's parent run (the registry's record)."""
+        return self.root / "registered.json"
+
     def latest_viewer(self) -> tuple[int, Path] | None:
         """``(i, page)``: the trajectory viewer of the latest finished iteration ``i``
         (iterations in numeric order: ``iter_10`` comes after ``iter_9``), or None."""
@@ -222,12 +228,12 @@ def not_done_reason(call: StageCall) -> str | None:
     try:
         key = read_manifest(call.out).get(KEY_FIELD)
     except (OSError, ValueError) as e:
-        return f"unreadable manifest ({e})"
+        return f"{UNREADABLE} ({e})"
     if key != call.key:
         return "its params or inputs changed" if key else "not stamped by the orchestrator"
     damaged = verify_outputs(call.out)
     if damaged:
-        return "output damaged: " + "; ".join(damaged)
+        return f"{DAMAGED}: " + "; ".join(damaged)
     return None
 
 
