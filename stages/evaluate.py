@@ -8,6 +8,8 @@ size, steps and budget of ``model``/``rollout`` (or the curriculum's schedule at
 iteration). Writes ``eval.json`` (every score next to its full decoding config),
 ``samples_<benchmark>_<strategy>.parquet`` (scored responses) and metrics: ``accuracy``
 (held-out avg@k of the first strategy, the headline) and ``<benchmark>.<strategy>.<metric>``.
+Each size of ``evaluate.block_sizes`` other than the one in force adds
+``<benchmark>.b<size>.<strategy>.<metric>`` (and ``samples_<benchmark>_b<size>_<strategy>``).
 A task whose prompt does not fit the model's context with the budget is skipped and
 counted by task id (``<benchmark>.skipped_too_long``, ``skipped_<benchmark>.jsonl``);
 past ``data.max_skip_fraction`` of a benchmark the stage fails.
@@ -80,19 +82,27 @@ def main(argv: list[str] | None = None) -> int:
         for name, tasks in suites.items():
             o.metrics.update(skipped[name].metrics(f"{name}."))
             skipped[name].write(o.dir / f"skipped_{name}.jsonl")
-            for strategy in e.strategies:
-                cfg = sampling_config(p, dec, strategy=strategy, temperature=e.temperature,
-                                      top_k=e.top_k, top_p=e.top_p)
-                res, scored = evaluate_tasks(
-                    model, tok, tasks, cfg, k=e.responses_per_task, pass_ks=e.pass_k,
-                    score=lambda f, t=tasks: score(f, t), seed=p.run.seed, policy_id=pid)
-                results.setdefault(name, {})[strategy] = res
-                write_parquet(scored, o.dir / f"samples_{name}_{strategy}.parquet", "scored")
-                for key, val in res.items():
-                    if isinstance(val, (int, float)):
-                        o.metrics[f"{name}.{strategy}.{key}"] = float(val)
-                print(f"evaluate[{name}/{strategy}]: avg@{e.responses_per_task} "
-                      f"{res['accuracy']:.3f} over {int(res['tasks'])} tasks")
+            # the block in force first (its keys carry no block tag), then the extra sizes
+            for b in [None, *(x for x in e.block_sizes if x != dec.schedule.block_size)]:
+                tag = "" if b is None else f"b{b}"
+                shape = {} if b is None else {"block_size": b,
+                                              "steps_per_block": min(p.rollout.steps_per_block, b)}
+                for strategy in e.strategies:
+                    cfg = sampling_config(p, dec, strategy=strategy, temperature=e.temperature,
+                                          top_k=e.top_k, top_p=e.top_p, **shape)
+                    res, scored = evaluate_tasks(
+                        model, tok, tasks, cfg, k=e.responses_per_task, pass_ks=e.pass_k,
+                        score=lambda f, t=tasks: score(f, t), seed=p.run.seed, policy_id=pid)
+                    key = ".".join(filter(None, [tag, strategy]))
+                    results.setdefault(name, {})[key] = res
+                    write_parquet(scored, o.dir / f"samples_{name}_{key.replace('.', '_')}.parquet",
+                                  "scored")
+                    for k_, val in res.items():
+                        if isinstance(val, (int, float)):
+                            o.metrics[f"{name}.{key}.{k_}"] = float(val)
+                    print(f"evaluate[{name}/{key}]: avg@{e.responses_per_task} "
+                          f"{res['accuracy']:.3f} over {int(res['tasks'])} tasks, "
+                          f"{res['forward_per_token']:.2f} forwards/token")
         first = next(iter(results))
         o.metrics["accuracy"] = results[first][e.strategies[0]]["accuracy"]
         (o.dir / "eval.json").write_text(json.dumps(

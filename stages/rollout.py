@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # 4. Write rollouts.parquet and metrics.
     df = trajectories_to_frame(trajs, task_ids, list(range(k)) * len(rendered),
-                               weights_digest(model), tok)
+                               weights_digest(model), tok,
+                               train_block_size=dec.schedule.train_block_size or None)
     decoded = sum(len(t.response_ids) for t in trajs)
     with stage_output(args.out, stage="rollout") as o:
         write_parquet(df, o.dir / "rollouts.parquet", "rollout")
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             "finish_length": sum(t.finish_reason == "length" for t in trajs) / len(trajs),
             "seconds": seconds,
             "block_size": cfg.block_size,
+            "train_block_size": dec.schedule.train_block,
             "steps_per_block": cfg.steps_per_block,
             "max_tokens": cfg.max_tokens,
             "level": dec.level,

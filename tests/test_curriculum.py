@@ -152,3 +152,41 @@ def test_params_cross_checks():
     msg = str(e.value)
     assert "curriculum.start_level (7)" in msg
     assert "from iteration 3" in msg and "max_tokens 36" in msg and "block size 8" in msg
+
+
+def test_training_block_schedule_reference_and_tstar_manners():
+    """Reference manner: train at 8 on rollouts at 4 from iteration 2, then roll out at 8
+    from iteration 4 (the training block then equals the rollout's: recorded as 0)."""
+    kw = dict(block_size_schedule=[[4, 8]], train_block_size_schedule=[[2, 8]])
+    seen = [(d.schedule.block_size, d.schedule.train_block_size, d.schedule.train_block)
+            for d in (plan([results(("a", 2))] * (i + 1), level=1, **kw) for i in range(5))]
+    # decisions for iterations 1..5
+    assert seen == [(4, 0, 4), (4, 8, 8), (4, 8, 8), (8, 0, 8), (8, 0, 8)]
+    d = initial_decision(level=0, rule=RULE, policy="pass_rate_band", block_size=4,
+                         max_tokens=32, train_block_size_schedule=[[0, 8]])
+    assert (d.schedule.block_size, d.schedule.train_block) == (4, 8)
+    assert CurriculumDecision.from_dict(d.to_dict()) == d
+    # an old decision.json without the key still loads (train at the rollout's block)
+    old = d.to_dict()
+    del old["schedule"]["train_block_size"]
+    assert CurriculumDecision.from_dict(old).schedule.train_block == 4
+
+
+def test_training_block_must_hold_whole_rollout_blocks():
+    with pytest.raises(ConfigError) as e:
+        params_from_dict({"curriculum": {"block_size_schedule": [[3, 8]],
+                                         "train_block_size_schedule": [[0, 6], [2, 8]],
+                                         "max_tokens_schedule": [[0, 48]]}})
+    msg = str(e.value)
+    # iteration 0: 6 over rollout blocks of 4; iterations 2..: fine (8 over 4, then 8 over 8)
+    assert "from iteration 0 the training block size 6 is not a multiple of the rollout " \
+           "block size 4" in msg
+    assert "from iteration 2" not in msg and "from iteration 3" not in msg
+    assert params_from_dict({"curriculum": {"block_size_schedule": [[3, 8]],
+                                            "train_block_size_schedule": [[0, 8]],
+                                            "max_tokens_schedule": [[0, 48]]}})
+    with pytest.raises(ConfigError, match="training block size 8 is not a multiple of the "
+                                          "rollout block size 16"):
+        params_from_dict({"curriculum": {"block_size_schedule": [[3, 16]],
+                                         "train_block_size_schedule": [[0, 8]],
+                                         "max_tokens_schedule": [[0, 48]]}})

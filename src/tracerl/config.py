@@ -445,6 +445,9 @@ class CurriculumParams:
     # [[from_iteration, value], ...]; empty = model.block_size / rollout.max_tokens throughout
     block_size_schedule: list[list[int]] = field(default_factory=list)
     max_tokens_schedule: list[list[int]] = field(default_factory=list)
+    # the policy update's block size: a multiple of the rollout's block in force (empty =
+    # train at the block the trajectories were decoded with)
+    train_block_size_schedule: list[list[int]] = field(default_factory=list)
 
     def problems(self) -> list[str]:
         from tracerl.curriculum import schedule_problems
@@ -458,6 +461,8 @@ class CurriculumParams:
             p.append("curriculum.retire_above must be in (0, 1] or null")
         p += schedule_problems(self.block_size_schedule, "curriculum.block_size_schedule")
         p += schedule_problems(self.max_tokens_schedule, "curriculum.max_tokens_schedule")
+        p += schedule_problems(self.train_block_size_schedule,
+                               "curriculum.train_block_size_schedule")
         return p
 
     def cross_problems(self, params: Params) -> list[str]:
@@ -481,6 +486,15 @@ class CurriculumParams:
                     f"from iteration {it} the curriculum schedules give max_tokens {m}, not a "
                     f"multiple of block size {b}; fix curriculum.*_schedule"
                 )
+        sched = [self.block_size_schedule, self.train_block_size_schedule]
+        for it in sorted({0} | {int(e[0]) for s in sched for e in s if len(e) == 2}):
+            b = value_at(self.block_size_schedule, it, params.model.block_size)
+            t = value_at(self.train_block_size_schedule, it, b)
+            if b >= 1 and t >= 1 and t % b:
+                p.append(
+                    f"from iteration {it} the training block size {t} is not a multiple of the "
+                    f"rollout block size {b}: a training block must hold whole rollout blocks; "
+                    "fix curriculum.train_block_size_schedule (or block_size_schedule)")
         return p
 
 
@@ -506,9 +520,14 @@ class EvaluateParams:
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0
     top_p: float = 1.0
+    # more block sizes to decode the benchmarks at, besides the one in force (block-size
+    # adaptation: how the model does at larger blocks); [] = only the one in force
+    block_sizes: list[int] = field(default_factory=list)
 
     def problems(self) -> list[str]:
         p = []
+        if any(b < 1 for b in self.block_sizes) or len(set(self.block_sizes)) < len(self.block_sizes):
+            p.append(f"evaluate.block_sizes {self.block_sizes} must be distinct sizes >= 1")
         if self.responses_per_task < 1:
             p.append("evaluate.responses_per_task must be >= 1")
         if self.heldout_size < 1:
@@ -571,6 +590,18 @@ class Params:
                 f"({b}) leaves static steps that unmask nothing; use steps_per_block <= block_size"
             )
         p.extend(self.curriculum.cross_problems(self))
+        from tracerl.limits import run_budgets
+
+        c = self.curriculum
+        budgets = run_budgets(b, self.rollout.max_tokens, c.block_size_schedule,
+                              c.max_tokens_schedule) if b >= 1 else []
+        for b in self.evaluate.block_sizes:
+            for _, m in budgets:
+                if b >= 1 and m % b:
+                    p.append(f"evaluate.block_sizes: {b} does not divide the token budget {m} "
+                             "(rollout.max_tokens or a max_tokens_schedule value); decoding "
+                             "runs whole blocks: use a divisor of every budget")
+                    break
         p.extend(self._context_problems())
         return p
 

@@ -93,10 +93,23 @@ class CurriculumRule:
 
 @dataclass(frozen=True)
 class Schedule:
-    """Decoding/training shape for one iteration."""
+    """Decoding/training shape for one iteration.
+
+    ``train_block_size`` is the block size the policy update trains this iteration's
+    trajectories at: 0 = the block size they were decoded with; a multiple ``m * b``
+    adapts the model to larger blocks the way the reference's configuration allows
+    (``training.block_size = 2b`` over rollouts at ``b``: each training block holds ``m``
+    rollout blocks, trained in their global decode order; ``tracerl_reference.md`` 8).
+    """
 
     block_size: int
     max_tokens: int
+    train_block_size: int = 0
+
+    @property
+    def train_block(self) -> int:
+        """The training block size in force (``train_block_size`` or ``block_size``)."""
+        return self.train_block_size or self.block_size
 
 
 @dataclass(frozen=True)
@@ -149,6 +162,22 @@ def value_at(schedule: Sequence[Sequence[int]], iteration: int, default: int) ->
         if start <= iteration:
             value = v
     return value
+
+
+def schedule_at(iteration: int, *, block_size: int, max_tokens: int,
+                block_size_schedule: Sequence[Sequence[int]] = (),
+                max_tokens_schedule: Sequence[Sequence[int]] = (),
+                train_block_size_schedule: Sequence[Sequence[int]] = ()) -> Schedule:
+    """The :class:`Schedule` in force at ``iteration`` (defaults before a schedule starts).
+
+    >>> schedule_at(3, block_size=4, max_tokens=40, block_size_schedule=[[5, 8]],
+    ...             train_block_size_schedule=[[2, 8]])
+    Schedule(block_size=4, max_tokens=40, train_block_size=8)
+    """
+    b = value_at(block_size_schedule, iteration, block_size)
+    train = value_at(train_block_size_schedule, iteration, 0)
+    return Schedule(block_size=b, max_tokens=value_at(max_tokens_schedule, iteration, max_tokens),
+                    train_block_size=0 if train == b else train)
 
 
 def schedule_problems(schedule: Sequence[Sequence[int]], name: str) -> list[str]:
@@ -260,6 +289,7 @@ def plan_next(
     max_tokens: int,
     block_size_schedule: Sequence[Sequence[int]] = (),
     max_tokens_schedule: Sequence[Sequence[int]] = (),
+    train_block_size_schedule: Sequence[Sequence[int]] = (),
     exclude: Sequence[str] = (),
 ) -> CurriculumDecision:
     """Decide the pool and schedule of iteration ``iteration + 1``.
@@ -273,7 +303,9 @@ def plan_next(
         rule: thresholds and bounds.
         block_size, max_tokens: defaults (``model.block_size``, ``rollout.max_tokens``)
             that the schedules override from their first entry on.
-        block_size_schedule, max_tokens_schedule: ``[[from_iteration, value], ...]``.
+        block_size_schedule, max_tokens_schedule, train_block_size_schedule:
+            ``[[from_iteration, value], ...]`` (the training block defaults to the
+            rollout's).
         exclude: task ids already retired; new retirements are added to them.
 
     Returns:
@@ -287,10 +319,10 @@ def plan_next(
     )
     levels = pool_levels(policy, new_level, rule)
     nxt = iteration + 1
-    schedule = Schedule(
-        block_size=value_at(block_size_schedule, nxt, block_size),
-        max_tokens=value_at(max_tokens_schedule, nxt, max_tokens),
-    )
+    schedule = schedule_at(nxt, block_size=block_size, max_tokens=max_tokens,
+                           block_size_schedule=block_size_schedule,
+                           max_tokens_schedule=max_tokens_schedule,
+                           train_block_size_schedule=train_block_size_schedule)
     retired = set(exclude) | set(retired_tasks(history, rule.window, rule.retire_above))
     return CurriculumDecision(
         iteration=nxt,
@@ -312,6 +344,7 @@ def initial_decision(
     max_tokens: int,
     block_size_schedule: Sequence[Sequence[int]] = (),
     max_tokens_schedule: Sequence[Sequence[int]] = (),
+    train_block_size_schedule: Sequence[Sequence[int]] = (),
 ) -> CurriculumDecision:
     """The decision iteration 0 samples with (before any results exist)."""
     POLICIES.get(policy)
@@ -321,10 +354,10 @@ def initial_decision(
         level=level,
         levels=levels,
         exclude=(),
-        schedule=Schedule(
-            block_size=value_at(block_size_schedule, 0, block_size),
-            max_tokens=value_at(max_tokens_schedule, 0, max_tokens),
-        ),
+        schedule=schedule_at(0, block_size=block_size, max_tokens=max_tokens,
+                             block_size_schedule=block_size_schedule,
+                             max_tokens_schedule=max_tokens_schedule,
+                             train_block_size_schedule=train_block_size_schedule),
         pass_rate=None,
         reason="initial",
     )

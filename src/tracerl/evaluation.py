@@ -52,6 +52,10 @@ def summarize(scored: pl.DataFrame, pass_ks: Sequence[int]) -> dict[str, float]:
         "responses": float(scored.height),
         "mean_response_tokens": float(scored["response_len"].mean() or 0.0),
         "length_cut_fraction": float((scored["finish_reason"] == "length").mean() or 0.0),
+        # forward passes per response token (through EOS): what larger blocks and dynamic
+        # decoding save; block-tail positions after EOS are not counted as output
+        "forward_per_token": float(scored["num_forward"].sum()
+                                   / max(int(scored["response_len"].sum()), 1)),
     }
     for k in pass_ks:
         vals = [pass_at_k(int(n), int(c), k) for n, c in per_task.select("n", "c").iter_rows()]

@@ -66,7 +66,8 @@ def schedule_shape(p: Params) -> dict:
     c = p.curriculum
     return dict(block_size=p.model.block_size, max_tokens=p.rollout.max_tokens,
                 block_size_schedule=c.block_size_schedule,
-                max_tokens_schedule=c.max_tokens_schedule)
+                max_tokens_schedule=c.max_tokens_schedule,
+                train_block_size_schedule=c.train_block_size_schedule)
 
 
 def curriculum_decision(p: Params, folder: Path | None) -> CurriculumDecision:
