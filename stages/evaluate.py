@@ -5,7 +5,7 @@
 
 Reads ``params.evaluate`` (benchmarks, k, pass@k, strategies, temperature) with the block
 size, steps and budget of ``model``/``rollout`` (or the curriculum's schedule at this
-iteration). Writes ``eval.json`` (every score next to its full decoding config),
+iteration; ``evaluate.max_tokens`` fixes the budget). Writes ``eval.json`` (every score next to its full decoding config),
 ``samples_<benchmark>_<strategy>.parquet`` (scored responses) and metrics: ``accuracy``
 (held-out avg@k of the first strategy, the headline) and ``<benchmark>.<strategy>.<metric>``.
 Each size of ``evaluate.block_sizes`` other than the one in force adds
@@ -28,7 +28,7 @@ from tracerl.data import (
     tasks_from_frame,
 )
 from tracerl.data.skips import Skipped, skip_too_long
-from tracerl.evaluation import evaluate_tasks
+from tracerl.evaluation import accuracy_by_level, evaluate_tasks
 from tracerl.models import weights_digest
 from tracerl.pipeline.artifacts import stage_output
 from tracerl.pipeline.resolve import curriculum_decision, policy_from_params, sampling_config
@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         return scored
 
     # tasks whose prompt does not fit the model's context are skipped and counted by id
-    budget = [(dec.schedule.block_size, dec.schedule.max_tokens)]
+    max_tokens = e.max_tokens or dec.schedule.max_tokens  # a fixed budget when set
+    budget = [(b, max_tokens) for b in [dec.schedule.block_size, *e.block_sizes]]
     context = getattr(model.config, "max_position_embeddings", None)
     skipped = {}
     for name, tasks in suites.items():
@@ -89,10 +90,12 @@ def main(argv: list[str] | None = None) -> int:
                                               "steps_per_block": min(p.rollout.steps_per_block, b)}
                 for strategy in e.strategies:
                     cfg = sampling_config(p, dec, strategy=strategy, temperature=e.temperature,
-                                          top_k=e.top_k, top_p=e.top_p, **shape)
+                                          top_k=e.top_k, top_p=e.top_p, max_tokens=max_tokens,
+                                          **shape)
                     res, scored = evaluate_tasks(
                         model, tok, tasks, cfg, k=e.responses_per_task, pass_ks=e.pass_k,
                         score=lambda f, t=tasks: score(f, t), seed=p.run.seed, policy_id=pid)
+                    res.update(accuracy_by_level(scored, tasks))
                     key = ".".join(filter(None, [tag, strategy]))
                     results.setdefault(name, {})[key] = res
                     write_parquet(scored, o.dir / f"samples_{name}_{key.replace('.', '_')}.parquet",

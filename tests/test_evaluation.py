@@ -56,6 +56,15 @@ def test_evaluate_stage_records_decoding_config(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["accuracy"] == ev["low_confidence_static"]["accuracy"]
     assert "heldout.low_confidence_dynamic.pass@2" in metrics
+    # accuracy per difficulty level: the levels of the scored tasks, weighted back to the total
+    held = pl.read_parquet(prep / "heldout.parquet").head(3)
+    samples = pl.read_parquet(out / "samples_heldout_low_confidence_static.parquet").join(
+        held.select("task_id", "difficulty"), on="task_id")
+    res = ev["low_confidence_static"]
+    by_level = {f"level{d}_accuracy": g["correct"].mean()
+                for (d,), g in samples.group_by("difficulty")}
+    assert {k: res[k] for k in res if k.startswith("level")} == pytest.approx(by_level)
+    assert metrics.keys() >= {f"heldout.low_confidence_static.{k}" for k in by_level}
 
 
 def test_evaluate_stage_skips_an_overlong_prompt_by_task_id(tmp_path):
@@ -125,6 +134,13 @@ def test_evaluate_stage_at_extra_block_sizes(tmp_path):
 def test_evaluate_block_sizes_are_checked_at_load(tmp_path):
     from tracerl.config import ConfigError, load_params
 
-    with pytest.raises(ConfigError, match=r"evaluate.block_sizes: 16 does not divide the token "
-                                          r"budget 40"):
+    with pytest.raises(ConfigError, match=r"evaluate: the token budget 40 is not a multiple of "
+                                          r"block size 16"):
         load_params(params_file(tmp_path / "p.yaml", evaluate={"block_sizes": [8, 16]}))
+    # a fixed evaluation budget must suit the rollout's block too
+    with pytest.raises(ConfigError, match=r"the token budget 44 is not a multiple of block "
+                                          r"size 8"):
+        load_params(params_file(tmp_path / "p.yaml", evaluate={"block_sizes": [8],
+                                                               "max_tokens": 44}))
+    assert load_params(params_file(tmp_path / "p.yaml", evaluate={"block_sizes": [8, 16],
+                                                                  "max_tokens": 48}))

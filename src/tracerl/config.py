@@ -442,12 +442,18 @@ class CurriculumParams:
     start_level: int = 0  # difficulty level of iteration 0, within data.[min,max]_difficulty
     cumulative: bool = True  # pool = levels min..current (moves on the current level's rate)
     retire_above: float | None = None  # drop tasks whose pass rate >= this (null = keep all)
+    # level up after this many decisions in a row inside the band (null = only above
+    # raise_above): a plateau just under raise_above no longer holds the run at one level
+    patience: int | None = None
     # [[from_iteration, value], ...]; empty = model.block_size / rollout.max_tokens throughout
     block_size_schedule: list[list[int]] = field(default_factory=list)
     max_tokens_schedule: list[list[int]] = field(default_factory=list)
     # the policy update's block size: a multiple of the rollout's block in force (empty =
     # train at the block the trajectories were decoded with)
     train_block_size_schedule: list[list[int]] = field(default_factory=list)
+    # token budget by difficulty level: [[level, max_tokens], ...]; the pool's top level
+    # picks the last entry at or below it (never below the max_tokens schedule's value)
+    max_tokens_by_level: list[list[int]] = field(default_factory=list)
 
     def problems(self) -> list[str]:
         from tracerl.curriculum import schedule_problems
@@ -457,12 +463,16 @@ class CurriculumParams:
             p.append("curriculum.lower_below must be < curriculum.raise_above, both in [0, 1]")
         if self.window < 1 or self.step < 1:
             p.append("curriculum.window and curriculum.step must be >= 1")
+        if self.patience is not None and self.patience < 1:
+            p.append(f"curriculum.patience must be >= 1 or null, got {self.patience}")
         if self.retire_above is not None and not 0 < self.retire_above <= 1:
             p.append("curriculum.retire_above must be in (0, 1] or null")
         p += schedule_problems(self.block_size_schedule, "curriculum.block_size_schedule")
         p += schedule_problems(self.max_tokens_schedule, "curriculum.max_tokens_schedule")
         p += schedule_problems(self.train_block_size_schedule,
                                "curriculum.train_block_size_schedule")
+        p += schedule_problems(self.max_tokens_by_level, "curriculum.max_tokens_by_level",
+                               "level")
         return p
 
     def cross_problems(self, params: Params) -> list[str]:
@@ -523,9 +533,15 @@ class EvaluateParams:
     # more block sizes to decode the benchmarks at, besides the one in force (block-size
     # adaptation: how the model does at larger blocks); [] = only the one in force
     block_sizes: list[int] = field(default_factory=list)
+    # token budget of every evaluation (0 = the one in force at the evaluated iteration);
+    # set it under a token-budget curriculum so the SFT and final scores are comparable
+    max_tokens: int = 0
 
     def problems(self) -> list[str]:
         p = []
+        if self.max_tokens < 0:
+            p.append(f"evaluate.max_tokens must be >= 0 (0 = the budget in force), got "
+                     f"{self.max_tokens}")
         if any(b < 1 for b in self.block_sizes) or len(set(self.block_sizes)) < len(self.block_sizes):
             p.append(f"evaluate.block_sizes {self.block_sizes} must be distinct sizes >= 1")
         if self.responses_per_task < 1:
@@ -590,36 +606,51 @@ class Params:
                 f"({b}) leaves static steps that unmask nothing; use steps_per_block <= block_size"
             )
         p.extend(self.curriculum.cross_problems(self))
+        if b >= 1:
+            p.extend(self._budget_problems())
+        p.extend(self._context_problems())
+        return p
+
+    def _budget_problems(self) -> list[str]:
+        """Decoding runs whole blocks: each budget must be a multiple of each block size it
+        is decoded with (budgets by level and evaluation's; the schedules are checked by
+        :meth:`CurriculumParams.cross_problems`)."""
         from tracerl.limits import run_budgets
 
-        c = self.curriculum
-        budgets = run_budgets(b, self.rollout.max_tokens, c.block_size_schedule,
-                              c.max_tokens_schedule) if b >= 1 else []
-        for b in self.evaluate.block_sizes:
-            for _, m in budgets:
-                if b >= 1 and m % b:
-                    p.append(f"evaluate.block_sizes: {b} does not divide the token budget {m} "
-                             "(rollout.max_tokens or a max_tokens_schedule value); decoding "
-                             "runs whole blocks: use a divisor of every budget")
-                    break
-        p.extend(self._context_problems())
+        c, e, p = self.curriculum, self.evaluate, []
+        sched = run_budgets(self.model.block_size, self.rollout.max_tokens,
+                            c.block_size_schedule, c.max_tokens_schedule)
+        blocks = list(dict.fromkeys(b for b, _ in sched))
+        for level, m in (x for x in c.max_tokens_by_level if len(x) == 2):
+            bad = [b for b in blocks if b >= 1 and m % b]
+            if bad:
+                p.append(f"curriculum.max_tokens_by_level: level {level}'s budget {m} is not a "
+                         f"multiple of the rollout block size {bad[0]}; use a multiple of "
+                         f"{', '.join(map(str, blocks))}")
+        evals = [e.max_tokens] if e.max_tokens else list(dict.fromkeys(
+            [m for _, m in sched] + [m for _, m in (x for x in c.max_tokens_by_level if len(x) == 2)]))
+        for b in [*blocks, *e.block_sizes] if e.max_tokens else e.block_sizes:
+            bad = [m for m in evals if b >= 1 and m % b]
+            if bad:
+                p.append(f"evaluate: the token budget {bad[0]} is not a multiple of block size "
+                         f"{b}; decoding runs whole blocks: set evaluate.max_tokens (or the "
+                         "rollout budgets) to a multiple of every evaluated block size")
         return p
 
     def _context_problems(self) -> list[str]:
         """The embedded default's context must hold the generator's longest prompt plus
         every budget of the run (task files and real checkpoints: the prepare stage)."""
         from tracerl.data.sources import longest_prompt
-        from tracerl.limits import default_prompt_tokens, longest_canvas, run_budgets
+        from tracerl.limits import default_prompt_tokens, longest_canvas
 
-        m, d, c = self.model, self.data, self.curriculum
+        m, d = self.model, self.data
         levels = list(range(d.min_difficulty, d.max_difficulty + 1))
         if m.init != "tiny" or not levels or m.block_size < 1 or d._source_problems():
             return []
         text = longest_prompt(d.generator, levels)
         if text is None:
             return []
-        budgets = run_budgets(m.block_size, self.rollout.max_tokens, c.block_size_schedule,
-                              c.max_tokens_schedule)
+        budgets = decoding_budgets(self)
         need = longest_canvas(default_prompt_tokens(text), budgets)
         if need <= m.max_position_embeddings:
             return []
@@ -627,10 +658,33 @@ class Params:
                 f"the longest prompt needs: {text!r} is {default_prompt_tokens(text)} tokens, "
                 f"and with the run's budgets (block size, max_tokens) {budgets} decoding needs "
                 f"{need} positions; raise model.max_position_embeddings to >= {need} or lower "
-                "rollout.max_tokens (and curriculum.max_tokens_schedule)"]
+                "rollout.max_tokens (and curriculum.max_tokens_schedule / max_tokens_by_level, "
+                "evaluate.max_tokens)"]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def decoding_budgets(p: Params) -> list[tuple[int, int]]:
+    """Every ``(block_size, max_tokens)`` a run decodes with: rollouts (the block and
+    token schedules, the budgets by level) and evaluation (its block sizes and budget).
+    A function of the params (not a method) so that a stage's guarded params record
+    what it reads.
+
+    >>> decoding_budgets(params_from_dict({"curriculum": {"max_tokens_by_level": [[2, 80]]},
+    ...                  "evaluate": {"block_sizes": [8], "max_tokens": 80}}))
+    [(4, 40), (4, 80), (8, 80)]
+    """
+    from tracerl.limits import run_budgets
+
+    c, e = p.curriculum, p.evaluate
+    out = run_budgets(p.model.block_size, p.rollout.max_tokens,
+                      c.block_size_schedule, c.max_tokens_schedule)
+    blocks = list(dict.fromkeys(b for b, _ in out))
+    out += [(b, m) for b in blocks for _, m in c.max_tokens_by_level]
+    evals = [e.max_tokens] if e.max_tokens else list(dict.fromkeys(m for _, m in out))
+    out += [(b, m) for b in [*blocks, *e.block_sizes] for m in evals]
+    return list(dict.fromkeys(out))
 
 
 # --------------------------------------------------------------------------- loading

@@ -63,6 +63,24 @@ def summarize(scored: pl.DataFrame, pass_ks: Sequence[int]) -> dict[str, float]:
     return out
 
 
+def accuracy_by_level(scored: pl.DataFrame, tasks: Sequence[TaskRecord]) -> dict[str, float]:
+    """avg@k per task difficulty level: ``{"level<d>_accuracy": ...}`` (levels >= 0 only).
+
+    >>> df = pl.DataFrame({"task_id": ["a", "a", "b"], "correct": [True, False, True]})
+    >>> accuracy_by_level(df, [TaskRecord("a", "p", "s", "1", difficulty=6),
+    ...                        TaskRecord("b", "q", "s", "2", difficulty=7)])
+    {'level6_accuracy': 0.5, 'level7_accuracy': 1.0}
+    """
+    level = {t.task_id: t.difficulty for t in tasks if t.difficulty is not None
+             and t.difficulty >= 0}
+    if not level or scored.height == 0:
+        return {}
+    df = scored.select("task_id", pl.col("correct").fill_null(False)).with_columns(
+        level=pl.col("task_id").replace_strict(level, default=-1, return_dtype=pl.Int64))
+    per = df.filter(pl.col("level") >= 0).group_by("level").agg(pl.col("correct").mean())
+    return {f"level{lv}_accuracy": float(acc) for lv, acc in sorted(per.iter_rows())}
+
+
 def evaluate_tasks(
     model,
     tokenizer,

@@ -58,7 +58,7 @@ def curriculum_rule(p: Params) -> CurriculumRule:
     return CurriculumRule(raise_above=c.raise_above, lower_below=c.lower_below, step=c.step,
                           min_level=p.data.min_difficulty, max_level=p.data.max_difficulty,
                           window=c.window, retire_above=c.retire_above if c.enabled else None,
-                          cumulative=c.cumulative)
+                          cumulative=c.cumulative, patience=c.patience)
 
 
 def schedule_shape(p: Params) -> dict:
@@ -67,7 +67,8 @@ def schedule_shape(p: Params) -> dict:
     return dict(block_size=p.model.block_size, max_tokens=p.rollout.max_tokens,
                 block_size_schedule=c.block_size_schedule,
                 max_tokens_schedule=c.max_tokens_schedule,
-                train_block_size_schedule=c.train_block_size_schedule)
+                train_block_size_schedule=c.train_block_size_schedule,
+                max_tokens_by_level=c.max_tokens_by_level)
 
 
 def curriculum_decision(p: Params, folder: Path | None) -> CurriculumDecision:
