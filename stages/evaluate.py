@@ -8,8 +8,9 @@ size, steps and budget of ``model``/``rollout`` (or the curriculum's schedule at
 iteration; ``evaluate.max_tokens`` fixes the budget). Writes ``eval.json`` (every score next to its full decoding config),
 ``samples_<benchmark>_<strategy>.parquet`` (scored responses) and metrics: ``accuracy``
 (held-out avg@k of the first strategy, the headline) and ``<benchmark>.<strategy>.<metric>``.
-Each size of ``evaluate.block_sizes`` other than the one in force adds
-``<benchmark>.b<size>.<strategy>.<metric>`` (and ``samples_<benchmark>_b<size>_<strategy>``).
+Each size of ``evaluate.block_sizes`` adds ``<benchmark>.b<size>.<strategy>.<metric>``
+(the one in force is not decoded twice: its scores are repeated under its tag) and, other
+than the one in force, ``samples_<benchmark>_b<size>_<strategy>.parquet``.
 A task whose prompt does not fit the model's context with the budget is skipped and
 counted by task id (``<benchmark>.skipped_too_long``, ``skipped_<benchmark>.jsonl``);
 past ``data.max_skip_fraction`` of a benchmark the stage fails.
@@ -100,9 +101,15 @@ def main(argv: list[str] | None = None) -> int:
                     results.setdefault(name, {})[key] = res
                     write_parquet(scored, o.dir / f"samples_{name}_{key.replace('.', '_')}.parquet",
                                   "scored")
+                    # a listed size that is the one in force: its scores under its tag too,
+                    # so every evaluation of a run has the same b<size> keys
+                    tags = [key] + ([f"b{dec.schedule.block_size}.{strategy}"]
+                                    if b is None and dec.schedule.block_size in e.block_sizes
+                                    else [])
                     for k_, val in res.items():
                         if isinstance(val, (int, float)):
-                            o.metrics[f"{name}.{key}.{k_}"] = float(val)
+                            for t in tags:
+                                o.metrics[f"{name}.{t}.{k_}"] = float(val)
                     print(f"evaluate[{name}/{key}]: avg@{e.responses_per_task} "
                           f"{res['accuracy']:.3f} over {int(res['tasks'])} tasks, "
                           f"{res['forward_per_token']:.2f} forwards/token")

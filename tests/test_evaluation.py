@@ -121,6 +121,8 @@ def test_evaluate_stage_at_extra_block_sizes(tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     assert m["accuracy"] == ev["low_confidence_static"]["accuracy"]
     assert "heldout.b8.low_confidence_static.forward_per_token" in m
+    # block 4 is in force and listed: its scores under the b4 tag too (not decoded twice)
+    assert m["heldout.b4.low_confidence_static.accuracy"] == m["accuracy"]
     s4 = pl.read_parquet(out / "samples_heldout_low_confidence_static.parquet")
     s8 = pl.read_parquet(out / "samples_heldout_b8_low_confidence_static.parquet")
     assert (s8["block_size"] == 8).all() and (s4["block_size"] == 4).all()

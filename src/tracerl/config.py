@@ -600,11 +600,14 @@ class Params:
                 f"rollout.max_tokens ({self.rollout.max_tokens}) must be a multiple of "
                 f"model.block_size ({b}); e.g. set it to {max(b, self.rollout.max_tokens // b * b)}"
             )
-        if self.rollout.strategy == "low_confidence_static" and self.rollout.steps_per_block > b:
+        # steps per block are capped at the block in force: more than the largest block the
+        # run decodes with (schedules, evaluate.block_sizes) can never apply
+        largest = max([b, *(x for x, _ in decoding_budgets(self))]) if b >= 1 else b
+        if self.rollout.strategy == "low_confidence_static" and self.rollout.steps_per_block > largest:
             p.append(
-                f"rollout.steps_per_block ({self.rollout.steps_per_block}) > model.block_size "
-                f"({b}) leaves static steps that unmask nothing; use steps_per_block <= block_size"
-            )
+                f"rollout.steps_per_block ({self.rollout.steps_per_block}) > the largest block "
+                f"size the run decodes with ({largest}) leaves static steps that unmask "
+                "nothing; use steps_per_block <= block_size")
         p.extend(self.curriculum.cross_problems(self))
         if b >= 1:
             p.extend(self._budget_problems())
