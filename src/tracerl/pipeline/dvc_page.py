@@ -15,8 +15,10 @@ page ``dvc plots show`` writes is one self-contained file that draws offline.
 
 The page wraps ``vegaEmbed`` so every plot renders as SVG (vector output, marks in the
 DOM: a headless browser can check that each plot drew, tests/test_dvc_page_browser.py),
-leaves out the actions that need the internet (Vega Editor), and writes the error into
-the plot's ``<div>`` when a spec fails instead of leaving it blank.
+leaves out the actions that need the internet (Vega Editor), and writes into the plot's
+``<div>`` why it is blank: the error when a spec fails, or "no data in this run" when
+dvc-render had none of the plot's fields (its spec is then ``{}``; e.g. ``rl_value``
+with ``policy.use_value: false``).
 
 :func:`install` writes the page to ``web/vega/page.html`` (not versioned: built from
 ``node_modules``) and points ``plots.html_template`` at it in ``.dvc/config.local``
@@ -49,18 +51,27 @@ _SOURCE_MAP = re.compile(r"\n?//# sourceMappingURL=\S*\s*$")
 WRAPPER = """\
 (function () {
   var embed = window.vegaEmbed;
+  function note(el, cls, text) {
+    var div = typeof el === "string" ? document.querySelector(el) : el;
+    if (div) {
+      var pre = document.createElement("pre");
+      pre.className = cls;
+      pre.textContent = text;
+      div.appendChild(pre);
+    }
+  }
   window.vegaEmbed = function (el, spec, opt) {
+    if (spec && typeof spec === "object" && Object.keys(spec).length === 0) {
+      // dvc-render's spec when none of the plot's y fields is in the data
+      note(el, "plot-empty", String(el).replace(/^#/, "") + ": no data in this run " +
+           "(dvc plots show printed which fields it did not find)");
+      return Promise.resolve(null);
+    }
     var o = Object.assign({renderer: "svg",
                            actions: {export: true, source: true, compiled: true,
                                      editor: false}}, opt || {});
     return embed(el, spec, o).catch(function (err) {
-      var div = typeof el === "string" ? document.querySelector(el) : el;
-      if (div) {
-        var pre = document.createElement("pre");
-        pre.className = "plot-error";
-        pre.textContent = "this plot failed to render: " + err;
-        div.appendChild(pre);
-      }
+      note(el, "plot-error", "this plot failed to render: " + err);
       throw err;
     });
   };
@@ -81,6 +92,7 @@ PAGE_HTML = """\
   main {{ display: flex; flex-wrap: wrap; gap: 16px; align-items: flex-start; }}
   main > div {{ border: 1px solid #ddd; padding: 6px; }}
   .plot-error {{ color: #b00; white-space: pre-wrap; max-width: 40em; }}
+  .plot-empty {{ color: #777; white-space: pre-wrap; max-width: 30em; }}
   table {{ border-spacing: 15px; }}
 </style>
 </head>

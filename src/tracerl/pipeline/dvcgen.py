@@ -171,16 +171,23 @@ def dvc_stages(root: Path = ROOT) -> dict:
 TEMPLATE = "iterations"  # .dvc/plots/iterations.json: DVC's `linear`, integer x axis
 
 
+# At most one x tick per iteration: Vega's ``tickMinStep`` alone only caps the tick count
+# at span + 1, and d3 then still picks a 0.5 step (domain 0..2, 3 ticks: 0, 0.5, ... drawn
+# "0 1 1 2 2" under format "d"); a count <= span makes d3's step >= 1, so whole numbers.
+X_TICKS = {"tickMinStep": 1, "format": "d",
+           "tickCount": {"expr": "min(ceil(width / 40), max(1, span(domain('x'))))"}}
+
+
 def iterations_template() -> dict:
     """DVC's ``linear`` Vega-Lite template with whole-number ticks on the x axis (RL
-    iterations: never 0.1, 0.2)."""
+    iterations: never 0.5, each label once), see :data:`X_TICKS`."""
     from dvc_render.vega_templates import LinearTemplate
 
     def walk(node):
         if isinstance(node, dict):
             out = {k: walk(v) for k, v in node.items()}
             if out.get("field") == "<DVC_METRIC_X>":
-                out["axis"] = {"tickMinStep": 1, "format": "d"}
+                out["axis"] = dict(X_TICKS)
             return out
         if isinstance(node, list):
             return [walk(v) for v in node]
