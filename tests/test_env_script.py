@@ -8,6 +8,7 @@ Runs the real scripts in a copy of the project layout whose ``.venv`` is a stand
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -116,8 +117,6 @@ def npm(project: Path, rc: int) -> None:
 
 
 def _source(project: Path, extra_env: dict | None = None) -> subprocess.CompletedProcess:
-    import os
-
     env = {"PATH": str(project / "tools"), "HOME": str(project), **(extra_env or {})}
     return subprocess.run([os.environ.get("BASH", shutil.which("bash")), "-c",
                            CHECK.format(options="set -u") + "echo alive\n"],
@@ -169,3 +168,17 @@ def test_a_failed_page_step_keeps_the_env_and_is_not_retried_on_every_source(veg
     r = _source(vega)
     assert "rc=0" in r.stdout and "failed earlier" in r.stderr
     assert len(_log(vega, "npm.log")) == 1  # no second download attempt
+
+
+def test_chromium_is_installed_only_on_request(vega):
+    apt = vega / "tools" / "apt-get"
+    apt.write_text(f'#!/bin/sh\necho "$@" >> "{vega}/apt.log"\nexit 0\n')
+    apt.chmod(0o755)
+    r = _source(vega)
+    assert "rc=0" in r.stdout and not _log(vega, "apt.log")  # not asked: nothing
+    r = _source(vega, {"TRACERL_INSTALL_CHROMIUM": "1"})
+    assert "rc=0" in r.stdout and "alive" in r.stdout
+    if os.geteuid() == 0:  # the stand-in apt-get "installs" it
+        assert _log(vega, "apt.log") == ["install -y --no-install-recommends chromium"]
+    else:
+        assert "install Chromium yourself" in r.stderr and not _log(vega, "apt.log")
