@@ -55,11 +55,12 @@ _tracerl_env() {
   _tracerl_chromium
 }
 
-# The offline page of `dvc plots show` (docs/pipeline.md, "dvc plots show offline"): DVC's
+# The offline page of `dvc plots show` (README, "Environment"): DVC's
 # default page loads Vega from a CDN and stays blank offline, so `npm ci` installs the
 # Vega packages pinned in web/vega (package-lock.json) and tracerl.pipeline.dvc_page
 # inlines them into web/vega/page.html, set as plots.html_template in .dvc/config.local.
-# Optional: it never fails the env. Fast when done: one hash of two files. Without npm,
+# Optional: it never fails the env. Fast when done: one hash of two files and a grep of
+# .dvc/config.local (re-set when that file lost the setting). Without npm,
 # DVC keeps its CDN page (`tracerl plots` draws offline either way).
 _tracerl_vega_page() {
   local dir="$TRACERL_ROOT/web/vega" want have
@@ -67,23 +68,25 @@ _tracerl_vega_page() {
   want="$(cat "$dir/package-lock.json" "$TRACERL_ROOT/src/tracerl/pipeline/dvc_page.py" \
     2>/dev/null | sha256sum | cut -c1-16)"
   have="$(cat "$dir/.stamp" 2>/dev/null)"
+  local npm_ci=1 retry="retry: rm web/vega/.stamp; source scripts/env.sh"
   if [ "$have" = "$want" ] && [ -f "$dir/page.html" ]; then
-    return 0
+    grep -qs 'web/vega/page.html' "$TRACERL_ROOT/.dvc/config.local" && return 0
+    npm_ci=0  # built, but DVC's local config lost the setting: set it again
   fi
-  local retry="retry: rm web/vega/.stamp; source scripts/env.sh"
   if [ "$have" = "failed $want" ]; then  # said once in full when it failed; no re-download
-    echo "[tracerl] offline dvc plots page not built (npm ci failed earlier; $retry)" >&2
+    echo "[tracerl] offline dvc plots page not built (npm ci or its build failed earlier; $retry)" >&2
     return 0
   fi
-  if ! command -v npm >/dev/null 2>&1; then
+  if [ "$npm_ci" = 1 ] && ! command -v npm >/dev/null 2>&1; then
     echo "[tracerl] npm not found: \`dvc plots show\` loads Vega from a CDN (blank offline)." \
       "For its offline page install Node.js with npm (Debian: apt-get install npm) and" \
       "source scripts/env.sh again; \`tracerl plots\` draws the curves offline meanwhile" >&2
     return 0
   fi
-  echo "[tracerl] installing Vega for the offline dvc plots page (npm ci in web/vega)"
-  if ! npm ci --prefix "$dir" --no-audit --no-fund --ignore-scripts --loglevel=error \
-       --fetch-retries=1 >/dev/null; then
+  [ "$npm_ci" = 1 ] && echo "[tracerl] installing Vega for the offline dvc plots page" \
+    "(npm ci in web/vega)"
+  if [ "$npm_ci" = 1 ] && ! npm ci --prefix "$dir" --no-audit --no-fund --ignore-scripts \
+       --loglevel=error --fetch-retries=1 >/dev/null; then
     echo "[tracerl] npm ci in web/vega failed (offline?): \`dvc plots show\` keeps" \
       "its CDN page; $retry" >&2
     echo "failed $want" > "$dir/.stamp"

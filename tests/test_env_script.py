@@ -86,7 +86,7 @@ def test_run_script_stops_at_a_failed_env_and_runs_when_it_is_ready(project):
 
 
 # ------------------------------------------------ the offline `dvc plots show` page step
-TOOLS = ("dirname", "cat", "sha256sum", "cut", "mkdir", "id", "diff")
+TOOLS = ("dirname", "cat", "sha256sum", "cut", "mkdir", "id", "diff", "grep")
 
 
 @pytest.fixture()
@@ -101,8 +101,10 @@ def vega(project):
     py = project / ".venv" / "bin" / "python"
     py.write_text(f'#!/bin/sh\necho "$@" >> "{project}/python.log"\n'
                   'case "$*" in *tracerl.pipeline.dvc_page*)\n'
-                  f'  [ -n "$FAKE_PAGE_OK" ] && {{ : > "{project}/web/vega/page.html"; exit 0; }}'
-                  '\nesac\nexit 3\n')
+                  f'  [ -n "$FAKE_PAGE_OK" ] && {{ : > "{project}/web/vega/page.html"\n'
+                  f'    echo "html_template = ../web/vega/page.html" > "{project}/.dvc/config.local"'
+                  '\n    exit 0; }\nesac\nexit 3\n')
+    (project / ".dvc").mkdir()
     tools = project / "tools"
     tools.mkdir()
     for t in TOOLS:
@@ -150,6 +152,11 @@ def test_npm_installs_then_the_page_is_built_once(vega):
     r = _source(vega, {"FAKE_PAGE_OK": "1"})
     assert "rc=0" in r.stdout and r.stderr == ""
     assert len(_log(vega, "npm.log")) == 1 and len(_log(vega, "python.log")) == 1
+    # DVC's local config lost the setting: set again, without a new download
+    (vega / ".dvc" / "config.local").unlink()
+    r = _source(vega, {"FAKE_PAGE_OK": "1"})
+    assert "rc=0" in r.stdout and (vega / ".dvc" / "config.local").is_file()
+    assert len(_log(vega, "npm.log")) == 1 and len(_log(vega, "python.log")) == 2
     # a changed lock file installs again
     (vega / "web" / "vega" / "package-lock.json").write_text('{"lockfileVersion": 3, "x": 1}\n')
     _source(vega, {"FAKE_PAGE_OK": "1"})
