@@ -33,7 +33,8 @@ def fake_modules(root: Path, bodies: dict[str, str] | None = None) -> Path:
         (nm / pkg / rel).parent.mkdir(parents=True, exist_ok=True)
         body = bodies.get(pkg, f"window.fake_{pkg.replace('-', '_')} = {i};")
         (nm / pkg / rel).write_text(f"{body}\n//# sourceMappingURL={Path(rel).name}.map\n")
-        (nm / pkg / "package.json").write_text(json.dumps({"name": pkg, "version": f"9.{i}.0"}))
+        (nm / pkg / "package.json").write_text(json.dumps({"name": pkg, "version": f"9.{i}.0",
+                                                             "license": "BSD-3-Clause"}))
     return nm
 
 
@@ -47,6 +48,7 @@ def test_page_inlines_the_packages_in_order_with_dvc_placeholders(tmp_path):
     assert "{scripts}" not in text  # dvc-render fills that one with the CDN tags
     assert "sourceMappingURL" not in text
     assert "vega 9.0.0, vega-lite 9.1.0, vega-embed 9.2.0" in text
+    assert "vega-embed 9.2.0 (license BSD-3-Clause)" in text  # their licences, named
     assert not re.search(r"<script[^>]*\bsrc=", text)  # nothing loaded from elsewhere
     assert text.index("{plot_divs}") > text.index("window.vegaEmbed = function")
 
@@ -101,10 +103,7 @@ def test_install_needs_a_dvc_project(tmp_path):
     assert dvc_page.main(["--root", str(tmp_path)]) == 1
 
 
-def _dvc_env(root: Path) -> dict:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t",
-           "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    return env
+DVC_ENV = {**os.environ, "DVC_NO_ANALYTICS": "1"}
 
 
 def dvc_plots_project(root: Path, rows: list[dict], evals: list[dict]) -> Path:
@@ -125,7 +124,7 @@ def dvc_plots_project(root: Path, rows: list[dict], evals: list[dict]) -> Path:
 
 
 def dvc_plots_show(root: Path, out: str = "dvc_plots") -> str:
-    proc = subprocess.run([DVC, "plots", "show", "-o", out], cwd=root, env=_dvc_env(root),
+    proc = subprocess.run([DVC, "plots", "show", "-o", out], cwd=root, env=DVC_ENV,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return (root / out / "index.html").read_text()

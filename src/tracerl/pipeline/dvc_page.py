@@ -84,7 +84,7 @@ PAGE_HTML = """\
 <meta charset="utf-8">
 {{refresh_tag}}
 <title>DVC plots (offline)</title>
-<!-- {versions}: inlined from web/vega/node_modules by tracerl.pipeline.dvc_page -->
+<!-- {licenses}: inlined from web/vega/node_modules by tracerl.pipeline.dvc_page -->
 {scripts}
 <style>
   body {{ font-family: sans-serif; margin: 12px; }}
@@ -125,17 +125,19 @@ def _script(name: str, text: str) -> str:
 def build(node_modules: Path) -> str:
     """The page template (text) with the three libraries of ``node_modules`` inlined."""
     node_modules = Path(node_modules)
-    scripts, versions = [], []
+    scripts, versions, licenses = [], [], []
     for pkg, rel in ASSETS:
         js, meta = node_modules / pkg / rel, node_modules / pkg / "package.json"
         if not js.is_file() or not meta.is_file():
             raise PageError(f"{js} is missing: run `npm ci` in {node_modules.parent} "
                             "(source scripts/env.sh does)")
-        version = json.loads(meta.read_text(encoding="utf-8"))["version"]
+        info = json.loads(meta.read_text(encoding="utf-8"))
+        version = info["version"]
         versions.append(f"{pkg} {version}")
+        licenses.append(f"{pkg} {version} (license {info.get('license', 'see its package')})")
         scripts.append(_script(f"{pkg} {version}", js.read_text(encoding="utf-8")))
     scripts.append(_script("tracerl: svg renderer, offline actions, errors shown", WRAPPER))
-    text = PAGE_HTML.format(versions=", ".join(versions),
+    text = PAGE_HTML.format(licenses=", ".join(licenses).replace("--", "- -"),
                             versions_html=html.escape(", ".join(versions)),
                             scripts="\n".join(scripts))
     # the page's own placeholders: {plot_divs} (required) and {refresh_tag}, once each;
