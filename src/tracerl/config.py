@@ -181,12 +181,14 @@ class DataParams:
             if unknown:
                 return [f"{unknown[0]}; or 'file' (with data.train_file and "
                         "data.heldout_file)"]
-        if g == "arithmetic":
-            from tracerl.data.arithmetic import LEVELS
+        if g in ("arithmetic", "code"):
+            import importlib
 
+            LEVELS = importlib.import_module(  # noqa: N806
+                f"tracerl.data.{'codegen' if g == 'code' else g}").LEVELS
             if self.min_difficulty < LEVELS[0] or self.max_difficulty > LEVELS[-1]:
                 return [f"data.min_difficulty..max_difficulty must lie in {LEVELS[0]}.."
-                        f"{LEVELS[-1]} for the arithmetic generator (got {self.min_difficulty}"
+                        f"{LEVELS[-1]} for the {g} generator (got {self.min_difficulty}"
                         f"..{self.max_difficulty})"]
             return []
         if g.startswith("rg:"):

@@ -25,7 +25,7 @@ from typing import Any
 
 import polars as pl
 
-from tracerl.data import arithmetic
+from tracerl.data import arithmetic, codegen
 from tracerl.data.answers import extract_boxed
 from tracerl.data.records import TaskError, TaskRecord, tests_problems, validate_tasks
 from tracerl.data.skips import Skipped
@@ -98,6 +98,13 @@ def _arithmetic(arg: str, n: int, difficulty, seed: int, split: str) -> list[Tas
     return arithmetic.generate(n, 0 if difficulty is None else difficulty, seed, split)
 
 
+@GENERATORS.register("code")
+def _code(arg: str, n: int, difficulty, seed: int, split: str) -> list[TaskRecord]:
+    if arg:
+        raise ValueError(f"generator 'code' takes no argument, got 'code:{arg}'")
+    return codegen.generate(n, 0 if difficulty is None else difficulty, seed, split)
+
+
 @GENERATORS.register("rg")
 def _reasoning_gym(arg: str, n: int, difficulty, seed: int, split: str) -> list[TaskRecord]:
     if not arg:
@@ -110,8 +117,8 @@ def _reasoning_gym(arg: str, n: int, difficulty, seed: int, split: str) -> list[
 
 def generate_tasks(name: str, n: int, difficulty: int | Sequence[int] | None = 0, seed: int = 0,
                    split: str = "train") -> list[TaskRecord]:
-    """``n`` tasks from a procedural generator of :data:`GENERATORS`: ``arithmetic`` or
-    ``rg:<dataset>``.
+    """``n`` tasks from a procedural generator of :data:`GENERATORS`: ``arithmetic``,
+    ``code`` (:mod:`tracerl.data.codegen`) or ``rg:<dataset>``.
 
     Train and held-out tasks are disjoint (split decided by a hash of the problem text).
 
@@ -130,6 +137,8 @@ def longest_prompt(name: str, difficulty: int | Sequence[int]) -> str | None:
     (``arithmetic``); ``None`` otherwise (then the prepare stage measures the tasks)."""
     if name == "arithmetic":
         return arithmetic.longest_prompt(difficulty)  # type: ignore[arg-type]
+    if name == "code":
+        return codegen.longest_prompt(difficulty)  # type: ignore[arg-type]
     return None
 
 
