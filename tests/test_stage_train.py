@@ -234,6 +234,15 @@ def test_policy_stage_trains_at_the_records_training_block(tmp_path):
                               "--scored", str(scored), "--out", str(tmp_path / "p4")]) == 0
     m4 = read_metrics(tmp_path / "p4")
     assert m4["rows/block_size"] == 4.0 and m4["old_logprobs_recorded"] == 1.0
+    # records sampled with an approximate cache (rollout.full_cache: prefix): the trainer
+    # never takes their log-probs as the old ones
+    approx = pl.read_parquet(scored / "scored.parquet").with_columns(
+        full_cache=pl.lit("prefix"))
+    write_parquet(approx, tmp_path / "approx.parquet", "scored")
+    assert policy_stage.main(["--params", str(params), "--policy", str(tmp_path / "sft"),
+                              "--scored", str(tmp_path / "approx.parquet"),
+                              "--out", str(tmp_path / "pa")]) == 0
+    assert read_metrics(tmp_path / "pa")["old_logprobs_recorded"] == 0.0
 
 
 def test_sft_killed_mid_run_resumes_to_the_same_model(tmp_path, monkeypatch):

@@ -275,6 +275,9 @@ class RolloutParams:
     top_k: int = 0
     top_p: float = 1.0
     batch_size: int = 64  # sequences decoded together
+    # full-attention models: "none" (exact, the whole canvas every step) or "prefix" (the
+    # approximate prefix KV cache of Fast-dLLM; old log-probs are then recomputed)
+    full_cache: str = "none"
 
     def problems(self) -> list[str]:
         p = registry_problems("tracerl.sampling.strategies", "STRATEGIES", self.strategy,
@@ -286,6 +289,11 @@ class RolloutParams:
             )
         if self.tasks_per_iter < 1 or self.batch_size < 1 or self.steps_per_block < 1:
             p.append("rollout.tasks_per_iter, batch_size and steps_per_block must be >= 1")
+        from tracerl.sampling.generate import FULL_CACHES
+
+        if self.full_cache not in FULL_CACHES:
+            p.append(f"rollout.full_cache {self.full_cache!r} invalid; use one of "
+                     f"{', '.join(FULL_CACHES)}")
         if self.temperature < 0:
             p.append("rollout.temperature must be >= 0 (0 = greedy)")
         if not 0 < self.top_p <= 1:

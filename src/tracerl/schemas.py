@@ -46,6 +46,9 @@ DECODING = {
     "temperature": pl.Float64,  # 0 = greedy
     "top_k": pl.Int32,
     "top_p": pl.Float64,
+    # full attention: "none" (exact) or "prefix" (approximate prefix KV cache: the
+    # recorded log-probs are not the model's, the trainer recomputes them)
+    "full_cache": pl.String,
 }
 
 # One row per sampled response (k rows per task). Written by the rollout stage.
@@ -86,7 +89,7 @@ SCHEMAS: dict[str, dict[str, pl.DataType]] = {
     "rollout": ROLLOUT,
     "scored": SCORED,
 }
-# rollout/scored 2: DECODING columns; 3: train_block_size
+# rollout/scored 2: DECODING columns; 3: train_block_size, full_cache
 VERSIONS: dict[str, int] = {"task": 1, "rollout": 3, "scored": 3}
 
 

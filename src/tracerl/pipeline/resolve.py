@@ -90,5 +90,6 @@ def sampling_config(p: Params, decision: CurriculumDecision, **overrides):
     cfg = dict(block_size=b, steps_per_block=min(r.steps_per_block, b),
                max_tokens=decision.schedule.max_tokens, strategy=r.strategy,
                dynamic_threshold=r.dynamic_threshold, entropy_bound=r.entropy_bound,
-               temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, batch_size=r.batch_size)
+               temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, batch_size=r.batch_size,
+               full_cache=r.full_cache)
     return SamplingConfig(**{**cfg, **overrides})

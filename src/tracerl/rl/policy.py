@@ -71,6 +71,7 @@ def _recorded_usable(trainer: Trainer, lm: DiffusionLM, samples: Sequence[TraceS
           and trainer.cfg.zero_stage != 3  # (partitioned weights)
           # a larger training block changes the contexts: the sampler's scores don't apply
           and all(s.train_block == s.block_size for s in samples)
+          and all(s.exact_logprobs for s in samples)  # no approximate sampler cache
           and all(s.logprobs is not None and s.policy_id for s in samples))
     if ok:
         digest = weights_digest(lm)

@@ -78,6 +78,7 @@ class TraceSample:
     attention: str | None = None
     block_size: int | None = None
     train_block_size: int | None = None
+    exact_logprobs: bool = True  # False: sampled with an approximate cache (full_cache)
 
     @property
     def train_block(self) -> int | None:

@@ -67,7 +67,7 @@ def decoding(t: Trajectory) -> dict:
             "steps_per_block": c.steps_per_block, "max_tokens": c.max_tokens,
             "strategy": c.strategy, "dynamic_threshold": c.dynamic_threshold,
             "entropy_bound": c.entropy_bound, "temperature": c.temperature, "top_k": c.top_k,
-            "top_p": c.top_p}
+            "top_p": c.top_p, "full_cache": c.full_cache}
 
 
 def frame_to_trajectories(df: pl.DataFrame) -> list[Trajectory]:
