@@ -29,7 +29,7 @@ from tracerl.data import (
     tasks_from_frame,
 )
 from tracerl.data.skips import Skipped, skip_too_long
-from tracerl.evaluation import accuracy_by_level, evaluate_tasks
+from tracerl.evaluation import accuracy_by_level, accuracy_by_source, evaluate_tasks
 from tracerl.models import weights_digest
 from tracerl.pipeline.artifacts import stage_output
 from tracerl.pipeline.resolve import curriculum_decision, policy_from_params, sampling_config
@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                         model, tok, tasks, cfg, k=e.responses_per_task, pass_ks=e.pass_k,
                         score=lambda f, t=tasks: score(f, t), seed=p.run.seed, policy_id=pid)
                     res.update(accuracy_by_level(scored, tasks))
+                    res.update(accuracy_by_source(scored, tasks))
                     key = ".".join(filter(None, [tag, strategy]))
                     results.setdefault(name, {})[key] = res
                     write_parquet(scored, o.dir / f"samples_{name}_{key.replace('.', '_')}.parquet",

@@ -99,3 +99,29 @@ def test_prepare_stage_with_the_code_generator(tmp_path):
     assert tests["entry_point"] == "f" and len(tests["tests"]) == 5
     metrics = json.loads((tmp_path / "p" / "metrics.json").read_text())
     assert metrics["sft_answer_only"] == 0 and metrics["train_tasks"] == 40
+
+
+@needs_sandbox
+def test_mixed_pool_generates_both_domains_and_scores_them_apart():
+    import polars as pl
+
+    from tracerl.rewards.scoring import score_rollouts
+
+    tasks = generate_tasks("mix:arithmetic+code", 9, difficulty=[0, 1], seed=3)
+    assert sorted(t.source for t in tasks) == ["arithmetic"] * 5 + ["code"] * 4
+    assert tasks == generate_tasks("mix:arithmetic+code", 9, difficulty=[0, 1], seed=3)
+    with pytest.raises(ValueError, match="two or more generators"):
+        generate_tasks("mix:code", 2)
+    # every arithmetic response right, every code response wrong (a program for another
+    # task): the per-domain accuracies say so, the total mixes them
+    right = {t.task_id: reference_solution(t, "worked") for t in tasks if t.source == "arithmetic"}
+    code = [t for t in tasks if t.source == "code"]
+    wrong = {t.task_id: "```python\ndef f(x):\n    return 'nope'\n```" for t in code}
+    texts = {**right, **wrong}
+    frame = pl.DataFrame({"task_id": list(texts), "response_text": list(texts.values()),
+                          "finish_reason": ["eos"] * len(texts),
+                          "response_len": [10] * len(texts)})
+    _, m = score_rollouts(frame, {t.task_id: t for t in tasks}, group_filter="none",
+                          code_limits=LIM, code_workers=2)
+    assert m["accuracy_arithmetic"] == 1.0 and m["accuracy_code"] == 0.0
+    assert m["accuracy"] == pytest.approx(5 / 9) and m["grade_seconds"] > 0

@@ -181,16 +181,24 @@ class DataParams:
             if unknown:
                 return [f"{unknown[0]}; or 'file' (with data.train_file and "
                         "data.heldout_file)"]
-        if g in ("arithmetic", "code"):
-            import importlib
+        members = [x for x in g[4:].split("+") if x] if g.startswith("mix:") else [g]
+        if g.startswith("mix:") and (len(members) < 2 or any(
+                x.partition(":")[0] not in ("arithmetic", "code", "rg") for x in members)):
+            return [f"data.generator {g!r}: mix joins two or more of arithmetic, code, "
+                    "rg:<name> with '+', e.g. mix:arithmetic+code"]
+        p = []
+        for name in members:
+            if name in ("arithmetic", "code"):
+                import importlib
 
-            LEVELS = importlib.import_module(  # noqa: N806
-                f"tracerl.data.{'codegen' if g == 'code' else g}").LEVELS
-            if self.min_difficulty < LEVELS[0] or self.max_difficulty > LEVELS[-1]:
-                return [f"data.min_difficulty..max_difficulty must lie in {LEVELS[0]}.."
-                        f"{LEVELS[-1]} for the {g} generator (got {self.min_difficulty}"
-                        f"..{self.max_difficulty})"]
-            return []
+                LEVELS = importlib.import_module(  # noqa: N806
+                    f"tracerl.data.{'codegen' if name == 'code' else name}").LEVELS
+                if self.min_difficulty < LEVELS[0] or self.max_difficulty > LEVELS[-1]:
+                    p.append(f"data.min_difficulty..max_difficulty must lie in {LEVELS[0]}.."
+                             f"{LEVELS[-1]} for the {name} generator (got {self.min_difficulty}"
+                             f"..{self.max_difficulty})")
+        if g.startswith("mix:") or g in ("arithmetic", "code"):
+            return p
         if g.startswith("rg:"):
             from tracerl.data.sources import _rg_names
 

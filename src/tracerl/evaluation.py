@@ -81,6 +81,26 @@ def accuracy_by_level(scored: pl.DataFrame, tasks: Sequence[TaskRecord]) -> dict
     return {f"level{lv}_accuracy": float(acc) for lv, acc in sorted(per.iter_rows())}
 
 
+def accuracy_by_source(scored: pl.DataFrame, tasks: Sequence[TaskRecord]) -> dict[str, float]:
+    """avg@k per task source when the tasks come from more than one (a mixed pool):
+    ``{"accuracy_<source>": ...}``; ``{}`` for a single source.
+
+    >>> df = pl.DataFrame({"task_id": ["a", "b", "b"], "correct": [True, False, True]})
+    >>> accuracy_by_source(df, [TaskRecord("a", "p", "arithmetic", "1"),
+    ...                         TaskRecord("b", "q", "code", None, tests={"tests": []})])
+    {'accuracy_arithmetic': 1.0, 'accuracy_code': 0.5}
+    """
+    from tracerl.rewards.scoring import source_key
+
+    source = {t.task_id: t.source for t in tasks}
+    if len(set(source.values())) < 2 or scored.height == 0:
+        return {}
+    df = scored.select("task_id", pl.col("correct").fill_null(False)).with_columns(
+        source=pl.col("task_id").replace_strict(source, default=""))
+    per = df.filter(pl.col("source") != "").group_by("source").agg(pl.col("correct").mean())
+    return {f"accuracy_{source_key(s)}": float(a) for s, a in sorted(per.iter_rows())}
+
+
 def evaluate_tasks(
     model,
     tokenizer,

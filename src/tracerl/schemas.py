@@ -103,10 +103,11 @@ def _version_tag(kind: str) -> str:
 
 def conform(df: pl.DataFrame, kind: str) -> pl.DataFrame:
     """Select and cast ``df`` to the schema ``kind``; missing nullable-by-design columns
-    (``token_rewards``, ``answer``, ``tests``, ``train_block_size``) are added as nulls. Raises SchemaError
+    (``token_rewards``, ``answer``, ``tests``, ``train_block_size``, ``full_cache``: null =
+    "none") are added as nulls. Raises SchemaError
     listing every missing column."""
     schema = SCHEMAS[kind]
-    optional = {"token_rewards", "answer", "tests", "train_block_size"}
+    optional = {"token_rewards", "answer", "tests", "train_block_size", "full_cache"}
     missing = [c for c in schema if c not in df.columns and c not in optional]
     if missing:
         raise SchemaError(

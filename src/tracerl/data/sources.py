@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +106,22 @@ def _code(arg: str, n: int, difficulty, seed: int, split: str) -> list[TaskRecor
     return codegen.generate(n, 0 if difficulty is None else difficulty, seed, split)
 
 
+@GENERATORS.register("mix")
+def _mix(arg: str, n: int, difficulty, seed: int, split: str) -> list[TaskRecord]:
+    """``mix:arithmetic+code``: ``n`` tasks, an even share from each generator (the first
+    ones take the remainder), interleaved by a seeded shuffle; the levels apply to each."""
+    names = [x for x in arg.split("+") if x]
+    if len(names) < 2 or "mix" in {x.partition(":")[0] for x in names}:
+        raise ValueError("generator 'mix' needs two or more generators joined by '+', e.g. "
+                         f"mix:arithmetic+code (got 'mix:{arg}')")
+    out: list[TaskRecord] = []
+    for k, name in enumerate(names):
+        share = n // len(names) + (k < n % len(names))
+        out += generate_tasks(name, share, difficulty, seed, split)
+    random.Random(f"mix|{arg}|{seed}|{split}").shuffle(out)
+    return out
+
+
 @GENERATORS.register("rg")
 def _reasoning_gym(arg: str, n: int, difficulty, seed: int, split: str) -> list[TaskRecord]:
     if not arg:
@@ -139,6 +156,9 @@ def longest_prompt(name: str, difficulty: int | Sequence[int]) -> str | None:
         return arithmetic.longest_prompt(difficulty)  # type: ignore[arg-type]
     if name == "code":
         return codegen.longest_prompt(difficulty)  # type: ignore[arg-type]
+    if name.startswith("mix:"):
+        each = [longest_prompt(x, difficulty) for x in name[4:].split("+") if x]
+        return None if None in each or not each else max(each, key=len)
     return None
 
 

@@ -83,7 +83,8 @@ def frame_to_trajectories(df: pl.DataFrame) -> list[Trajectory]:
             num_forward=r["num_forward"],
             block_size=r["block_size"],
             attention=r["attention"],
-            sampling=SamplingConfig(**{k: r[k] for k in DECODING if k != "attention"}),
+            sampling=SamplingConfig(**{k: r[k] for k in DECODING
+                                       if k != "attention" and r[k] is not None}),
         )
         for r in df.iter_rows(named=True)
     ]
