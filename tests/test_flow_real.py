@@ -148,3 +148,31 @@ def test_block_size_curriculum_through_the_real_stages(tmp_path, monkeypatch):
     head = json.loads(L.headline.read_text())["accuracy"]["heldout"]
     assert {"b4.low_confidence_dynamic", "b8.low_confidence_dynamic",
             "b16.low_confidence_dynamic"} <= set(head)
+
+
+def test_full_attention_family_with_value_model_through_the_real_stages(tmp_path, monkeypatch):
+    """A LLaDA-style model (bidirectional, its own mask token) through the same pipeline:
+    random-masking SFT, rollouts with the approximate prefix cache, TraceRL with
+    full-attention rows and the value model on, evaluation. The records say full
+    attention; the trainer recomputes the old log-probs (the sampler's cache is
+    approximate) and the value stage writes token advantages."""
+    from flows.tracerl_flow import build, run_pipeline
+
+    tiny = {**TINY, "run": {**TINY["run"], "name": "llada", "iterations": 2, "tracker": "null"},
+            "model": {**TINY["model"], "family": "llada"},
+            "sft": {**TINY["sft"], "method": "random_masking"},
+            "rollout": {**TINY["rollout"], "full_cache": "prefix"}}
+    params_file(tmp_path / "params.yaml", **tiny)
+    monkeypatch.chdir(tmp_path)
+    _, orch, planner, key = build("params.yaml", project_root=tmp_path)
+    with orch.parent_run(key, part="all"):
+        run_pipeline(orch, planner, "all", orch.run_call)
+    L = RunLayout.from_params(load_params(tmp_path / "params.yaml"), base=tmp_path)
+    for i in range(2):
+        roll = read_parquet(L.stage_dir("rollout", i) / "rollouts.parquet", "rollout")
+        assert set(roll["attention"]) == {"full"} and set(roll["full_cache"]) == {"prefix"}
+        pm = json.loads((L.stage_dir("policy", i) / "metrics.json").read_text())
+        assert pm["old_logprobs_recorded"] == 0.0 and pm["rows/block_size"] == 0.0
+        assert (L.stage_dir("value", i) / "advantages.parquet").is_file()
+    final = json.loads((L.evaluate / "metrics.json").read_text())
+    assert final["heldout.low_confidence_static.tasks"] == 3.0
