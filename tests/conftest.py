@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -48,42 +46,11 @@ def build_release_checkpoint(out: Path, *, layers: int = 2, hidden: int = 16, he
     Qwen tokenizer files with ``<|MASK|>``, and random weights saved as two safetensors
     shards under the parameter names of the release's weight index.
     """
-    from safetensors.torch import save_file
+    from tracerl.models.release import random_release_checkpoint
 
-    out.mkdir(parents=True, exist_ok=True)
-    for f in SDAR_RELEASE.iterdir():
-        if f.name not in ("config.json", "model.safetensors.index.json"):
-            shutil.copy(f, out / f.name)
-    cfg = json.loads((SDAR_RELEASE / "config.json").read_text())
-    cfg.update(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
-               num_key_value_heads=kv_heads, head_dim=head_dim, intermediate_size=intermediate,
-               max_window_layers=layers)
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    index = json.loads((SDAR_RELEASE / "model.safetensors.index.json").read_text())
-    keep = {
-        k: v for k, v in index["weight_map"].items()
-        if not k.startswith("model.layers.") or int(k.split(".")[2]) < layers
-    }
-    g = torch.Generator().manual_seed(seed)
-    V, H, I = cfg["vocab_size"], hidden, intermediate  # noqa: E741
-    shapes = {
-        "embed_tokens": (V, H), "lm_head": (V, H), "norm": (H,), "input_layernorm": (H,),
-        "post_attention_layernorm": (H,), "q_norm": (head_dim,), "k_norm": (head_dim,),
-        "q_proj": (heads * head_dim, H), "k_proj": (kv_heads * head_dim, H),
-        "v_proj": (kv_heads * head_dim, H), "o_proj": (H, heads * head_dim),
-        "gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I),
-    }
-    shards: dict[str, dict[str, torch.Tensor]] = {}
-    for name, shard in keep.items():
-        part = name.split(".")[-2]
-        shape = shapes[part]
-        t = (torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=g) * 0.05)
-        shards.setdefault(shard, {})[name] = t.to(torch.bfloat16)
-    for shard, tensors in shards.items():
-        save_file(tensors, str(out / shard), metadata={"format": "pt"})
-    (out / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": 0}, "weight_map": keep}, indent=2))
-    return out
+    return random_release_checkpoint(SDAR_RELEASE, out, layers=layers, hidden=hidden,
+                                     heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                                     intermediate=intermediate, seed=seed)
 
 
 @pytest.fixture()
