@@ -195,9 +195,9 @@ class FakeEngine:
 def _runner_with(tmp_path, engine, **kw):
     r = ContainerRunner(tmp_path, "runs", gpu=False, **kw)
     r._client = engine
-    from tracerl.pipeline.runners import _rootless_podman
+    from tracerl.pipeline.runners import engine_kind
 
-    r._rootless = _rootless_podman(engine)
+    r._engine = engine_kind(engine)
     return r
 
 
@@ -216,21 +216,34 @@ def test_container_spec_entrypoint_user_home_and_out_label(tmp_path, monkeypatch
     assert s["labels"]["tracerl.out"] == str(c.out)
 
 
-def test_rootless_podman_detection_and_keep_id(tmp_path):
-    from tracerl.pipeline.runners import _rootless_podman
+def test_rootless_engines_keep_files_the_host_users(tmp_path):
+    import os
 
-    assert _rootless_podman(FakeEngine(rootless=True)) is True
-    assert _rootless_podman(FakeEngine(rootless=False)) is False
-    assert _rootless_podman(FakeEngine(rootless=True, podman=False)) is False  # docker
+    from tracerl.pipeline.runners import engine_kind
+
+    assert engine_kind(FakeEngine(rootless=True)) == (True, True)
+    assert engine_kind(FakeEngine(rootless=False)) == (True, False)
+    assert engine_kind(FakeEngine(rootless=True, podman=False)) == (False, True)
 
     class Down:
         def info(self):
             raise ConnectionError("no engine")
 
-    assert _rootless_podman(Down()) is False
-    r = _runner_with(tmp_path, FakeEngine(rootless=True))
-    s = r.spec(call(tmp_path), tmp_path / "params.yaml", {})
-    assert s["userns_mode"] == "keep-id"
+    assert engine_kind(Down()) == (False, False)
+    host = f"{os.getuid()}:{os.getgid()}"
+    # rootless podman: the host uid, mapped to itself
+    s = _runner_with(tmp_path, FakeEngine(rootless=True)).spec(
+        call(tmp_path), tmp_path / "params.yaml", {})
+    assert s["userns_mode"] == "keep-id" and s["user"] == host
+    # rootless Docker: its container root is the host user
+    s = _runner_with(tmp_path, FakeEngine(rootless=True, podman=False)).spec(
+        call(tmp_path), tmp_path / "params.yaml", {})
+    assert s["user"] == "0:0" and "userns_mode" not in s
+    # rootful podman or Docker: the host uid as it is
+    for podman in (True, False):
+        s = _runner_with(tmp_path, FakeEngine(podman=podman)).spec(
+            call(tmp_path), tmp_path / "params.yaml", {})
+        assert s["user"] == host and "userns_mode" not in s
 
 
 def test_container_run_streams_cleans_up_and_fails(tmp_path, capsys):

@@ -167,7 +167,7 @@ class ContainerRunner:
         self.shm_size = shm_size
         self.base_url = base_url  # None: DOCKER_HOST (docker.from_env)
         self._client = None
-        self._rootless: bool | None = None
+        self._engine: tuple[bool, bool] = (False, False)  # (podman, rootless), asked once
 
     def image(self, stage: str) -> str:
         if stage in self.images:
@@ -249,10 +249,14 @@ class ContainerRunner:
         }
         if hasattr(os, "getuid"):  # files in the runs dir stay the host user's
             spec["user"] = f"{os.getuid()}:{os.getgid()}"
-            if self._rootless:
-                # rootless podman maps the host user to the container's root and other
-                # container uids to subordinate ids: keep-id maps the host uid to itself
+            podman, rootless = self._engine
+            # a rootless engine maps the host user to the container's root and other
+            # container uids to subordinate ids: podman's keep-id maps the host uid to
+            # itself; rootless Docker has no such mode, its container root is the host user
+            if rootless and podman:
                 spec["userns_mode"] = "keep-id"
+            elif rootless:
+                spec["user"] = "0:0"
         if host_net:
             spec["network_mode"] = "host"
         if self.gpu and STAGES.get(call.stage).resources.gpu:
@@ -261,14 +265,14 @@ class ContainerRunner:
         return spec
 
     def client(self):
-        """The docker SDK client (``base_url``, else ``DOCKER_HOST``), and whether the
-        engine is rootless podman (asked once)."""
+        """The docker SDK client (``base_url``, else ``DOCKER_HOST``); asks the engine
+        once whether it is podman and rootless."""
         if self._client is None:
             import docker
 
             self._client = (docker.DockerClient(base_url=self.base_url) if self.base_url
                             else docker.from_env())
-            self._rootless = _rootless_podman(self._client)
+            self._engine = engine_kind(self._client)
         return self._client
 
     def run(self, call: StageCall, params_path: Path, env: Mapping[str, str]) -> None:
@@ -291,7 +295,7 @@ class ContainerRunner:
                 sys.stdout.write(chunk.decode(errors="replace"))
                 sys.stdout.flush()
             status = container.wait().get("StatusCode", 1)
-        finally:  # also on KeyboardInterrupt / a Prefect cancellation: no orphan left
+        finally:  # also on KeyboardInterrupt or an error in this process: no orphan left
             with contextlib.suppress(Exception):
                 container.remove(force=True)
         if status != 0:
@@ -301,18 +305,18 @@ class ContainerRunner:
 OUT_LABEL = "tracerl.out"  # container label: the host output folder of the stage call
 
 
-def _rootless_podman(client: Any) -> bool:
-    """Whether the engine behind ``client`` is podman running rootless (its Docker-API
-    ``/info`` lists ``name=rootless`` among the security options; ``/version`` names the
-    ``Podman Engine`` component)."""
+def engine_kind(client: Any) -> tuple[bool, bool]:
+    """``(podman, rootless)`` of the engine behind ``client``: ``/version`` names the
+    ``Podman Engine`` component, ``/info`` lists ``name=rootless`` among the security
+    options (Docker and podman alike)."""
     try:
         info, version = client.info(), client.version()
     except Exception:  # an engine that does not answer: keep the plain spec
-        return False
+        return False, False
     podman = any("podman" in str(c.get("Name", "")).lower()
                  for c in version.get("Components") or [])
     rootless = any("rootless" in str(o) for o in info.get("SecurityOptions") or [])
-    return podman and rootless
+    return podman, rootless
 
 
 def make_runner(kind: str, *, project_root: str | os.PathLike | None = None,
