@@ -109,7 +109,8 @@ def test_container_spec_gpu_stage(tmp_path, monkeypatch):
     assert isinstance(dr, DeviceRequest)
     assert dr["Count"] == 2 and dr["Capabilities"] == [["gpu"]]
     assert s["detach"] is True and "shm_size" in s
-    assert s["labels"] == {"tracerl.stage": "rollout", "tracerl.iteration": "1"}
+    assert s["labels"] == {"tracerl.stage": "rollout", "tracerl.iteration": "1",
+                           "tracerl.out": str(call(tmp_path).out)}
 
 
 def test_container_spec_cpu_stage_and_server(tmp_path):
@@ -138,3 +139,135 @@ def test_make_runner():
     assert make_runner("inprocess").name == "inprocess"
     with pytest.raises(ValueError, match="valid: inprocess, subprocess, container"):
         make_runner("k8s")
+
+
+# ------------------------------------------------ the container runner against an engine
+# A fake docker SDK client: records what the runner asks of the engine (no engine here).
+class FakeContainer:
+    def __init__(self, engine, spec, logs=(b"hello\n",), status=0, interrupt=False):
+        self.engine, self.spec, self._logs = engine, spec, logs
+        self.status, self.interrupt, self.removed = status, interrupt, False
+        self.short_id = f"c{len(engine.started)}"
+
+    def logs(self, stream, follow):
+        assert stream and follow
+        yield from self._logs
+        if self.interrupt:
+            raise KeyboardInterrupt
+
+    def wait(self):
+        return {"StatusCode": self.status}
+
+    def remove(self, force=False):
+        assert force
+        self.removed = True
+        self.engine.removed.append(self.short_id)
+
+
+class FakeEngine:
+    def __init__(self, *, rootless=False, podman=True, status=0, interrupt=False, stale=()):
+        self.rootless, self.podman = rootless, podman
+        self.status, self.interrupt = status, interrupt
+        self.started, self.removed, self.filters = [], [], []
+        self.stale = list(stale)
+        self.containers = self
+
+    # client.containers.*
+    def run(self, **spec):
+        c = FakeContainer(self, spec, status=self.status, interrupt=self.interrupt)
+        self.started.append(c)
+        return c
+
+    def list(self, all=False, filters=None):
+        self.filters.append(filters)
+        return self.stale
+
+    # client.info / client.version
+    def info(self):
+        return {"SecurityOptions": ["name=seccomp,profile=default"]
+                + (["name=rootless"] if self.rootless else [])}
+
+    def version(self):
+        name = "Podman Engine" if self.podman else "Engine"
+        return {"Components": [{"Name": name, "Version": "4.3.1"}]}
+
+
+def _runner_with(tmp_path, engine, **kw):
+    r = ContainerRunner(tmp_path, "runs", gpu=False, **kw)
+    r._client = engine
+    from tracerl.pipeline.runners import engine_kind
+
+    r._engine = engine_kind(engine)
+    return r
+
+
+def test_container_spec_entrypoint_user_home_and_out_label(tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.delenv("HOME", raising=False)
+    r = ContainerRunner(tmp_path, "runs", gpu=False)
+    c = call(tmp_path)
+    s = r.spec(c, tmp_path / "params.yaml", {})
+    # the images' ENTRYPOINT is `python -m`: the command names its program, so none in front
+    assert s["entrypoint"] == [""] and s["command"][:2] == ["python", "-m"]
+    assert s["user"] == f"{os.getuid()}:{os.getgid()}"
+    assert "userns_mode" not in s  # rootful engine (or docker): the uid is the host uid
+    assert s["environment"]["HOME"] == "/tmp"
+    assert s["labels"]["tracerl.out"] == str(c.out)
+
+
+def test_rootless_engines_keep_files_the_host_users(tmp_path):
+    import os
+
+    from tracerl.pipeline.runners import engine_kind
+
+    assert engine_kind(FakeEngine(rootless=True)) == (True, True)
+    assert engine_kind(FakeEngine(rootless=False)) == (True, False)
+    assert engine_kind(FakeEngine(rootless=True, podman=False)) == (False, True)
+
+    class Down:
+        def info(self):
+            raise ConnectionError("no engine")
+
+    assert engine_kind(Down()) == (False, False)
+    host = f"{os.getuid()}:{os.getgid()}"
+    # rootless podman: the host uid, mapped to itself
+    s = _runner_with(tmp_path, FakeEngine(rootless=True)).spec(
+        call(tmp_path), tmp_path / "params.yaml", {})
+    assert s["userns_mode"] == "keep-id" and s["user"] == host
+    # rootless Docker: its container root is the host user
+    s = _runner_with(tmp_path, FakeEngine(rootless=True, podman=False)).spec(
+        call(tmp_path), tmp_path / "params.yaml", {})
+    assert s["user"] == "0:0" and "userns_mode" not in s
+    # rootful podman or Docker: the host uid as it is
+    for podman in (True, False):
+        s = _runner_with(tmp_path, FakeEngine(podman=podman)).spec(
+            call(tmp_path), tmp_path / "params.yaml", {})
+        assert s["user"] == host and "userns_mode" not in s
+
+
+def test_container_run_streams_cleans_up_and_fails(tmp_path, capsys):
+    sqlite = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    stale = FakeContainer(FakeEngine(), {})
+    engine = FakeEngine(stale=[stale])
+    r = _runner_with(tmp_path, engine)
+    c = call(tmp_path)
+    assert not (tmp_path / "runs").exists()
+    r.run(c, tmp_path / "params.yaml", {"MLFLOW_TRACKING_URI": sqlite})
+    # the writable mounts exist before the engine is asked (podman refuses missing ones)
+    assert (tmp_path / "runs").is_dir() and (tmp_path / "mlartifacts").is_dir()
+    assert engine.filters == [{"label": f"tracerl.out={c.out}"}]
+    assert stale.removed  # a container of an earlier run of this call is ended first
+    (started,) = engine.started
+    assert started.removed and "hello" in capsys.readouterr().out
+    assert started.spec["labels"]["tracerl.out"] == str(c.out)
+
+    failing = _runner_with(tmp_path, FakeEngine(status=2))
+    with pytest.raises(StageFailed, match="container exit status 2"):
+        failing.run(c, tmp_path / "params.yaml", {})
+    assert failing._client.started[0].removed
+
+    interrupted = _runner_with(tmp_path, FakeEngine(interrupt=True))
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.run(c, tmp_path / "params.yaml", {})
+    assert interrupted._client.started[0].removed  # no orphan container left running

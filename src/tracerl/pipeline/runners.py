@@ -13,7 +13,10 @@ tracking environment (``TRACERL_PARENT_RUN_ID``, ``TRACERL_RUN_ID``,
 - :class:`ContainerRunner` runs the stage in its image through the docker SDK: paths,
   the iteration and a read-only ``params.yaml`` mount, never hyperparameters as flags;
   GPU stages get ``device_requests``. :meth:`ContainerRunner.spec` is the exact
-  ``containers.run(**spec)`` call, testable without a Docker engine.
+  ``containers.run(**spec)`` call, testable without a Docker engine. Docker and podman
+  (``podman system service``, the Docker API on a socket: ``DOCKER_HOST``) both drive it;
+  ``scripts/containers.sh`` sets podman and the images up, docs/containers.md has the
+  details.
 """
 
 from __future__ import annotations
@@ -153,7 +156,7 @@ class ContainerRunner:
                  image_tag: str = "0.1.0", gpu: bool = True, gpus: int = -1,
                  images: Mapping[str, str] | None = None,
                  extra_volumes: Mapping[str, Mapping[str, str]] | None = None,
-                 shm_size: str = "8g"):
+                 shm_size: str = "8g", base_url: str | None = None):
         self.project_root = Path(project_root).resolve()
         self.runs_dir = (self.project_root / runs_dir).resolve()
         self.image_tag = image_tag
@@ -162,6 +165,9 @@ class ContainerRunner:
         self.images = dict(images or {})
         self.extra_volumes = {str(k): dict(v) for k, v in (extra_volumes or {}).items()}
         self.shm_size = shm_size
+        self.base_url = base_url  # None: DOCKER_HOST (docker.from_env)
+        self._client = None
+        self._engine: tuple[bool, bool] = (False, False)  # (podman, rootless), asked once
 
     def image(self, stage: str) -> str:
         if stage in self.images:
@@ -185,7 +191,9 @@ class ContainerRunner:
         parsed = urlparse(uri)
         if parsed.scheme == "sqlite" and uri.startswith("sqlite:////"):
             db = Path(uri.removeprefix("sqlite:///"))
-            # same absolute paths inside: the experiment's artifact location is absolute
+            # same absolute paths inside: the experiment's artifact location is absolute.
+            # SQLite locks the database file itself (POSIX locks hold across the bind
+            # mount); its short-lived rollback journal lands beside it in the container.
             vols[str(db)] = {"bind": str(db), "mode": "rw"}
             arts = db.parent / "mlartifacts"
             vols[str(arts)] = {"bind": str(arts), "mode": "rw"}
@@ -193,6 +201,14 @@ class ContainerRunner:
             host_net = True
         out_env[TRACKING_URI_ENV] = uri
         return out_env, vols, host_net
+
+    def writable_folders(self, env: Mapping[str, str]) -> list[Path]:
+        """Host folders mounted read-write: the runs folder and, for a local SQLite
+        tracking backend, its artifact folder."""
+        folders = [self.runs_dir]
+        _, vols, _ = self._tracking(env)
+        folders += [Path(h) for h in vols if Path(h).name == "mlartifacts"]
+        return folders
 
     def spec(self, call: StageCall, params_path: Path, env: Mapping[str, str]) -> dict[str, Any]:
         """Keyword arguments of ``docker.from_env().containers.run(**spec)``."""
@@ -208,6 +224,8 @@ class ContainerRunner:
         environment.update({k: str(v) for k, v in env.items()})
         environment.update(track_env)
         environment["PYTHONUNBUFFERED"] = "1"
+        # the host uid may have no passwd entry in the image (HOME would be "/", read-only)
+        environment.setdefault("HOME", "/tmp")
         volumes: dict[str, dict[str, str]] = {
             str(Path(params_path).resolve()): {"bind": params_in, "mode": "ro"},
             str(self.runs_dir): {"bind": self.container_path(self.runs_dir), "mode": "rw"},
@@ -216,16 +234,29 @@ class ContainerRunner:
         }
         spec: dict[str, Any] = {
             "image": self.image(call.stage),
+            # the command names its program: no image ENTRYPOINT (ours is `python -m`) in
+            # front of it. [""] is the Docker API's documented reset (ContainerCreate:
+            # "exactly one empty string"); podman's compat API ignores an empty list
+            "entrypoint": [""],
             "command": command,
             "working_dir": str(WORKDIR),
             "volumes": volumes,
             "environment": environment,
             "labels": {"tracerl.stage": call.stage,
-                       "tracerl.iteration": "" if call.iteration is None else str(call.iteration)},
+                       "tracerl.iteration": "" if call.iteration is None else str(call.iteration),
+                       OUT_LABEL: str(call.out)},
             "detach": True,
         }
         if hasattr(os, "getuid"):  # files in the runs dir stay the host user's
             spec["user"] = f"{os.getuid()}:{os.getgid()}"
+            podman, rootless = self._engine
+            # a rootless engine maps the host user to the container's root and other
+            # container uids to subordinate ids: podman's keep-id maps the host uid to
+            # itself; rootless Docker has no such mode, its container root is the host user
+            if rootless and podman:
+                spec["userns_mode"] = "keep-id"
+            elif rootless:
+                spec["user"] = "0:0"
         if host_net:
             spec["network_mode"] = "host"
         if self.gpu and STAGES.get(call.stage).resources.gpu:
@@ -233,20 +264,59 @@ class ContainerRunner:
             spec["shm_size"] = self.shm_size
         return spec
 
-    def run(self, call: StageCall, params_path: Path, env: Mapping[str, str]) -> None:
-        import docker
+    def client(self):
+        """The docker SDK client (``base_url``, else ``DOCKER_HOST``); asks the engine
+        once whether it is podman and rootless."""
+        if self._client is None:
+            import docker
 
-        client = docker.from_env()
-        container = client.containers.run(**self.spec(call, params_path, env))
+            self._client = (docker.DockerClient(base_url=self.base_url) if self.base_url
+                            else docker.from_env())
+            self._engine = engine_kind(self._client)
+        return self._client
+
+    def run(self, call: StageCall, params_path: Path, env: Mapping[str, str]) -> None:
+        client = self.client()
+        # a container of an earlier, killed run of this call may still be writing into
+        # the output folder the orchestrator just cleaned: end it first
+        for old in client.containers.list(all=True, filters={"label": f"{OUT_LABEL}={call.out}"}):
+            print(f"[tracerl] removing container {old.short_id} left by an earlier run of "
+                  f"{call.label}", flush=True)
+            with contextlib.suppress(Exception):
+                old.remove(force=True)
+        spec = self.spec(call, params_path, env)
+        # a bind mount of a missing host folder is an error on podman (docker creates it
+        # root-owned): create the writable folders as the host user
+        for folder in self.writable_folders(env):
+            folder.mkdir(parents=True, exist_ok=True)
+        container = client.containers.run(**spec)
         try:
             for chunk in container.logs(stream=True, follow=True):
                 sys.stdout.write(chunk.decode(errors="replace"))
+                sys.stdout.flush()
             status = container.wait().get("StatusCode", 1)
-        finally:
+        finally:  # also on KeyboardInterrupt or an error in this process: no orphan left
             with contextlib.suppress(Exception):
                 container.remove(force=True)
         if status != 0:
             raise StageFailed(call, f"container exit status {status}")
+
+
+OUT_LABEL = "tracerl.out"  # container label: the host output folder of the stage call
+
+
+def engine_kind(client: Any) -> tuple[bool, bool]:
+    """``(podman, rootless)`` of the engine behind ``client``: ``/version`` names the
+    ``Podman Engine`` component, ``/info`` lists ``name=rootless`` among the security
+    options (Docker and podman alike)."""
+    try:
+        info, version = client.info(), client.version()
+    except Exception:  # an engine that does not answer: keep the plain spec
+        return False, False
+    podman = any("podman" in str(c.get("Name", "")).lower()
+                 for c in version.get("Components") or [])
+    rootless = any("rootless" in str(o) for o in info.get("SecurityOptions") or [])
+    return podman, rootless
 
 
 def make_runner(kind: str, *, project_root: str | os.PathLike | None = None,
