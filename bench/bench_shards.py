@@ -5,16 +5,17 @@
 A configuration ``N:T`` is N shards with ``run.threads: T`` (0: an unsharded rollout
 keeps torch's default, every core; a shard takes ``cpu_count // N``).
 
-Runs the real rollout stage the way the flow runs it: the unsharded call as one
-``python -m stages.rollout`` process (``run.threads: 0``: torch's default, every core),
-and ``n`` shard processes started together (each ``cpu_count // n`` threads), then the
-merge process. The shard processes are started by threads here exactly as the flow's
-Prefect ``ThreadPoolTaskRunner`` starts them (one ``SubprocessRunner`` call per task);
-the bench leaves Prefect itself out, so the figures are the rollout's, not the
-orchestrator's. Wall time counts from the first process start to the merged folder
-(process start-up, model load and merge included). Configurations alternate, repeated
-``--repeats`` times; the merged ``rollouts.parquet`` is checked byte-identical to the
-unsharded one each time.
+Runs the real rollout stage the way the flow runs it with the default in-process runner:
+the unsharded call in this process (``run.threads: 0``: torch's default, every core), or
+``n`` shard processes started together (each ``cpu_count // n`` threads, the
+orchestrator's subprocess ``shard_runner``), then the merge in this process. The shard
+processes are started by threads here as the flow's Prefect ``ThreadPoolTaskRunner``
+starts them (one ``SubprocessRunner`` call per task); the bench leaves Prefect itself
+out, so the figures are the rollout's, not the orchestrator's. Wall time counts from the
+call to the merged folder (a shard's interpreter start and model load included; the
+in-process call loads the model too: the policy cache is cleared). Configurations
+alternate, repeated ``--repeats`` times; every ``rollouts.parquet`` is checked
+byte-identical to the first.
 
 Model: the embedded default (``params.yaml`` sizes), random weights saved as a checkpoint;
 tasks: the prepare stage's arithmetic set; ``rollout`` params as in ``params.yaml``
@@ -36,6 +37,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_THREADS = __import__("torch").get_num_threads()
 
 
 def setup(work: Path, tasks: int, threads: int) -> Path:
@@ -61,23 +63,28 @@ def setup(work: Path, tasks: int, threads: int) -> Path:
 
 
 def run_once(work: Path, params: Path, n: int, tag: str) -> dict:
+    import torch
+
     from tracerl.config import load_params
     from tracerl.pipeline.layout import Planner, RunLayout, StageCall
-    from tracerl.pipeline.runners import SubprocessRunner
+    from tracerl.pipeline.runners import InProcessRunner, SubprocessRunner
+    from tracerl.sampling import clear_policy_cache
 
-    runner = SubprocessRunner(cwd=ROOT)
+    runner, here = SubprocessRunner(cwd=ROOT), InProcessRunner()
+    clear_policy_cache()
+    torch.set_num_threads(DEFAULT_THREADS)  # a run.threads of an earlier run stays set
     out = work / tag / "rollout"
     call = StageCall("rollout", out, 0, {"data": (work / "prepare",), "policy": (work / "sft",)},
                      key=tag)
     t0 = time.perf_counter()
     if n == 1:
-        runner.run(call, params, {"TRACERL_TRACKER": "null"})
+        here.run(call, params, {"TRACERL_TRACKER": "null"})
         shard_s: list[float] = []
     else:
         shards, merge = Planner(load_params(params), RunLayout(work)).shards(call, n)
         with ThreadPoolExecutor(n) as pool:
             list(pool.map(lambda c: runner.run(c, params, {"TRACERL_TRACKER": "null"}), shards))
-        runner.run(merge, params, {"TRACERL_TRACKER": "null"})
+        here.run(merge, params, {"TRACERL_TRACKER": "null"})
         shard_s = json.loads((out / "metrics.json").read_text())["shard_seconds"]
     wall = time.perf_counter() - t0
     m = json.loads((out / "metrics.json").read_text())
@@ -101,6 +108,7 @@ def main() -> None:
         work = Path(d)
         configs = [tuple(map(int, c.split(":"))) for c in a.configs]
         params = {t: setup(work, a.tasks, t) for _, t in configs}
+        import stages.rollout  # noqa: F401  (the flow process has it imported already)
         rows: dict[tuple, list[dict]] = {c: [] for c in configs}
         for r in range(a.repeats):
             for n, t in configs:

@@ -9,6 +9,10 @@ Each stage is a Prefect task that hands a planned :class:`StageCall` to the
 :class:`Orchestrator` (resume, MLflow child run, runner, metrics). The flow only
 sequences: it never touches tensors, tasks return artifact paths and numbers.
 
+With ``rollout.shards`` > 1 the rollout runs as shard tasks submitted together (each
+retried ``rollout.shard_retries`` times by Prefect), then a merge task writes the ordinary
+rollout folder, bit-identical to one unsharded rollout (``docs/pipeline.md``).
+
 Re-running after a crash continues at the first unfinished stage: a stage whose output
 folder has a manifest stamped with the current plan's key is skipped. One MLflow parent
 run per pipeline run (reopened on resume).
