@@ -229,3 +229,34 @@ def test_bad_shards_are_refused(tmp_path):
         load_params(params_file(tmp_path / "p.yaml", rollout={"shards": 0, "shard_retries": -1}))
     assert "rollout.shards must be >= 1" in str(e.value)
     assert "rollout.shard_retries must be >= 0" in str(e.value)
+
+
+def test_tracker_runs_are_per_thread(tmp_path):
+    """Shards' child runs open side by side in Prefect's worker threads: each thread logs
+    to its own child run, and a thread with none open logs to the parent run."""
+    import threading
+
+    from tracerl.tracking import MlflowTracker
+
+    t = MlflowTracker(tmp_path, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    both_open, logged = threading.Barrier(2), threading.Barrier(2)
+    children: dict[int, str] = {}
+
+    def shard(k: int) -> None:
+        with t.start_run(f"shard{k}", parent_run_id=parent) as rid:
+            children[k] = rid
+            both_open.wait(timeout=60)  # both children open: one stack would mix them
+            t.log_metrics({"k": float(k)})
+            logged.wait(timeout=60)
+        t.log_metrics({f"after{k}": 1.0})  # no run of its own open: the parent's
+
+    with t.start_run("parent") as parent:
+        threads = [threading.Thread(target=shard, args=(k,)) for k in (1, 2)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        assert t.run_id == parent
+    for k, rid in children.items():
+        assert t.client.get_run(rid).data.metrics == {"k": float(k)}
+    assert t.client.get_run(parent).data.metrics == {"after1": 1.0, "after2": 1.0}
