@@ -2,6 +2,7 @@
 
     python bench/bench_rollout.py [--tokens 256] [--batches 1 64] [--threads 1] [--repeats 2]
     python bench/bench_rollout.py --device cuda --trado   # GPU row: TraDo-4B-sized, random weights
+    python bench/bench_rollout.py --family llada --tokens 64 --batches 16   # full attention
 
 Model: the embedded default (``ModelParams`` sizes: hidden 128, 4 layers, the
 character-level tokenizer), random weights, fp32, with the final RMSNorm gain multiplied
@@ -16,6 +17,11 @@ lengths (29-40 tokens). Timing: best of ``--repeats`` runs after a warm-up
 Columns: tokens/s = decoded positions per second over all sequences; fwd/token = forward
 passes each sequence took part in, per decoded token (the trajectories' ``num_forward``);
 tokens/step = decoded tokens per denoising step.
+
+``--family llada`` (full attention, LLaDA-style): "cache" is ``full_cache: prefix``, the
+approximate prefix cache, against the exact sampler that runs the whole canvas every
+step; ``same tokens`` is the share of decoded tokens equal to the exact sampler's with the
+same seeds (the approximation's footprint; 1.00 for the exact block-model cache).
 """
 
 from __future__ import annotations
@@ -33,11 +39,11 @@ from tracerl.models import build_default_tokenizer, build_for_tokenizer
 from tracerl.sampling import SamplingConfig, generate
 
 
-def default_model(gain: float, device: str, dtype: torch.dtype):
+def default_model(gain: float, device: str, dtype: torch.dtype, family: str = "sdar"):
     m = ModelParams()
     tok = build_default_tokenizer()
     model = build_for_tokenizer(
-        tok, "sdar", block_size=m.block_size, hidden_size=m.hidden_size,
+        tok, family, block_size=m.block_size, hidden_size=m.hidden_size,
         num_layers=m.num_layers, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
         intermediate_size=m.intermediate_size, max_position_embeddings=m.max_position_embeddings,
         dtype=dtype)
@@ -87,6 +93,7 @@ def measure(model, prompts, cfg, repeats: int, sync) -> dict:
         "fwd_tok": sum(t.num_forward for t in trajs) / toks,
         "tok_step": toks / sum(t.num_steps for t in trajs),
         "seconds": best,
+        "ids": [t.response_ids for t in trajs],
     }
 
 
@@ -99,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gain", type=float, default=40.0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--trado", action="store_true", help="TraDo-4B-sized random model (GPU)")
+    ap.add_argument("--family", default="sdar", choices=["sdar", "llada"])
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
@@ -107,8 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         model, tok = trado_model(args.device, torch.bfloat16)
         name = "TraDo-4B-sized (36 layers, hidden 2560), random, bf16"
     else:
-        model, tok = default_model(args.gain, args.device, torch.float32)
-        name = f"embedded default (4 layers, hidden 128), random x gain {args.gain:g}, fp32"
+        model, tok = default_model(args.gain, args.device, torch.float32, args.family)
+        name = (f"embedded default (4 layers, hidden 128, {args.family}), random x gain "
+                f"{args.gain:g}, fp32")
     model.eval()
     machine = (torch.cuda.get_device_name() if cuda else
                f"{platform.processor() or platform.machine()}, {args.threads} torch thread(s)")
@@ -116,22 +125,32 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.tokens} tokens, b=4, T=4\n")
     generate(model, prompts_for(tok, 2), SamplingConfig(max_tokens=8, ignore_eos=True),
              torch.Generator().manual_seed(0))  # warm-up
-    print("| batch | strategy | cache | tokens/s | fwd/token | tokens/step | seconds | cached speed-up |")
-    print("|---:|---|---|---:|---:|---:|---:|---:|")
+    full = args.family != "sdar"
+    print("| batch | strategy | cache | tokens/s | fwd/token | tokens/step | seconds | cached "
+          "speed-up | same tokens |")
+    print("|---:|---|---|---:|---:|---:|---:|---:|---:|")
     for bs in args.batches:
         prompts = prompts_for(tok, max(bs, 2) if bs == 1 else bs)
         for strategy in ("low_confidence_static", "low_confidence_dynamic"):
             res = {}
             for use_cache in (True, False):
+                cache = ({"full_cache": "prefix" if use_cache else "none"} if full
+                         else {"use_cache": use_cache})
                 cfg = SamplingConfig(block_size=4, steps_per_block=4, max_tokens=args.tokens,
                                      strategy=strategy, dynamic_threshold=0.9, batch_size=bs,
-                                     use_cache=use_cache, ignore_eos=True)
+                                     ignore_eos=True, **cache)
                 reps = 1 if (not use_cache and bs > 8) else args.repeats
                 res[use_cache] = r = measure(model, prompts, cfg, reps, sync)
-                speed = (f"{res[True]['tok_s'] / r['tok_s']:.1f}x" if not use_cache else "")
+                speed = same = ""
+                if not use_cache:
+                    speed = f"{res[True]['tok_s'] / r['tok_s']:.1f}x"
+                    pairs = [(x, y) for a, b in zip(res[True]["ids"], r["ids"])
+                             for x, y in zip(a, b)]
+                    same = f"{sum(x == y for x, y in pairs) / max(len(pairs), 1):.2f}"
                 print(f"| {bs} | {strategy.removeprefix('low_confidence_')} | "
-                      f"{'yes' if use_cache else 'no'} | {r['tok_s']:.0f} | {r['fwd_tok']:.2f} | "
-                      f"{r['tok_step']:.2f} | {r['seconds']:.1f} | {speed} |", flush=True)
+                      f"{('prefix' if full else 'yes') if use_cache else 'no'} | "
+                      f"{r['tok_s']:.0f} | {r['fwd_tok']:.2f} | {r['tok_step']:.2f} | "
+                      f"{r['seconds']:.1f} | {speed} | {same} |", flush=True)
     return 0
 
 

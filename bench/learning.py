@@ -2,6 +2,7 @@
 
     source scripts/env.sh && python bench/learning.py [--seeds 0 1 2] [--iterations 30]
         [--methods trace_rl trace_rl_value random_masking coupled] [--out docs/results]
+    python bench/learning.py --recipes block4 block_ref block_tstar --out docs/results/blocks
 
 For each seed: one SFT run of the pipeline (prepare + sft + the SFT model's held-out
 evaluation), then, for each method, the RL part of the pipeline started from that SFT
@@ -13,7 +14,11 @@ by side in the MLflow UI. Prints a table of held-out accuracy (greedy, static de
 ``<out>/learning.png`` (held-out accuracy per iteration, per method).
 
 Parameters not set here come from ``params.yaml``; ``--set section.key=value`` overrides
-any of them for every run (e.g. ``--set policy.lr=1e-4``).
+any of them for every run (e.g. ``--set policy.lr=1e-4``). ``--recipes`` compares named
+experiments (``recipes/<name>.yaml``, :mod:`tracerl.recipes`) instead of methods: the arms
+must agree on the SFT model (``model``, ``sft``, ``data``), which is trained once per seed.
+Besides the held-out curve, each arm records the final and SFT evaluations' metrics (per
+block size, per level) and the curriculum level per iteration.
 """
 
 from __future__ import annotations
@@ -63,6 +68,12 @@ def run_flow(params: dict, folder: Path, part: str = "all") -> None:
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
 
 
+def levels(run_dir: Path) -> list[int]:
+    """The curriculum level each iteration sampled at (the rollout's ``level``)."""
+    rows = json.loads((run_dir / "plots" / "rl_curves.json").read_text())
+    return [int(r["rollout.level"]) for r in rows if "rollout.level" in r]
+
+
 def curve(run_dir: Path) -> list[tuple[int, float]]:
     rows = json.loads((run_dir / "plots" / "rl_curves.json").read_text())
     pts = [(r["iteration"] + 1, r["evaluate.accuracy"]) for r in rows if "evaluate.accuracy" in r]
@@ -75,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--recipes", nargs="+", default=None,
+                    help="compare these recipes (recipes/NAME.yaml) instead of --methods")
     ap.add_argument("--iterations", type=int, default=None, help="default: run.iterations")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     ap.add_argument("--out", type=Path, default=Path("docs/results"))
@@ -82,6 +95,18 @@ def main(argv: list[str] | None = None) -> int:
     base = merge(yaml.safe_load(Path("params.yaml").read_text()), parse_set(a.set))
     if a.iterations:
         base["run"]["iterations"] = a.iterations
+    arms = METHODS
+    if a.recipes:
+        from tracerl.recipes import load_recipe
+
+        arms = {r: load_recipe(r) for r in a.recipes}
+        a.methods = list(arms)
+        sft_of = {r: {k: merge(base, o).get(k) for k in ("model", "sft", "data")}
+                  for r, o in arms.items()}
+        if len({json.dumps(v, sort_keys=True) for v in sft_of.values()}) > 1:
+            ap.error("the recipes differ in model/sft/data: they cannot share an SFT model; "
+                     "compare them in separate invocations")
+        base = merge(base, {k: v for k, v in next(iter(sft_of.values())).items()})
     work = Path(base["run"]["runs_dir"]) / "learning-params"
     results: dict = {"params": base, "seeds": {}}
     for seed in a.seeds:
@@ -96,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         per: dict = {"sft_seconds": time.time() - t0}
         for m in a.methods:
             t1 = time.time()
-            p = merge(merge(base, seeded), merge(METHODS[m], {
+            p = merge(merge(base, seeded), merge(arms[m], {
                 "run": {"name": f"learn-s{seed}-{m}", "seed": seed},
                 "model": {"init": str(ckpt.resolve())},
                 "sft": {"steps": 0},
@@ -105,7 +130,11 @@ def main(argv: list[str] | None = None) -> int:
             rd = Path(base["run"]["runs_dir"]) / p["run"]["name"]
             sft_acc = json.loads((rd / "metrics" / "rl.json").read_text())["baseline"]["accuracy"]
             per[m] = {"sft_accuracy": sft_acc, "curve": curve(rd),
-                      "final_accuracy": curve(rd)[-1][1], "seconds": time.time() - t1}
+                      "final_accuracy": curve(rd)[-1][1], "seconds": time.time() - t1,
+                      "levels": levels(rd),
+                      "final_metrics": json.loads((rd / "metrics" / "evaluate.json").read_text()),
+                      "sft_metrics": json.loads((rd / "metrics" / "rl.json").read_text())
+                      .get("baseline", {})}
             print(f"seed {seed} {m:15s} SFT {sft_acc:.3f} -> RL {per[m]['final_accuracy']:.3f} "
                   f"({per[m]['seconds']:.0f} s)", flush=True)
             results["seeds"][str(seed)] = per

@@ -44,6 +44,7 @@ from tracerl.pipeline.layout import Planner, RunLayout, StageCall, is_done, plan
 from tracerl.pipeline.lock import RunLocked
 from tracerl.pipeline.registry import DVC_PARTS, STAGES, resource
 from tracerl.pipeline.runners import make_runner
+from tracerl.recipes import RecipeError
 from tracerl.tracking import make_tracker
 
 PARTS = ("all", *DVC_PARTS)  # "all" or one coarse DVC stage
@@ -173,8 +174,10 @@ def _require_done(part: str, calls: list[StageCall]) -> None:
 def build(params_path: str | Path = "params.yaml", run_name: str | None = None,
           iterations: int | None = None, runner: str | None = None,
           project_root: str | Path | None = None,
-          package: str = "stages") -> tuple[Params, Orchestrator, Planner, str]:
-    """Load params (with orchestration overrides), build layout, runner, tracker, planner.
+          package: str = "stages", recipe: str | None = None,
+          seed: int | None = None) -> tuple[Params, Orchestrator, Planner, str]:
+    """Load params (with a recipe's and the orchestration overrides), build layout,
+    runner, tracker, planner.
 
     Returns ``(params, orchestrator, planner, plan_key)``; ``plan_key`` identifies the
     whole pipeline run (the key of its final evaluation).
@@ -183,14 +186,8 @@ def build(params_path: str | Path = "params.yaml", run_name: str | None = None,
     params_path = Path(params_path)
     if not params_path.is_absolute():
         params_path = root / params_path
-    run_over: dict[str, Any] = {}
-    if run_name is not None:
-        run_over["name"] = run_name
-    if iterations is not None:
-        run_over["iterations"] = iterations
-    if runner is not None:
-        run_over["runner"] = runner
-    params = load_params(params_path, {"run": run_over} if run_over else None)
+    params = load_params(params_path, run_overrides(root, run_name, iterations, runner,
+                                                    recipe, seed))
     layout = RunLayout.from_params(params, base=root)
     # shards run side by side: an in-process runner's shards run in subprocesses
     shard_kind = "subprocess" if params.run.runner == "inprocess" else params.run.runner
@@ -204,10 +201,32 @@ def build(params_path: str | Path = "params.yaml", run_name: str | None = None,
     return params, orch, Planner(params, layout), plan_key
 
 
+def run_overrides(root: Path, run_name: str | None = None, iterations: int | None = None,
+                  runner: str | None = None, recipe: str | None = None,
+                  seed: int | None = None) -> dict[str, Any] | None:
+    """The overrides of ``params.yaml`` a launch asks for: a recipe's
+    (:mod:`tracerl.recipes`), a seed, then the run's name, iterations and runner. A recipe
+    names the run after itself (``<recipe>``, ``<recipe>-s<seed>``) unless it or
+    ``run_name`` says otherwise."""
+    from tracerl.recipes import load_recipe, merge, seeded
+
+    over: dict[str, Any] = load_recipe(recipe, root) if recipe else {}
+    if seed is not None:
+        over = merge(over, seeded(seed))
+    run: dict[str, Any] = {}
+    if recipe and "name" not in over.get("run", {}):
+        run["name"] = recipe if seed is None else f"{recipe}-s{seed}"
+    for key, val in (("name", run_name), ("iterations", iterations), ("runner", runner)):
+        if val is not None:
+            run[key] = val
+    return merge(over, {"run": run}) if run or over else None
+
+
 @flow(name="tracerl", log_prints=True)
 def tracerl(params_path: str = "params.yaml", run_name: str | None = None,
             iterations: int | None = None, runner: str | None = None, part: str = "all",
-            project_root: str | None = None, package: str = "stages") -> dict[str, Any]:
+            project_root: str | None = None, package: str = "stages",
+            recipe: str | None = None, seed: int | None = None) -> dict[str, Any]:
     """TraceRL pipeline: prepare -> sft -> RL iterations -> evaluate; see the module doc.
 
     Args:
@@ -218,9 +237,11 @@ def tracerl(params_path: str = "params.yaml", run_name: str | None = None,
         part: ``all`` or one coarse stage (``prepare``, ``sft``, ``rl``, ``evaluate``).
         project_root: the project folder (default: the working directory).
         package: the package of stage modules (``stages``; tests pass fakes).
+        recipe: a named experiment, ``recipes/<recipe>.yaml`` (overrides of the params).
+        seed: the run's seeds (``run``, ``sft``, ``policy``, ``value``).
     """
     _, orch, planner, plan_key = build(params_path, run_name, iterations, runner,
-                                       project_root, package)
+                                       project_root, package, recipe, seed)
     with orch.parent_run(plan_key, part=part):
         summary = run_pipeline(orch, planner, part, _prefect_submit(orch),
                                _prefect_submit_shards(orch))
@@ -235,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-name", default=None)
     ap.add_argument("--iterations", type=int, default=None)
     ap.add_argument("--runner", default=None, choices=["inprocess", "subprocess", "container"])
+    ap.add_argument("--recipe", default=None, help="a named experiment (recipes/NAME.yaml)")
+    ap.add_argument("--seed", type=int, default=None, help="run, sft, policy and value seed")
     ap.add_argument("--no-prefect", action="store_true",
                     help="run the same sequence without Prefect (no server needed)")
     # the package of stage modules; tests point it at fakes (also through the environment,
@@ -243,16 +266,17 @@ def main(argv: list[str] | None = None) -> int:
                     help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     try:
-        load_params(a.params)  # fail on bad params before any work (and before Prefect)
+        # fail on bad params before any work (and before Prefect)
+        load_params(a.params, run_overrides(Path.cwd(), recipe=a.recipe, seed=a.seed))
         if a.no_prefect:
             _, orch, planner, plan_key = build(a.params, a.run_name, a.iterations, a.runner,
-                                               package=a.package)
+                                               package=a.package, recipe=a.recipe, seed=a.seed)
             with orch.parent_run(plan_key, part=a.stage):
                 summary = run_pipeline(orch, planner, a.stage, orch.run_call)
         else:
             summary = tracerl(a.params, a.run_name, a.iterations, a.runner, a.stage,
-                              package=a.package)
-    except ConfigError as e:
+                              package=a.package, recipe=a.recipe, seed=a.seed)
+    except (ConfigError, RecipeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RunLocked as e:

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     history = [task_results(read_parquet(d / "scored.parquet", "scored"), tasks)
                for d in args.inputs.get("scored", [])]
     decision = plan_next(policy, history, iteration=it, level=prev.level, rule=rule,
-                         exclude=prev.exclude, **shape)
+                         exclude=prev.exclude, held=prev.held, **shape)
     with stage_output(args.out, stage="curriculum") as out:
         (out.dir / DECISION).write_text(json.dumps(decision.to_dict(), indent=2))
         out.metrics.update({

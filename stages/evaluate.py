@@ -5,9 +5,12 @@
 
 Reads ``params.evaluate`` (benchmarks, k, pass@k, strategies, temperature) with the block
 size, steps and budget of ``model``/``rollout`` (or the curriculum's schedule at this
-iteration). Writes ``eval.json`` (every score next to its full decoding config),
+iteration; ``evaluate.max_tokens`` fixes the budget). Writes ``eval.json`` (every score next to its full decoding config),
 ``samples_<benchmark>_<strategy>.parquet`` (scored responses) and metrics: ``accuracy``
 (held-out avg@k of the first strategy, the headline) and ``<benchmark>.<strategy>.<metric>``.
+Each size of ``evaluate.block_sizes`` adds ``<benchmark>.b<size>.<strategy>.<metric>``
+(the one in force is not decoded twice: its scores are repeated under its tag) and, other
+than the one in force, ``samples_<benchmark>_b<size>_<strategy>.parquet``.
 A task whose prompt does not fit the model's context with the budget is skipped and
 counted by task id (``<benchmark>.skipped_too_long``, ``skipped_<benchmark>.jsonl``);
 past ``data.max_skip_fraction`` of a benchmark the stage fails.
@@ -26,7 +29,7 @@ from tracerl.data import (
     tasks_from_frame,
 )
 from tracerl.data.skips import Skipped, skip_too_long
-from tracerl.evaluation import evaluate_tasks
+from tracerl.evaluation import accuracy_by_level, accuracy_by_source, evaluate_tasks
 from tracerl.models import weights_digest
 from tracerl.pipeline.artifacts import stage_output
 from tracerl.pipeline.resolve import curriculum_decision, policy_from_params, sampling_config
@@ -64,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         return scored
 
     # tasks whose prompt does not fit the model's context are skipped and counted by id
-    budget = [(dec.schedule.block_size, dec.schedule.max_tokens)]
+    max_tokens = e.max_tokens or dec.schedule.max_tokens  # a fixed budget when set
+    budget = [(b, max_tokens) for b in [dec.schedule.block_size, *e.block_sizes]]
     context = getattr(model.config, "max_position_embeddings", None)
     skipped = {}
     for name, tasks in suites.items():
@@ -80,19 +84,36 @@ def main(argv: list[str] | None = None) -> int:
         for name, tasks in suites.items():
             o.metrics.update(skipped[name].metrics(f"{name}."))
             skipped[name].write(o.dir / f"skipped_{name}.jsonl")
-            for strategy in e.strategies:
-                cfg = sampling_config(p, dec, strategy=strategy, temperature=e.temperature,
-                                      top_k=e.top_k, top_p=e.top_p)
-                res, scored = evaluate_tasks(
-                    model, tok, tasks, cfg, k=e.responses_per_task, pass_ks=e.pass_k,
-                    score=lambda f, t=tasks: score(f, t), seed=p.run.seed, policy_id=pid)
-                results.setdefault(name, {})[strategy] = res
-                write_parquet(scored, o.dir / f"samples_{name}_{strategy}.parquet", "scored")
-                for key, val in res.items():
-                    if isinstance(val, (int, float)):
-                        o.metrics[f"{name}.{strategy}.{key}"] = float(val)
-                print(f"evaluate[{name}/{strategy}]: avg@{e.responses_per_task} "
-                      f"{res['accuracy']:.3f} over {int(res['tasks'])} tasks")
+            # the block in force first (its keys carry no block tag), then the extra sizes
+            for b in [None, *(x for x in e.block_sizes if x != dec.schedule.block_size)]:
+                tag = "" if b is None else f"b{b}"
+                shape = {} if b is None else {"block_size": b,
+                                              "steps_per_block": min(p.rollout.steps_per_block, b)}
+                for strategy in e.strategies:
+                    cfg = sampling_config(p, dec, strategy=strategy, temperature=e.temperature,
+                                          top_k=e.top_k, top_p=e.top_p, max_tokens=max_tokens,
+                                          **shape)
+                    res, scored = evaluate_tasks(
+                        model, tok, tasks, cfg, k=e.responses_per_task, pass_ks=e.pass_k,
+                        score=lambda f, t=tasks: score(f, t), seed=p.run.seed, policy_id=pid)
+                    res.update(accuracy_by_level(scored, tasks))
+                    res.update(accuracy_by_source(scored, tasks))
+                    key = ".".join(filter(None, [tag, strategy]))
+                    results.setdefault(name, {})[key] = res
+                    write_parquet(scored, o.dir / f"samples_{name}_{key.replace('.', '_')}.parquet",
+                                  "scored")
+                    # a listed size that is the one in force: its scores under its tag too,
+                    # so every evaluation of a run has the same b<size> keys
+                    tags = [key] + ([f"b{dec.schedule.block_size}.{strategy}"]
+                                    if b is None and dec.schedule.block_size in e.block_sizes
+                                    else [])
+                    for k_, val in res.items():
+                        if isinstance(val, (int, float)):
+                            for t in tags:
+                                o.metrics[f"{name}.{t}.{k_}"] = float(val)
+                    print(f"evaluate[{name}/{key}]: avg@{e.responses_per_task} "
+                          f"{res['accuracy']:.3f} over {int(res['tasks'])} tasks, "
+                          f"{res['forward_per_token']:.2f} forwards/token")
         first = next(iter(results))
         o.metrics["accuracy"] = results[first][e.strategies[0]]["accuracy"]
         (o.dir / "eval.json").write_text(json.dumps(

@@ -31,10 +31,11 @@ import sys
 
 import polars as pl
 
+from tracerl.config import decoding_budgets
 from tracerl.data import reference_solution, tasks_to_frame
 from tracerl.data.prepare import prepare_tasks
 from tracerl.data.skips import SKIPPED_FILE
-from tracerl.limits import prompt_fit, run_budgets
+from tracerl.limits import prompt_fit
 from tracerl.pipeline.artifacts import stage_output
 from tracerl.pipeline.stage_cli import load_stage_params, parse_stage_args
 from tracerl.schemas import write_parquet
@@ -43,10 +44,9 @@ from tracerl.schemas import write_parquet
 def main(argv: list[str] | None = None) -> int:
     a = parse_stage_args(argv, "prepare")
     params = load_stage_params(a.params, "prepare")
-    d, seed, m, c = params.data, params.run.seed, params.model, params.curriculum
+    d, seed, m = params.data, params.run.seed, params.model
     levels = list(range(d.min_difficulty, d.max_difficulty + 1))
-    budgets = run_budgets(m.block_size, params.rollout.max_tokens, c.block_size_schedule,
-                          c.max_tokens_schedule)
+    budgets = decoding_budgets(params)
     prep = prepare_tasks(
         d.generator, train_size=d.train_size, heldout_size=d.heldout_size,
         sft_size=d.sft_size, levels=levels, seed=seed, sft_style=d.sft_style,

@@ -137,6 +137,7 @@ def sample(p, args, inputs: dict[str, str], ap) -> int:
         task_ids=[t for t in chosen_ids for _ in range(k)],
         sample_index=list(range(k)) * len(rendered),
         metrics={"num_tasks": len(rendered), "block_size": cfg.block_size,
+                 "train_block_size": dec.schedule.train_block,
                  "steps_per_block": cfg.steps_per_block, "max_tokens": cfg.max_tokens,
                  "level": dec.level, **skipped.metrics()},
         sampling={**cfg.__dict__, "seed": seed, "iteration": it},
@@ -164,7 +165,8 @@ def sample(p, args, inputs: dict[str, str], ap) -> int:
     # 4. Write rollouts.parquet and metrics.
     pid = weights_digest(model)
     df = trajectories_to_frame(trajs, [plan.task_ids[i] for i in todo],
-                               [plan.sample_index[i] for i in todo], pid, tok)
+                               [plan.sample_index[i] for i in todo], pid, tok,
+                               train_block_size=dec.schedule.train_block_size or None)
     with stage_output(args.out, stage="rollout") as o:
         write_parquet(df, o.dir / "rollouts.parquet", "rollout")
         plan.skipped.write(o.dir / SKIPPED_FILE)

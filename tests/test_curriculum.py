@@ -152,3 +152,92 @@ def test_params_cross_checks():
     msg = str(e.value)
     assert "curriculum.start_level (7)" in msg
     assert "from iteration 3" in msg and "max_tokens 36" in msg and "block size 8" in msg
+
+
+def test_training_block_schedule_reference_and_tstar_manners():
+    """Reference manner: train at 8 on rollouts at 4 from iteration 2, then roll out at 8
+    from iteration 4 (the training block then equals the rollout's: recorded as 0)."""
+    kw = dict(block_size_schedule=[[4, 8]], train_block_size_schedule=[[2, 8]])
+    seen = [(d.schedule.block_size, d.schedule.train_block_size, d.schedule.train_block)
+            for d in (plan([results(("a", 2))] * (i + 1), level=1, **kw) for i in range(5))]
+    # decisions for iterations 1..5
+    assert seen == [(4, 0, 4), (4, 8, 8), (4, 8, 8), (8, 0, 8), (8, 0, 8)]
+    d = initial_decision(level=0, rule=RULE, policy="pass_rate_band", block_size=4,
+                         max_tokens=32, train_block_size_schedule=[[0, 8]])
+    assert (d.schedule.block_size, d.schedule.train_block) == (4, 8)
+    assert CurriculumDecision.from_dict(d.to_dict()) == d
+    # an old decision.json without the key still loads (train at the rollout's block)
+    old = d.to_dict()
+    del old["schedule"]["train_block_size"]
+    assert CurriculumDecision.from_dict(old).schedule.train_block == 4
+
+
+def test_training_block_must_hold_whole_rollout_blocks():
+    with pytest.raises(ConfigError) as e:
+        params_from_dict({"curriculum": {"block_size_schedule": [[3, 8]],
+                                         "train_block_size_schedule": [[0, 6], [2, 8]],
+                                         "max_tokens_schedule": [[0, 48]]}})
+    msg = str(e.value)
+    # iteration 0: 6 over rollout blocks of 4; iterations 2..: fine (8 over 4, then 8 over 8)
+    assert "from iteration 0 the training block size 6 is not a multiple of the rollout " \
+           "block size 4" in msg
+    assert "from iteration 2" not in msg and "from iteration 3" not in msg
+    assert params_from_dict({"curriculum": {"block_size_schedule": [[3, 8]],
+                                            "train_block_size_schedule": [[0, 8]],
+                                            "max_tokens_schedule": [[0, 48]]}})
+    with pytest.raises(ConfigError, match="training block size 8 is not a multiple of the "
+                                          "rollout block size 16"):
+        params_from_dict({"curriculum": {"block_size_schedule": [[3, 16]],
+                                         "train_block_size_schedule": [[0, 8]],
+                                         "max_tokens_schedule": [[0, 48]]}})
+
+
+def test_patience_moves_a_plateau_up_and_resets_on_a_move():
+    """Pass rate 0.75 at the frontier (3 of 4 correct per task), just under raise_above 0.8:
+    without patience the level is held forever; with patience 3 the third decision in a
+    row inside the band moves up, and the count starts again at the new level."""
+    plateau = results(("a", 3), ("b", 3), level=1)
+    held, level = 0, 1
+    for _ in range(5):
+        d = plan([plateau], level=level, held=held)
+        assert d.level == 1 and d.held == held + 1
+        held = d.held
+    rule = CurriculumRule(raise_above=0.8, lower_below=0.2, min_level=0, max_level=3,
+                          patience=3, cumulative=True)
+    levels, held, level = [], 0, 1
+    for _ in range(4):
+        d = plan([results(("a", 3), ("b", 3), level=level)], level=level, rule=rule, held=held)
+        levels.append(d.level)
+        held, level = d.held, d.level
+    # decisions: kept (1), kept (2), third in the band -> 2 (held 0), kept at 2 (held 1)
+    assert levels == [1, 1, 2, 2] and held == 1
+    assert "patience 3" in plan([plateau], level=1, rule=rule, held=2).reason
+    # below the band patience does nothing: the level goes down as before
+    assert plan([results(("a", 0), level=1)], level=1, rule=rule, held=5).level == 0
+    # at the top level patience cannot move it
+    top = plan([results(("a", 3), level=3)], level=3, rule=rule, held=9)
+    assert top.level == 3 and "level kept" in top.reason
+
+
+def test_token_budget_follows_the_pool_top_level():
+    """The long tier: budgets 80/128/160 for levels 6/7/8 unlock with the level; the
+    iteration schedule still sets a floor."""
+    rule = CurriculumRule(raise_above=0.8, lower_below=0.2, min_level=6, max_level=8,
+                          cumulative=True)
+    by_level = [[6, 80], [7, 128], [8, 160]]
+    d0 = initial_decision(level=6, rule=rule, policy="pass_rate_band", block_size=4,
+                          max_tokens=40, max_tokens_by_level=by_level)
+    assert d0.levels == (6,) and d0.schedule.max_tokens == 80
+    up = plan([results(("a", 4), level=6)], level=6, rule=rule, max_tokens_by_level=by_level)
+    assert up.levels == (6, 7) and up.schedule.max_tokens == 128
+    top = plan([results(("a", 4), level=7)], level=7, rule=rule, max_tokens_by_level=by_level)
+    assert top.levels == (6, 7, 8) and top.schedule.max_tokens == 160
+    floor = plan([results(("a", 4), level=6)], level=6, rule=rule, max_tokens_by_level=by_level,
+                 max_tokens_schedule=[[0, 200]])
+    assert floor.schedule.max_tokens == 200
+    with pytest.raises(ConfigError, match="level 7's budget 130 is not a multiple of the "
+                                          "rollout block size 4"):
+        params_from_dict({"data": {"min_difficulty": 6, "max_difficulty": 8},
+                          "curriculum": {"start_level": 6,
+                                         "max_tokens_by_level": [[6, 80], [7, 130]]},
+                          "model": {"max_position_embeddings": 512}})

@@ -69,6 +69,43 @@ def test_worked_solution_every_two_digit_problem_is_right_and_short():
                     assert eval(lhs) == int(rhs), (sol, step)  # noqa: S307 - digits only
 
 
+def test_long_tier_chained_sums_worked_by_columns():
+    """Levels 6-8: three to five two-digit terms; the worked solution adds one running
+    total at a time by columns (hand-derived below), every column fact is right, and it
+    is several times as long as a level 0-5 solution."""
+    assert arithmetic.worked_solution("What is 68+17+38?") == (
+        "68+17: 8+7=15, 6+1+1=8, =85; 85+38: 5+8=13, 8+3+1=12, =123 \\boxed{123}")
+    # a three-digit running total: the hundreds column adds a 0 and the carry
+    assert arithmetic.worked_solution("What is 95+38+99?") == (
+        "95+38: 5+8=13, 9+3+1=13, =133; 133+99: 3+9=12, 3+9+1=13, 1+0+1=2, =232 "
+        "\\boxed{232}")
+    short = max(len(arithmetic.worked_solution(t.prompt))
+                for t in generate_tasks("arithmetic", 200, list(range(6)), seed=0))
+    for level, terms in ((6, 3), (7, 4), (8, 5)):
+        tasks = generate_tasks("arithmetic", 60, difficulty=level, seed=1)
+        lengths = []
+        for t in tasks:
+            expr = t.prompt.removeprefix("What is ").removesuffix("?")
+            nums = [int(x) for x in expr.split("+")]
+            assert len(nums) == terms and all(10 <= x <= 99 for x in nums)
+            assert int(t.answer) == sum(nums) and t.difficulty == level
+            sol = arithmetic.worked_solution(t.prompt)
+            assert score_math(sol, t.answer).correct
+            total = nums[0]
+            for part, x in zip(sol.split(" \\boxed")[0].split("; "), nums[1:]):
+                head, _, rest = part.partition(": ")
+                assert head == f"{total}+{x}"
+                *cols, result = rest.split(", ")
+                for col in cols:
+                    lhs, rhs = col.split("=")
+                    assert eval(lhs) == int(rhs), (sol, col)  # noqa: S307 - digits only
+                total += x
+                assert result == f"={total}"
+            lengths.append(len(sol))
+        assert min(lengths) > 1.5 * short * (terms - 1) / 2, (level, min(lengths), short)
+    assert arithmetic.longest_prompt([6, 7, 8]) == "What is 99+99+99+99+99?"
+
+
 def test_reference_solution_refuses_unknown_style():
     with pytest.raises(ValueError, match="style"):
         reference_solution(TaskRecord("x", "What is 1+2?", "arithmetic", "3"), "essay")

@@ -109,3 +109,70 @@ def test_real_stages_two_iterations(tmp_path, monkeypatch):
     assert sorted(m.step for m in hist) == [0, 1]
     versions = tracker.client.search_model_versions("name='tiny-policy'")
     assert len(versions) == 1
+
+
+def test_block_size_curriculum_through_the_real_stages(tmp_path, monkeypatch):
+    """A schedule change on the real stages (no Prefect): iteration 0 rolls out at block 4
+    and trains at 8 (the reference's manner), iteration 1 rolls out and trains at 8,
+    iteration 2 rolls out at 8 and trains at 16. The trajectories record it and the
+    trainer's rows follow the records, never model.block_size (4 throughout); the
+    evaluations decode at blocks 4, 8 and 16 under the same keys every time."""
+    from flows.tracerl_flow import build, run_pipeline
+
+    tiny = {**TINY, "run": {**TINY["run"], "name": "blocks", "iterations": 3, "eval_every": 3,
+                            "tracker": "null"},
+            "policy": {"use_value": False, "micro_batch": 4},
+            "curriculum": {"block_size_schedule": [[1, 8]],
+                           "train_block_size_schedule": [[0, 8], [2, 16]]},
+            "rollout": {**TINY["rollout"], "steps_per_block": 16},
+            "evaluate": {"heldout_size": 3, "block_sizes": [4, 8, 16],
+                         "strategies": ["low_confidence_dynamic"]}}
+    params_file(tmp_path / "params.yaml", **tiny)
+    monkeypatch.chdir(tmp_path)
+    _, orch, planner, key = build("params.yaml", project_root=tmp_path)
+    with orch.parent_run(key, part="all"):
+        run_pipeline(orch, planner, "all", orch.run_call)
+    L = RunLayout.from_params(load_params(tmp_path / "params.yaml"), base=tmp_path)
+    want = [(4, 8, 8), (8, None, 8), (8, 16, 16)]  # (decoded at, recorded train block, rows)
+    for i, (b, train, rows) in enumerate(want):
+        roll = read_parquet(L.stage_dir("rollout", i) / "rollouts.parquet", "rollout")
+        assert set(roll["block_size"]) == {b} and set(roll["train_block_size"]) == {train}
+        pm = json.loads((L.stage_dir("policy", i) / "metrics.json").read_text())
+        assert pm["rows/block_size"] == rows, i
+        # the sampler's log-probs are the old ones only when training at the decoding block
+        assert pm["old_logprobs_recorded"] == (1.0 if rows == b else 0.0), i
+    for ev in (L.baseline_eval, L.evaluate):
+        m = json.loads((ev / "metrics.json").read_text())
+        for size in (4, 8, 16):
+            assert f"heldout.b{size}.low_confidence_dynamic.forward_per_token" in m
+    head = json.loads(L.headline.read_text())["accuracy"]["heldout"]
+    assert {"b4.low_confidence_dynamic", "b8.low_confidence_dynamic",
+            "b16.low_confidence_dynamic"} <= set(head)
+
+
+def test_full_attention_family_with_value_model_through_the_real_stages(tmp_path, monkeypatch):
+    """A LLaDA-style model (bidirectional, its own mask token) through the same pipeline:
+    random-masking SFT, rollouts with the approximate prefix cache, TraceRL with
+    full-attention rows and the value model on, evaluation. The records say full
+    attention; the trainer recomputes the old log-probs (the sampler's cache is
+    approximate) and the value stage writes token advantages."""
+    from flows.tracerl_flow import build, run_pipeline
+
+    tiny = {**TINY, "run": {**TINY["run"], "name": "llada", "iterations": 2, "tracker": "null"},
+            "model": {**TINY["model"], "family": "llada"},
+            "sft": {**TINY["sft"], "method": "random_masking"},
+            "rollout": {**TINY["rollout"], "full_cache": "prefix"}}
+    params_file(tmp_path / "params.yaml", **tiny)
+    monkeypatch.chdir(tmp_path)
+    _, orch, planner, key = build("params.yaml", project_root=tmp_path)
+    with orch.parent_run(key, part="all"):
+        run_pipeline(orch, planner, "all", orch.run_call)
+    L = RunLayout.from_params(load_params(tmp_path / "params.yaml"), base=tmp_path)
+    for i in range(2):
+        roll = read_parquet(L.stage_dir("rollout", i) / "rollouts.parquet", "rollout")
+        assert set(roll["attention"]) == {"full"} and set(roll["full_cache"]) == {"prefix"}
+        pm = json.loads((L.stage_dir("policy", i) / "metrics.json").read_text())
+        assert pm["old_logprobs_recorded"] == 0.0 and pm["rows/block_size"] == 0.0
+        assert (L.stage_dir("value", i) / "advantages.parquet").is_file()
+    final = json.loads((L.evaluate / "metrics.json").read_text())
+    assert final["heldout.low_confidence_static.tasks"] == 3.0

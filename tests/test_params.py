@@ -174,9 +174,9 @@ def test_task_files_are_checked_at_load(tmp_path, monkeypatch):
     assert "needs data.train_file" in msg and "needs data.heldout_file" in msg
     probs, msg = _problems(_write(tmp_path, _with(data={"generator": "csv"})))
     assert "data.generator 'csv' is unknown" in msg
-    probs, msg = _problems(_write(tmp_path, _with(data={"max_difficulty": 6},
+    probs, msg = _problems(_write(tmp_path, _with(data={"max_difficulty": 9},
                                                   curriculum={"start_level": 0})))
-    assert "must lie in 0..5 for the arithmetic generator" in msg
+    assert "must lie in 0..8 for the arithmetic generator" in msg
 
 
 REGISTRY_KEYS = [  # (section, key, module, registry): params names an entry of a registry

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from test_flow_fakes import write_fake_stages, write_params
+from tracerl.pipeline.registry import EVAL_PLOTS, PLOTS
 
 REPO = Path(__file__).resolve().parents[1]
 DVC = shutil.which("dvc") or str(Path(sys.executable).with_name("dvc"))
@@ -51,6 +52,8 @@ def dvc_project(tmp_path_factory):
     sh(["git", "init", "-q"], root, env)
     sh([DVC, "init", "-q"], root, env)
     sh([DVC, "config", "core.analytics", "false"], root, env)
+    (root / ".dvc" / "plots").mkdir(exist_ok=True)  # the template dvc.yaml's plots name
+    shutil.copy(REPO / ".dvc" / "plots" / "iterations.json", root / ".dvc" / "plots")
     return root, env
 
 
@@ -70,9 +73,25 @@ def test_repro_then_noop_then_param_change(dvc_project):
     assert list(shown) == ["runs/test/metrics/headline.json"]
     head = shown["runs/test/metrics/headline.json"]["data"]
     assert head["heldout_accuracy"] == pytest.approx({"sft": 0.3, "final_rl": 0.5, "gain": 0.2})
+    # `dvc plots show`: every declared plot, once (the curve files are plain outputs, not
+    # stage-level plots drawn again), with data for each of its keys, whole iterations
+    plots = json.loads(sh([DVC, "plots", "show", "--json"], root, env))["data"]
+    assert list(plots) == [*PLOTS, *EVAL_PLOTS]
+    for name, keys in {**PLOTS, **EVAL_PLOTS}.items():
+        (plot,) = plots[name]
+        values = plot["content"]["data"]["values"]
+        fields = {v.get("field", keys[0]) for v in values}
+        assert fields == set(keys), name
+        assert all(isinstance(v["iteration"], int) for v in values), name
     # `dvc exp show` (needs a commit): the headline's columns, no metric named like a param
     sh(["git", "add", "-A"], root, env)
     sh(["git", "commit", "-qm", "reference run"], root, env)
+    # a committed revision's curves come from DVC's cache (runs/ is not in git)
+    diff = json.loads(sh([DVC, "plots", "diff", "HEAD", "--json"], root, env))["data"]
+    assert {r for (p,) in diff.values() for r in p["revisions"]} == {"HEAD", "workspace"}
+    rows = len(json.loads((root / "runs" / "test" / "plots" / "rl_curves.json").read_text()))
+    reward = diff["rl_reward"][0]["content"]["data"]["values"]
+    assert sum(v["rev"] == "HEAD" for v in reward) == 2 * rows  # 2 keys x every iteration
     header = sh([DVC, "exp", "show", "--csv"], root, env).splitlines()[0].split(",")
     assert [c for c in header if "accuracy" in c] == [
         "heldout_accuracy.final_rl", "heldout_accuracy.gain", "heldout_accuracy.sft"]

@@ -62,7 +62,9 @@ def test_dvc_plots_template_has_integer_iterations():
                 walk(v)
 
     walk(tpl)
-    assert xs and all(x["axis"] == {"tickMinStep": 1, "format": "d"} for x in xs)
+    assert xs and all(x["axis"] == {"tickMinStep": 1, "format": "d", "tickCount": {
+        "expr": "min(ceil(width / 40), max(1, span(domain('x'))))"}} for x in xs)
+    # drawn: tests/test_dvc_page_browser.py (each iteration label once, no 0.5 ticks)
 
 
 def test_dvc_params_are_the_union_of_stage_reads():

@@ -198,3 +198,52 @@ def test_records_block_size_is_the_records_and_refuses_mismatches():
         records_block_size([s8], "full", "the model")
     with pytest.raises(TrajectoryError, match="mixes trajectories decoded with block and full"):
         records_block_size([s8, replace(s8, attention="full")], "block")
+
+
+def test_training_block_of_2b_over_rollout_blocks_of_b_follows_global_step_order():
+    """Block-size adaptation (reference: ``training.block_size = 2b`` over rollouts at b).
+
+    P=2, decoded at b=2: response positions 2..7 form decoding blocks [1,1,2,2,3,3] with
+    global decode steps [2,1 | 3,4 | 6,5]. Trained at B=4: positions 0..3 (prompt + j0, j1)
+    are training block 0, positions 4..7 (j2..j5) training block 1, which holds two decoding
+    blocks. Ranks within a training block follow the global steps: block 0 {1, 2} -> j1:0,
+    j0:1; block 1 {3, 4, 5, 6} -> j2:0, j3:1, j5:2, j4:3. At b=2 the ranks would be
+    [1,0 | 0,1 | 1,0] (two rounds); at B=4 the four rounds are
+      round 0: masks all, trains j1 (step 1), j2 (step 3)
+      round 1: masks j0, j3, j4, j5, trains j0 (step 2), j3 (step 4)
+      round 2: masks j4, j5, trains j5 (step 5)
+      round 3: masks j4, trains j4 (step 6)
+    """
+    from dataclasses import replace
+
+    from tracerl.rl import records_block_size
+
+    s = TraceSample([10, 11], [20, 21, 22, 23, 24, 25], [2, 1, 3, 4, 6, 5], response_len=6,
+                    attention="block", block_size=2, train_block_size=4, sample_id="t/0")
+    assert records_block_size([s], "block") == 4
+    steps = torch.tensor(s.decode_steps)
+    assert step_ranks(steps, response_blocks(2, 6, 2)).tolist() == [1, 0, 0, 1, 1, 0]
+    assert step_ranks(steps, response_blocks(2, 6, 4)).tolist() == [1, 0, 0, 1, 3, 2]
+
+    (row,), stats = build_trace_rows([s], block_size=records_block_size([s], "block"),
+                                     mask_id=M)
+    assert row.block_size == 4 and stats.copies == 4
+    # prompt tail P mod 4 = 2 tokens (10, 11) then the noisy response, per copy
+    want_noisy = [[M, M, M, M, M, M], [M, 21, 22, M, M, M], [20, 21, 22, 23, M, M],
+                  [20, 21, 22, 23, M, 25]]
+    ids = row.input_ids.tolist()
+    assert ids[:8] == [10, 11, 20, 21, 22, 23, 24, 25]
+    for c, noisy in enumerate(want_noisy):
+        assert ids[8 + 8 * c: 16 + 8 * c] == [10, 11, *noisy]
+    trained = {}
+    for j, k in zip(row.resp_pos.tolist(), row.round.tolist()):
+        trained.setdefault(k, []).append(j)
+    assert trained == {0: [1, 2], 1: [0, 3], 2: [5], 3: [4]}
+    # every copy token sits at its clean position (the noisy copy reuses positions)
+    assert row.position_ids[8:16].tolist() == list(range(8))
+
+    # the training block must hold whole decoding blocks; one update, one training block
+    with pytest.raises(TrajectoryError, match="not a multiple of the block they were decoded"):
+        records_block_size([replace(s, train_block_size=3)], "block")
+    with pytest.raises(TrajectoryError, match="different block sizes"):
+        records_block_size([s, replace(s, train_block_size=None, sample_id="t/1")], "block")

@@ -132,6 +132,57 @@ def test_full_attention_logprobs_match_rescoring(default_tokenizer):
         assert abs(lp - t.logprobs[q - P]) <= 1e-5
 
 
+def test_full_attention_prefix_cache(default_tokenizer):
+    """full_cache='prefix' (Fast-dLLM's approximate prefix cache): a block's first step
+    runs the whole canvas, so with one step per block it is the exact sampler bit for bit;
+    with more steps, tokens unmasked at a block's first step keep the exact log-prob
+    (re-scored independently on the canvas as it was), later ones are approximate, and
+    the cached sampler runs fewer canvas columns."""
+    model = build_for_tokenizer(default_tokenizer, "llada", seed=1)
+    prompts = _prompts([6, 9, 3])
+    kw = dict(max_tokens=16, strategy="low_confidence_static", batch_size=3)
+    one = dict(kw, steps_per_block=1, block_size=2)
+    _same(_gen(model, prompts, seed=4, **one), _gen(model, prompts, seed=4, full_cache="prefix",
+                                                     **one))
+    cols = []
+    real = model.forward
+
+    def counting(ids, *a, **k):
+        cols.append(ids.shape[1])
+        return real(ids, *a, **k)
+
+    model.forward = counting
+    trajs = _gen(model, prompts, seed=5, full_cache="prefix", **kw)
+    cached_cols, cols[:] = sum(cols), []
+    _gen(model, prompts, seed=5, **kw)
+    assert cached_cols < 0.8 * sum(cols)
+    model.forward = real
+    mask, first_step = model.tokens.mask_id, 0
+    for t in trajs:
+        assert t.sampling.full_cache == "prefix"
+        P = len(t.prompt_ids)
+        seq = torch.tensor(t.prompt_ids + t.response_ids)
+        steps = torch.tensor([0] * P + t.decode_steps)
+        # the first step of block j of this row: the smallest step of its block
+        blocks = [(P + j) // 4 for j in range(len(t.decode_steps))]
+        block_first = {b: min(s for s, bb in zip(t.decode_steps, blocks) if bb == b)
+                       for b in set(blocks)}
+        for q in range(P, P + t.response_len):
+            if t.decode_steps[q - P] != block_first[blocks[q - P]]:
+                assert torch.isfinite(torch.tensor(t.logprobs[q - P]))
+                continue
+            ids = seq.clone()
+            ids[steps >= steps[q]] = mask
+            vis = full_visibility(torch.ones(1, len(ids), dtype=torch.bool), len(ids))
+            logits = model(ids[None], visible=vis, position_ids=torch.arange(len(ids))[None]).logits
+            lp = torch.log_softmax(logits[0, q], -1)[seq[q]].item()
+            assert abs(lp - t.logprobs[q - P]) <= 1e-5
+            first_step += 1
+    assert first_step >= 3
+    with pytest.raises(ValueError, match="full_cache must be one of none, prefix"):
+        SamplingConfig(full_cache="dual")
+
+
 # -------------------------------------------------------------------- determinism
 
 
@@ -287,7 +338,8 @@ def test_records_carry_the_decoding_contract(default_tokenizer, tmp_path, family
     attention = "block" if family == "sdar" else "full"
     want = {"attention": attention, "block_size": 8, "steps_per_block": 3, "max_tokens": 16,
             "strategy": "low_confidence_dynamic", "dynamic_threshold": 0.7,
-            "entropy_bound": 0.35, "temperature": 0.9, "top_k": 5, "top_p": 0.95}
+            "entropy_bound": 0.35, "temperature": 0.9, "top_k": 5, "top_p": 0.95,
+            "full_cache": "none"}
     assert set(want) == set(DECODING)
     for col, v in want.items():
         assert back[col].to_list() == [v, v], col

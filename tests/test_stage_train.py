@@ -208,6 +208,43 @@ def test_stages_train_at_the_records_block_size(tmp_path):
                            "--out", str(tmp_path / "pf")])
 
 
+def test_policy_stage_trains_at_the_records_training_block(tmp_path):
+    """Block-size adaptation: rollouts decoded at block 4 whose record names a training
+    block of 8 (curriculum.train_block_size_schedule) are trained at block 8, with no
+    params change; the sampler's log-probs (block-4 contexts) are not reused as the old
+    log-probs even though the same weights sampled them."""
+    from stages import policy as policy_stage
+    from stages import sft as sft_stage
+
+    params = _params(tmp_path, sft={"steps": 1}, model={"block_size": 4})
+    sft_stage.main(["--params", str(params), "--data", str(_sft_data(tmp_path) / "sft.parquet"),
+                    "--out", str(tmp_path / "sft")])
+    scored = _scored(tmp_path, tmp_path / "sft" / "checkpoint", block_size=4)
+    df = pl.read_parquet(scored / "scored.parquet").with_columns(
+        train_block_size=pl.lit(8, dtype=pl.Int32))
+    write_parquet(df, tmp_path / "train8.parquet", "scored")
+    assert policy_stage.main(["--params", str(params), "--policy", str(tmp_path / "sft"),
+                              "--scored", str(tmp_path / "train8.parquet"),
+                              "--out", str(tmp_path / "p8")]) == 0
+    m8 = read_metrics(tmp_path / "p8")
+    assert m8["rows/block_size"] == 8.0 and m8["old_logprobs_recorded"] == 0.0
+    # the old log-probs at block 8 differ from the sampler's at block 4 (contexts differ)
+    assert m8["old_logprob_drift_max"] > 1e-3
+    assert policy_stage.main(["--params", str(params), "--policy", str(tmp_path / "sft"),
+                              "--scored", str(scored), "--out", str(tmp_path / "p4")]) == 0
+    m4 = read_metrics(tmp_path / "p4")
+    assert m4["rows/block_size"] == 4.0 and m4["old_logprobs_recorded"] == 1.0
+    # records sampled with an approximate cache (rollout.full_cache: prefix): the trainer
+    # never takes their log-probs as the old ones
+    approx = pl.read_parquet(scored / "scored.parquet").with_columns(
+        full_cache=pl.lit("prefix"))
+    write_parquet(approx, tmp_path / "approx.parquet", "scored")
+    assert policy_stage.main(["--params", str(params), "--policy", str(tmp_path / "sft"),
+                              "--scored", str(tmp_path / "approx.parquet"),
+                              "--out", str(tmp_path / "pa")]) == 0
+    assert read_metrics(tmp_path / "pa")["old_logprobs_recorded"] == 0.0
+
+
 def test_sft_killed_mid_run_resumes_to_the_same_model(tmp_path, monkeypatch):
     """SFT checkpoints every 2 steps (weights, optimizer, schedule, RNG, data order); a
     crash at step 5 of 7 resumes at step 4, and the final weights and trainer state equal

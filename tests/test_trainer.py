@@ -235,3 +235,19 @@ def test_sft_method_must_fit_the_family(default_tokenizer):
     trainer = Trainer(TokenScorer(lm), TrainConfig(lr=1e-3), kind="sft")
     with pytest.raises(ValueError, match="block model"):
         sft_train(trainer, make_samples(1), SFTConfig(method="semi_ar"), steps=1)
+
+
+def test_value_model_on_a_full_attention_model(default_tokenizer):
+    """The reference supports value models for block models only; here a LLaDA-style
+    (bidirectional) model gets one too: values for every response token, GAE advantages
+    equal to the sequence advantage at a zero-initialised head, and training lowers the
+    value loss."""
+    lm = build_for_tokenizer(default_tokenizer, "llada", seed=0)
+    trainer = Trainer(ValueScorer(ValueModel.from_policy(lm)), TrainConfig(lr=1e-2, micro_batch=4))
+    samples = make_samples(4, advantages=[1.0, -1.0, 0.5, 0.0], attention="full")
+    advs, rets, m = value_update(trainer, samples, ValueConfig())
+    for s, a in zip(samples, advs):
+        assert a == pytest.approx([s.advantage] * s.response_len)
+    assert m["rows/block_size"] == 0.0  # full attention: ranks over the whole response
+    _, _, m2 = value_update(trainer, samples, ValueConfig())
+    assert m2["value_loss"] < m["value_loss"]

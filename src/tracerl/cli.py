@@ -3,6 +3,7 @@
     tracerl params check [FILE]   validate a params file; print every problem with its fix
     tracerl where [RUN]           where a run's results are (folders, metrics, viewer, MLflow)
     tracerl plots [RUN]           every learning curve as one offline page (plots/index.html)
+    tracerl recipes list|show|dvc named experiments (recipes/*.yaml, tracerl.recipes)
 
 (``python -m tracerl.cli ...`` is the same.) Running the pipeline stays
 ``bash scripts/run.sh`` / ``dvc repro``; the stages stay ``python -m stages.<name>``.
@@ -106,10 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("run", nargs="?", default=None, help="run name (default: run.name)")
         cmd.add_argument("--params", default="params.yaml")
         cmd.set_defaults(func=func)
+    sub.add_parser("recipes", help="named experiments: list, show NAME, dvc NAME",
+                   add_help=False)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["recipes"]:  # its own parser (tracerl.recipes)
+        from tracerl.recipes import main as recipes_main
+
+        return recipes_main(argv[1:])
     a = build_parser().parse_args(argv)
     return a.func(a)
 

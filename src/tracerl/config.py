@@ -181,14 +181,24 @@ class DataParams:
             if unknown:
                 return [f"{unknown[0]}; or 'file' (with data.train_file and "
                         "data.heldout_file)"]
-        if g == "arithmetic":
-            from tracerl.data.arithmetic import LEVELS
+        members = [x for x in g[4:].split("+") if x] if g.startswith("mix:") else [g]
+        if g.startswith("mix:") and (len(members) < 2 or any(
+                x.partition(":")[0] not in ("arithmetic", "code", "rg") for x in members)):
+            return [f"data.generator {g!r}: mix joins two or more of arithmetic, code, "
+                    "rg:<name> with '+', e.g. mix:arithmetic+code"]
+        p = []
+        for name in members:
+            if name in ("arithmetic", "code"):
+                import importlib
 
-            if self.min_difficulty < LEVELS[0] or self.max_difficulty > LEVELS[-1]:
-                return [f"data.min_difficulty..max_difficulty must lie in {LEVELS[0]}.."
-                        f"{LEVELS[-1]} for the arithmetic generator (got {self.min_difficulty}"
-                        f"..{self.max_difficulty})"]
-            return []
+                LEVELS = importlib.import_module(  # noqa: N806
+                    f"tracerl.data.{'codegen' if name == 'code' else name}").LEVELS
+                if self.min_difficulty < LEVELS[0] or self.max_difficulty > LEVELS[-1]:
+                    p.append(f"data.min_difficulty..max_difficulty must lie in {LEVELS[0]}.."
+                             f"{LEVELS[-1]} for the {name} generator (got {self.min_difficulty}"
+                             f"..{self.max_difficulty})")
+        if g.startswith("mix:") or g in ("arithmetic", "code"):
+            return p
         if g.startswith("rg:"):
             from tracerl.data.sources import _rg_names
 
@@ -273,6 +283,9 @@ class RolloutParams:
     top_k: int = 0
     top_p: float = 1.0
     batch_size: int = 64  # sequences decoded together
+    # full-attention models: "none" (exact, the whole canvas every step) or "prefix" (the
+    # approximate prefix KV cache of Fast-dLLM; old log-probs are then recomputed)
+    full_cache: str = "none"
     # shards run side by side and merged bit-identical (where it runs, not what: no cache key)
     shards: int = 1
     shard_retries: int = 1  # Prefect retries of a failed shard
@@ -287,6 +300,11 @@ class RolloutParams:
             )
         if self.tasks_per_iter < 1 or self.batch_size < 1 or self.steps_per_block < 1:
             p.append("rollout.tasks_per_iter, batch_size and steps_per_block must be >= 1")
+        from tracerl.sampling.generate import FULL_CACHES
+
+        if self.full_cache not in FULL_CACHES:
+            p.append(f"rollout.full_cache {self.full_cache!r} invalid; use one of "
+                     f"{', '.join(FULL_CACHES)}")
         if self.temperature < 0:
             p.append("rollout.temperature must be >= 0 (0 = greedy)")
         if not 0 < self.top_p <= 1:
@@ -451,9 +469,18 @@ class CurriculumParams:
     start_level: int = 0  # difficulty level of iteration 0, within data.[min,max]_difficulty
     cumulative: bool = True  # pool = levels min..current (moves on the current level's rate)
     retire_above: float | None = None  # drop tasks whose pass rate >= this (null = keep all)
+    # level up after this many decisions in a row inside the band (null = only above
+    # raise_above): a plateau just under raise_above no longer holds the run at one level
+    patience: int | None = None
     # [[from_iteration, value], ...]; empty = model.block_size / rollout.max_tokens throughout
     block_size_schedule: list[list[int]] = field(default_factory=list)
     max_tokens_schedule: list[list[int]] = field(default_factory=list)
+    # the policy update's block size: a multiple of the rollout's block in force (empty =
+    # train at the block the trajectories were decoded with)
+    train_block_size_schedule: list[list[int]] = field(default_factory=list)
+    # token budget by difficulty level: [[level, max_tokens], ...]; the pool's top level
+    # picks the last entry at or below it (never below the max_tokens schedule's value)
+    max_tokens_by_level: list[list[int]] = field(default_factory=list)
 
     def problems(self) -> list[str]:
         from tracerl.curriculum import schedule_problems
@@ -463,10 +490,16 @@ class CurriculumParams:
             p.append("curriculum.lower_below must be < curriculum.raise_above, both in [0, 1]")
         if self.window < 1 or self.step < 1:
             p.append("curriculum.window and curriculum.step must be >= 1")
+        if self.patience is not None and self.patience < 1:
+            p.append(f"curriculum.patience must be >= 1 or null, got {self.patience}")
         if self.retire_above is not None and not 0 < self.retire_above <= 1:
             p.append("curriculum.retire_above must be in (0, 1] or null")
         p += schedule_problems(self.block_size_schedule, "curriculum.block_size_schedule")
         p += schedule_problems(self.max_tokens_schedule, "curriculum.max_tokens_schedule")
+        p += schedule_problems(self.train_block_size_schedule,
+                               "curriculum.train_block_size_schedule")
+        p += schedule_problems(self.max_tokens_by_level, "curriculum.max_tokens_by_level",
+                               "level")
         return p
 
     def cross_problems(self, params: Params) -> list[str]:
@@ -490,6 +523,15 @@ class CurriculumParams:
                     f"from iteration {it} the curriculum schedules give max_tokens {m}, not a "
                     f"multiple of block size {b}; fix curriculum.*_schedule"
                 )
+        sched = [self.block_size_schedule, self.train_block_size_schedule]
+        for it in sorted({0} | {int(e[0]) for s in sched for e in s if len(e) == 2}):
+            b = value_at(self.block_size_schedule, it, params.model.block_size)
+            t = value_at(self.train_block_size_schedule, it, b)
+            if b >= 1 and t >= 1 and t % b:
+                p.append(
+                    f"from iteration {it} the training block size {t} is not a multiple of the "
+                    f"rollout block size {b}: a training block must hold whole rollout blocks; "
+                    "fix curriculum.train_block_size_schedule (or block_size_schedule)")
         return p
 
 
@@ -515,9 +557,20 @@ class EvaluateParams:
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0
     top_p: float = 1.0
+    # more block sizes to decode the benchmarks at, besides the one in force (block-size
+    # adaptation: how the model does at larger blocks); [] = only the one in force
+    block_sizes: list[int] = field(default_factory=list)
+    # token budget of every evaluation (0 = the one in force at the evaluated iteration);
+    # set it under a token-budget curriculum so the SFT and final scores are comparable
+    max_tokens: int = 0
 
     def problems(self) -> list[str]:
         p = []
+        if self.max_tokens < 0:
+            p.append(f"evaluate.max_tokens must be >= 0 (0 = the budget in force), got "
+                     f"{self.max_tokens}")
+        if any(b < 1 for b in self.block_sizes) or len(set(self.block_sizes)) < len(self.block_sizes):
+            p.append(f"evaluate.block_sizes {self.block_sizes} must be distinct sizes >= 1")
         if self.responses_per_task < 1:
             p.append("evaluate.responses_per_task must be >= 1")
         if self.heldout_size < 1:
@@ -574,30 +627,60 @@ class Params:
                 f"rollout.max_tokens ({self.rollout.max_tokens}) must be a multiple of "
                 f"model.block_size ({b}); e.g. set it to {max(b, self.rollout.max_tokens // b * b)}"
             )
-        if self.rollout.strategy == "low_confidence_static" and self.rollout.steps_per_block > b:
+        # steps per block are capped at the block in force: more than the largest block the
+        # run decodes with (schedules, evaluate.block_sizes) can never apply
+        largest = max([b, *(x for x, _ in decoding_budgets(self))]) if b >= 1 else b
+        if self.rollout.strategy == "low_confidence_static" and self.rollout.steps_per_block > largest:
             p.append(
-                f"rollout.steps_per_block ({self.rollout.steps_per_block}) > model.block_size "
-                f"({b}) leaves static steps that unmask nothing; use steps_per_block <= block_size"
-            )
+                f"rollout.steps_per_block ({self.rollout.steps_per_block}) > the largest block "
+                f"size the run decodes with ({largest}) leaves static steps that unmask "
+                "nothing; use steps_per_block <= block_size")
         p.extend(self.curriculum.cross_problems(self))
+        if b >= 1:
+            p.extend(self._budget_problems())
         p.extend(self._context_problems())
+        return p
+
+    def _budget_problems(self) -> list[str]:
+        """Decoding runs whole blocks: each budget must be a multiple of each block size it
+        is decoded with (budgets by level and evaluation's; the schedules are checked by
+        :meth:`CurriculumParams.cross_problems`)."""
+        from tracerl.limits import run_budgets
+
+        c, e, p = self.curriculum, self.evaluate, []
+        sched = run_budgets(self.model.block_size, self.rollout.max_tokens,
+                            c.block_size_schedule, c.max_tokens_schedule)
+        blocks = list(dict.fromkeys(b for b, _ in sched))
+        for level, m in (x for x in c.max_tokens_by_level if len(x) == 2):
+            bad = [b for b in blocks if b >= 1 and m % b]
+            if bad:
+                p.append(f"curriculum.max_tokens_by_level: level {level}'s budget {m} is not a "
+                         f"multiple of the rollout block size {bad[0]}; use a multiple of "
+                         f"{', '.join(map(str, blocks))}")
+        evals = [e.max_tokens] if e.max_tokens else list(dict.fromkeys(
+            [m for _, m in sched] + [m for _, m in (x for x in c.max_tokens_by_level if len(x) == 2)]))
+        for b in [*blocks, *e.block_sizes] if e.max_tokens else e.block_sizes:
+            bad = [m for m in evals if b >= 1 and m % b]
+            if bad:
+                p.append(f"evaluate: the token budget {bad[0]} is not a multiple of block size "
+                         f"{b}; decoding runs whole blocks: set evaluate.max_tokens (or the "
+                         "rollout budgets) to a multiple of every evaluated block size")
         return p
 
     def _context_problems(self) -> list[str]:
         """The embedded default's context must hold the generator's longest prompt plus
         every budget of the run (task files and real checkpoints: the prepare stage)."""
         from tracerl.data.sources import longest_prompt
-        from tracerl.limits import default_prompt_tokens, longest_canvas, run_budgets
+        from tracerl.limits import default_prompt_tokens, longest_canvas
 
-        m, d, c = self.model, self.data, self.curriculum
+        m, d = self.model, self.data
         levels = list(range(d.min_difficulty, d.max_difficulty + 1))
         if m.init != "tiny" or not levels or m.block_size < 1 or d._source_problems():
             return []
         text = longest_prompt(d.generator, levels)
         if text is None:
             return []
-        budgets = run_budgets(m.block_size, self.rollout.max_tokens, c.block_size_schedule,
-                              c.max_tokens_schedule)
+        budgets = decoding_budgets(self)
         need = longest_canvas(default_prompt_tokens(text), budgets)
         if need <= m.max_position_embeddings:
             return []
@@ -605,10 +688,33 @@ class Params:
                 f"the longest prompt needs: {text!r} is {default_prompt_tokens(text)} tokens, "
                 f"and with the run's budgets (block size, max_tokens) {budgets} decoding needs "
                 f"{need} positions; raise model.max_position_embeddings to >= {need} or lower "
-                "rollout.max_tokens (and curriculum.max_tokens_schedule)"]
+                "rollout.max_tokens (and curriculum.max_tokens_schedule / max_tokens_by_level, "
+                "evaluate.max_tokens)"]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def decoding_budgets(p: Params) -> list[tuple[int, int]]:
+    """Every ``(block_size, max_tokens)`` a run decodes with: rollouts (the block and
+    token schedules, the budgets by level) and evaluation (its block sizes and budget).
+    A function of the params (not a method) so that a stage's guarded params record
+    what it reads.
+
+    >>> decoding_budgets(params_from_dict({"curriculum": {"max_tokens_by_level": [[2, 80]]},
+    ...                  "evaluate": {"block_sizes": [8], "max_tokens": 80}}))
+    [(4, 40), (4, 80), (8, 80)]
+    """
+    from tracerl.limits import run_budgets
+
+    c, e = p.curriculum, p.evaluate
+    out = run_budgets(p.model.block_size, p.rollout.max_tokens,
+                      c.block_size_schedule, c.max_tokens_schedule)
+    blocks = list(dict.fromkeys(b for b, _ in out))
+    out += [(b, m) for b in blocks for _, m in c.max_tokens_by_level]
+    evals = [e.max_tokens] if e.max_tokens else list(dict.fromkeys(m for _, m in out))
+    out += [(b, m) for b in [*blocks, *e.block_sizes] for m in evals]
+    return list(dict.fromkeys(out))
 
 
 # --------------------------------------------------------------------------- loading

@@ -68,6 +68,10 @@ class CurriculumRule:
         cumulative: the pool spans ``min_level..level`` (easier levels stay in, so what
             was learnt there is rehearsed) and ``pass_rate_band`` moves on the pass rate
             of the tasks at ``level``; otherwise the pool is ``level`` alone.
+        patience: ``pass_rate_band`` moves up after the level was kept this many decisions
+            in a row with a pass rate inside the band (a plateau just under
+            ``raise_above`` no longer holds the run at one level); None = wait for
+            ``raise_above``.
     """
 
     raise_above: float = 0.8
@@ -78,9 +82,12 @@ class CurriculumRule:
     window: int = 1
     retire_above: float | None = None
     cumulative: bool = False
+    patience: int | None = None
 
     def __post_init__(self) -> None:
         problems = []
+        if self.patience is not None and self.patience < 1:
+            problems.append("patience must be >= 1 or None")
         if not 0 <= self.lower_below < self.raise_above <= 1:
             problems.append("need 0 <= lower_below < raise_above <= 1")
         if self.min_level > self.max_level:
@@ -93,10 +100,23 @@ class CurriculumRule:
 
 @dataclass(frozen=True)
 class Schedule:
-    """Decoding/training shape for one iteration."""
+    """Decoding/training shape for one iteration.
+
+    ``train_block_size`` is the block size the policy update trains this iteration's
+    trajectories at: 0 = the block size they were decoded with; a multiple ``m * b``
+    adapts the model to larger blocks the way the reference's configuration allows
+    (``training.block_size = 2b`` over rollouts at ``b``: each training block holds ``m``
+    rollout blocks, trained in their global decode order; ``tracerl_reference.md`` 8).
+    """
 
     block_size: int
     max_tokens: int
+    train_block_size: int = 0
+
+    @property
+    def train_block(self) -> int:
+        """The training block size in force (``train_block_size`` or ``block_size``)."""
+        return self.train_block_size or self.block_size
 
 
 @dataclass(frozen=True)
@@ -115,6 +135,7 @@ class CurriculumDecision:
     schedule: Schedule
     pass_rate: float | None
     reason: str
+    held: int = 0  # decisions in a row that kept ``level`` (0: it just changed or started)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -129,6 +150,7 @@ class CurriculumDecision:
             schedule=Schedule(**d["schedule"]),
             pass_rate=None if d.get("pass_rate") is None else float(d["pass_rate"]),
             reason=str(d.get("reason", "")),
+            held=int(d.get("held", 0)),
         )
 
 
@@ -151,20 +173,49 @@ def value_at(schedule: Sequence[Sequence[int]], iteration: int, default: int) ->
     return value
 
 
-def schedule_problems(schedule: Sequence[Sequence[int]], name: str) -> list[str]:
-    """Problems of a ``[[from_iteration, value], ...]`` schedule (for params validation)."""
+def schedule_at(iteration: int, *, block_size: int, max_tokens: int,
+                block_size_schedule: Sequence[Sequence[int]] = (),
+                max_tokens_schedule: Sequence[Sequence[int]] = (),
+                train_block_size_schedule: Sequence[Sequence[int]] = (),
+                max_tokens_by_level: Sequence[Sequence[int]] = (),
+                levels: Sequence[int] = ()) -> Schedule:
+    """The :class:`Schedule` in force at ``iteration`` (defaults before a schedule starts)
+    for a pool drawing from ``levels``: the token budget is the iteration schedule's, or
+    the budget of the pool's top level when larger (a token-budget curriculum: longer
+    problems unlock with a longer budget).
+
+    >>> schedule_at(3, block_size=4, max_tokens=40, block_size_schedule=[[5, 8]],
+    ...             train_block_size_schedule=[[2, 8]])
+    Schedule(block_size=4, max_tokens=40, train_block_size=8)
+    >>> by_level = [[6, 80], [7, 128], [8, 160]]
+    >>> [schedule_at(0, block_size=4, max_tokens=40, max_tokens_by_level=by_level,
+    ...              levels=range(6, top + 1)).max_tokens for top in (5, 6, 7, 8)]
+    [40, 80, 128, 160]
+    """
+    b = value_at(block_size_schedule, iteration, block_size)
+    train = value_at(train_block_size_schedule, iteration, 0)
+    budget = value_at(max_tokens_schedule, iteration, max_tokens)
+    if max_tokens_by_level and levels:
+        budget = max(budget, value_at(max_tokens_by_level, max(levels), budget))
+    return Schedule(block_size=b, max_tokens=budget, train_block_size=0 if train == b else train)
+
+
+def schedule_problems(schedule: Sequence[Sequence[int]], name: str,
+                      key: str = "from_iteration") -> list[str]:
+    """Problems of a ``[[from_iteration, value], ...]`` schedule (for params validation);
+    ``key`` names the first field (``level`` for budgets by level)."""
     p = []
     starts = []
     for entry in schedule:
         if len(entry) != 2:
-            p.append(f"{name}: entry {list(entry)} must be [from_iteration, value]")
+            p.append(f"{name}: entry {list(entry)} must be [{key}, value]")
             continue
         start, v = entry
         if start < 0 or v < 1:
-            p.append(f"{name}: entry {list(entry)} needs from_iteration >= 0 and value >= 1")
+            p.append(f"{name}: entry {list(entry)} needs {key} >= 0 and value >= 1")
         starts.append(start)
     if starts != sorted(set(starts)):
-        p.append(f"{name}: from_iteration values must be strictly increasing, got {starts}")
+        p.append(f"{name}: {key} values must be strictly increasing, got {starts}")
     return p
 
 
@@ -184,8 +235,10 @@ def pool_pass_rate(history: Sequence[Sequence[TaskResult]], window: int,
     return sum(r.pass_rate for r in rows) / len(rows) if rows else None
 
 
-DifficultyPolicy = Callable[[Sequence[Sequence[TaskResult]], int, CurriculumRule], tuple[int, str]]
-"""``(history, level, rule) -> (next_level, reason)``; history is oldest first."""
+DifficultyPolicy = Callable[[Sequence[Sequence[TaskResult]], int, CurriculumRule, int],
+                            tuple[int, str]]
+"""``(history, level, rule, held) -> (next_level, reason)``; history is oldest first,
+``held`` the decisions in a row that kept ``level`` before this one."""
 
 POLICIES: Registry[DifficultyPolicy] = Registry("curriculum policy")
 """Difficulty policies by name (selected by ``curriculum.policy``)."""
@@ -194,12 +247,12 @@ register_policy = POLICIES.register  # decorator: ``@register_policy("name")``
 
 
 @register_policy("fixed")
-def fixed_level(history, level, rule):
+def fixed_level(history, level, rule, held=0):
     return level, "fixed policy"
 
 
 @register_policy("pass_rate_band")
-def pass_rate_band(history, level, rule):
+def pass_rate_band(history, level, rule, held=0):
     # a cumulative pool moves on the pass rate of its frontier (the current level's tasks)
     rate = pool_pass_rate(history, rule.window, level if rule.cumulative else None)
     if rate is None:
@@ -210,6 +263,10 @@ def pass_rate_band(history, level, rule):
     elif rate < rule.lower_below:
         new = max(rule.min_level, level - rule.step)
         why = f"pass rate {rate:.3f} < {rule.lower_below}: level down"
+    elif rule.patience is not None and held + 1 >= rule.patience and level < rule.max_level:
+        new = level + min(rule.step, rule.max_level - level)
+        why = (f"pass rate {rate:.3f} within [{rule.lower_below}, {rule.raise_above}] for "
+               f"{held + 1} decisions (patience {rule.patience}): level up")
     else:
         return level, f"pass rate {rate:.3f} within [{rule.lower_below}, {rule.raise_above}]: level kept"
     if new == level:
@@ -260,7 +317,10 @@ def plan_next(
     max_tokens: int,
     block_size_schedule: Sequence[Sequence[int]] = (),
     max_tokens_schedule: Sequence[Sequence[int]] = (),
+    train_block_size_schedule: Sequence[Sequence[int]] = (),
+    max_tokens_by_level: Sequence[Sequence[int]] = (),
     exclude: Sequence[str] = (),
+    held: int = 0,
 ) -> CurriculumDecision:
     """Decide the pool and schedule of iteration ``iteration + 1``.
 
@@ -273,24 +333,31 @@ def plan_next(
         rule: thresholds and bounds.
         block_size, max_tokens: defaults (``model.block_size``, ``rollout.max_tokens``)
             that the schedules override from their first entry on.
-        block_size_schedule, max_tokens_schedule: ``[[from_iteration, value], ...]``.
+        block_size_schedule, max_tokens_schedule, train_block_size_schedule:
+            ``[[from_iteration, value], ...]`` (the training block defaults to the
+            rollout's).
+        max_tokens_by_level: ``[[level, max_tokens], ...]``: the budget of the pool's
+            top level, when larger than the schedule's.
         exclude: task ids already retired; new retirements are added to them.
+        held: decisions in a row that kept ``level`` before this one (the previous
+            decision's ``held``).
 
     Returns:
         The decision for iteration ``iteration + 1``. With ``policy="fixed"`` and
         ``min_level < max_level`` the pool spans all levels.
     """
     fn = POLICIES.get(policy)
-    new_level, reason = fn(history, level, rule)
+    new_level, reason = fn(history, level, rule, held)
     assert rule.min_level <= new_level <= rule.max_level, (
         f"policy {policy} returned level {new_level} outside [{rule.min_level}, {rule.max_level}]"
     )
     levels = pool_levels(policy, new_level, rule)
     nxt = iteration + 1
-    schedule = Schedule(
-        block_size=value_at(block_size_schedule, nxt, block_size),
-        max_tokens=value_at(max_tokens_schedule, nxt, max_tokens),
-    )
+    schedule = schedule_at(nxt, block_size=block_size, max_tokens=max_tokens,
+                           block_size_schedule=block_size_schedule,
+                           max_tokens_schedule=max_tokens_schedule,
+                           train_block_size_schedule=train_block_size_schedule,
+                           max_tokens_by_level=max_tokens_by_level, levels=levels)
     retired = set(exclude) | set(retired_tasks(history, rule.window, rule.retire_above))
     return CurriculumDecision(
         iteration=nxt,
@@ -300,6 +367,7 @@ def plan_next(
         schedule=schedule,
         pass_rate=pool_pass_rate(history, rule.window),
         reason=reason,
+        held=held + 1 if new_level == level else 0,
     )
 
 
@@ -312,6 +380,8 @@ def initial_decision(
     max_tokens: int,
     block_size_schedule: Sequence[Sequence[int]] = (),
     max_tokens_schedule: Sequence[Sequence[int]] = (),
+    train_block_size_schedule: Sequence[Sequence[int]] = (),
+    max_tokens_by_level: Sequence[Sequence[int]] = (),
 ) -> CurriculumDecision:
     """The decision iteration 0 samples with (before any results exist)."""
     POLICIES.get(policy)
@@ -321,10 +391,11 @@ def initial_decision(
         level=level,
         levels=levels,
         exclude=(),
-        schedule=Schedule(
-            block_size=value_at(block_size_schedule, 0, block_size),
-            max_tokens=value_at(max_tokens_schedule, 0, max_tokens),
-        ),
+        schedule=schedule_at(0, block_size=block_size, max_tokens=max_tokens,
+                             block_size_schedule=block_size_schedule,
+                             max_tokens_schedule=max_tokens_schedule,
+                             train_block_size_schedule=train_block_size_schedule,
+                             max_tokens_by_level=max_tokens_by_level, levels=levels),
         pass_rate=None,
         reason="initial",
     )

@@ -52,11 +52,53 @@ def summarize(scored: pl.DataFrame, pass_ks: Sequence[int]) -> dict[str, float]:
         "responses": float(scored.height),
         "mean_response_tokens": float(scored["response_len"].mean() or 0.0),
         "length_cut_fraction": float((scored["finish_reason"] == "length").mean() or 0.0),
+        # forward passes per response token (through EOS): what larger blocks and dynamic
+        # decoding save; block-tail positions after EOS are not counted as output
+        "forward_per_token": float(scored["num_forward"].sum()
+                                   / max(int(scored["response_len"].sum()), 1)),
     }
     for k in pass_ks:
         vals = [pass_at_k(int(n), int(c), k) for n, c in per_task.select("n", "c").iter_rows()]
         out[f"pass@{k}"] = float(sum(vals) / max(len(vals), 1))
     return out
+
+
+def accuracy_by_level(scored: pl.DataFrame, tasks: Sequence[TaskRecord]) -> dict[str, float]:
+    """avg@k per task difficulty level: ``{"level<d>_accuracy": ...}`` (levels >= 0 only).
+
+    >>> df = pl.DataFrame({"task_id": ["a", "a", "b"], "correct": [True, False, True]})
+    >>> accuracy_by_level(df, [TaskRecord("a", "p", "s", "1", difficulty=6),
+    ...                        TaskRecord("b", "q", "s", "2", difficulty=7)])
+    {'level6_accuracy': 0.5, 'level7_accuracy': 1.0}
+    """
+    level = {t.task_id: t.difficulty for t in tasks if t.difficulty is not None
+             and t.difficulty >= 0}
+    if not level or scored.height == 0:
+        return {}
+    df = scored.select("task_id", pl.col("correct").fill_null(False)).with_columns(
+        level=pl.col("task_id").replace_strict(level, default=-1, return_dtype=pl.Int64))
+    per = df.filter(pl.col("level") >= 0).group_by("level").agg(pl.col("correct").mean())
+    return {f"level{lv}_accuracy": float(acc) for lv, acc in sorted(per.iter_rows())}
+
+
+def accuracy_by_source(scored: pl.DataFrame, tasks: Sequence[TaskRecord]) -> dict[str, float]:
+    """avg@k per task source when the tasks come from more than one (a mixed pool):
+    ``{"accuracy_<source>": ...}``; ``{}`` for a single source.
+
+    >>> df = pl.DataFrame({"task_id": ["a", "b", "b"], "correct": [True, False, True]})
+    >>> accuracy_by_source(df, [TaskRecord("a", "p", "arithmetic", "1"),
+    ...                         TaskRecord("b", "q", "code", None, tests={"tests": []})])
+    {'accuracy_arithmetic': 1.0, 'accuracy_code': 0.5}
+    """
+    from tracerl.rewards.scoring import source_key
+
+    source = {t.task_id: t.source for t in tasks}
+    if len(set(source.values())) < 2 or scored.height == 0:
+        return {}
+    df = scored.select("task_id", pl.col("correct").fill_null(False)).with_columns(
+        source=pl.col("task_id").replace_strict(source, default=""))
+    per = df.filter(pl.col("source") != "").group_by("source").agg(pl.col("correct").mean())
+    return {f"accuracy_{source_key(s)}": float(a) for s, a in sorted(per.iter_rows())}
 
 
 def evaluate_tasks(

@@ -46,6 +46,9 @@ DECODING = {
     "temperature": pl.Float64,  # 0 = greedy
     "top_k": pl.Int32,
     "top_p": pl.Float64,
+    # full attention: "none" (exact) or "prefix" (approximate prefix KV cache: the
+    # recorded log-probs are not the model's, the trainer recomputes them)
+    "full_cache": pl.String,
 }
 
 # One row per sampled response (k rows per task). Written by the rollout stage.
@@ -64,6 +67,9 @@ ROLLOUT = {
     "finish_reason": pl.String,  # "eos" | "length"
     "num_forward": pl.Int32,  # model forward passes spent on this response (incl. its share of prefill)
     **DECODING,
+    # the block size the policy update trains this trajectory at: a multiple of block_size
+    # (the curriculum's training block; null = block_size, the decoding block)
+    "train_block_size": pl.Int32,
     "policy_id": pl.String,  # identifies the weights that sampled (checkpoint digest)
     "response_text": pl.String,  # decoded response_ids[:response_len], special tokens removed
 }
@@ -83,7 +89,8 @@ SCHEMAS: dict[str, dict[str, pl.DataType]] = {
     "rollout": ROLLOUT,
     "scored": SCORED,
 }
-VERSIONS: dict[str, int] = {"task": 1, "rollout": 2, "scored": 2}  # 2: DECODING columns
+# rollout/scored 2: DECODING columns; 3: train_block_size, full_cache
+VERSIONS: dict[str, int] = {"task": 1, "rollout": 3, "scored": 3}
 
 
 class SchemaError(ValueError):
@@ -96,10 +103,11 @@ def _version_tag(kind: str) -> str:
 
 def conform(df: pl.DataFrame, kind: str) -> pl.DataFrame:
     """Select and cast ``df`` to the schema ``kind``; missing nullable-by-design columns
-    (``token_rewards``, ``answer``, ``tests``) are added as nulls. Raises SchemaError
+    (``token_rewards``, ``answer``, ``tests``, ``train_block_size``, ``full_cache``: null =
+    "none") are added as nulls. Raises SchemaError
     listing every missing column."""
     schema = SCHEMAS[kind]
-    optional = {"token_rewards", "answer", "tests"}
+    optional = {"token_rewards", "answer", "tests", "train_block_size", "full_cache"}
     missing = [c for c in schema if c not in df.columns and c not in optional]
     if missing:
         raise SchemaError(

@@ -11,6 +11,16 @@ CPU can partly learn, in six levels of increasing hardness:
 | 3 | a-b (may be negative) | 10..99 | ``What is 23-58?`` |
 | 4 | a*b | 2..9 | ``What is 6*7?`` |
 | 5 | a*b+c | a, b 2..12, c 1..20 | ``What is 4*7+3?`` |
+| 6 | a+b+c | 10..99 | ``What is 23+45+17?`` |
+| 7 | a+b+c+d | 10..99 | ``What is 23+45+17+38?`` |
+| 8 | a+b+c+d+e | 10..99 | ``What is 23+45+17+38+52?`` |
+
+Levels 6-8 are the **long tier**: chained sums whose worked solution
+(:func:`worked_solution`) adds column by column, one running total at a time, so it
+needs several times the tokens of levels 0-5 (about 45, 70 and 95 characters against 15
+to 30) while every step stays a two- or three-digit column sum a tiny model can learn.
+A level-8 problem is solved only if all four column additions are right: the tier for a
+token-budget curriculum (``curriculum.max_tokens_by_level``).
 
 Splits are decided by a hash of the problem text (about 20 % ``heldout``), so train and
 held-out problems are disjoint whatever the seed or the number asked for. Within one call
@@ -25,7 +35,8 @@ import re
 
 from tracerl.data.records import TaskRecord
 
-LEVELS = range(6)
+LEVELS = range(9)
+LONG_TIER = range(6, 9)
 HELDOUT_PERCENT = 20
 _PROMPT = "What is {}?"
 _EXPR_RE = re.compile(r"^What is ([0-9+\-*]+)\?$")
@@ -45,7 +56,9 @@ def _draw(level: int, rng: random.Random) -> str:
         return f"{r(2, 9)}*{r(2, 9)}"
     if level == 5:
         return f"{r(2, 12)}*{r(2, 12)}+{r(1, 20)}"
-    raise ValueError(f"arithmetic difficulty must be in 0..5, got {level}")
+    if level in LONG_TIER:
+        return "+".join(str(r(10, 99)) for _ in range(level - 3))
+    raise ValueError(f"arithmetic difficulty must be in {LEVELS[0]}..{LEVELS[-1]}, got {level}")
 
 
 class _Largest:
@@ -114,7 +127,8 @@ def generate(n: int, difficulty: int | list[int] = 0, seed: int = 0,
     levels = [difficulty] if isinstance(difficulty, int) else list(difficulty)
     bad = [lv for lv in levels if lv not in LEVELS]
     if not levels or bad:
-        raise ValueError(f"arithmetic difficulty must be in 0..5 (got {difficulty!r})")
+        raise ValueError(f"arithmetic difficulty must be in {LEVELS[0]}..{LEVELS[-1]} "
+                         f"(got {difficulty!r})")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     rng = random.Random(f"arithmetic|{seed}|{split}|{levels}")
@@ -154,6 +168,38 @@ def _column_sub(x: int, y: int) -> list[str]:
     return [units, f"{x // 10}-{y // 10}{'-1' if borrow else ''}={x // 10 - y // 10 - borrow}"]
 
 
+def _columns(a: int, b: int) -> list[str]:
+    """Column sums of ``a+b`` (any sizes) from the units up, each with the carry in:
+    ``68+17`` -> ``8+7=15``, ``6+1+1=8``; a column past the shorter number adds a 0
+    (``133+99`` -> ``3+9=12``, ``3+9+1=13``, ``1+0+1=2``). A final carry-only column is
+    included (``0+0+1=1``); :func:`_chain_sum` drops it, the column before shows it."""
+    out, carry = [], 0
+    while a or b or carry:
+        da, db = a % 10, b % 10
+        total = da + db + carry
+        out.append(f"{da}+{db}" + ("+1" if carry else "") + f"={total}")
+        carry, a, b = total // 10, a // 10, b // 10
+    return out
+
+
+def _chain_sum(expr: str) -> str:
+    """Worked solution of a chained sum ``a+b+c(+...)``: one running total at a time,
+    each worked by columns, then the boxed answer.
+
+    >>> _chain_sum("68+17+38")
+    '68+17: 8+7=15, 6+1+1=8, =85; 85+38: 5+8=13, 8+3+1=12, =123 \\\\boxed{123}'
+    """
+    terms = [int(t) for t in expr.split("+")]
+    total, parts = terms[0], []
+    for t in terms[1:]:
+        cols = _columns(total, t)
+        if len(cols) > max(len(str(total)), len(str(t))):  # the last carry is its own digit
+            cols = cols[:-1]
+        total += t
+        parts.append(f"{total - t}+{t}: " + ", ".join(cols) + f", ={total}")
+    return "; ".join(parts) + f" \\boxed{{{total}}}"
+
+
 def worked_solution(prompt: str) -> str | None:
     """Column-wise worked solution: two-digit sums and differences digit by digit,
     longer expressions step by step; ``None`` if the prompt is not this generator's.
@@ -174,6 +220,9 @@ def worked_solution(prompt: str) -> str | None:
     if not m:
         return None
     expr = m.group(1)
+    chain = re.fullmatch(r"\d+(?:\+\d+){2,}", expr)
+    if chain:
+        return _chain_sum(expr)
     two = re.fullmatch(r"(\d\d)([+-])(\d\d)", expr)
     if not two:
         return solution(prompt)

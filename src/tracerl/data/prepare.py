@@ -91,7 +91,9 @@ def prepare_tasks(generator: str, *, train_size: int, heldout_size: int, sft_siz
         if not tasks:
             raise SkipError(f"prepare ({sources}): no usable {name} task left")
     pick = random.Random(f"sft-style|{seed}")
-    styles = ["answer" if pick.random() < sft_answer_fraction else sft_style for _ in sft]
+    # code tasks have one target, the reference program ("program")
+    styles = ["program" if t.source == "code" else
+              "answer" if pick.random() < sft_answer_fraction else sft_style for t in sft]
     return PreparedTasks(train, heldout, sft, styles, log, later.ids("too_long"))
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tracerl.data import arithmetic
+from tracerl.data import arithmetic, codegen
 from tracerl.data.records import TaskRecord
 
 
@@ -42,8 +42,15 @@ def reference_solution(task: TaskRecord, style: str = "steps") -> str:
     ``answer`` is the boxed answer alone. Other math tasks always get ``\\boxed{answer}``.
 
     Raises:
-        ValueError: an unknown style, a code task, or a task without an answer.
+        ValueError: an unknown style, a code task not of the code generator, or a task
+            without an answer. Tasks of the ``code`` generator get their reference
+            program (:func:`tracerl.data.codegen.solution`) whatever the style.
     """
+    if task.source == "code":  # the generator's reference program, whatever the style
+        program = codegen.solution(task.prompt)
+        if program is None:
+            raise ValueError(f"task {task.task_id!r}: not a code-generator prompt")
+        return program
     if style not in SOLUTION_STYLES:
         raise ValueError(f"solution style must be one of {SOLUTION_STYLES}, got {style!r}")
     if task.source == "arithmetic" and style != "answer":

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any
 
 import polars as pl
 
-from tracerl.data import arithmetic
+from tracerl.data import arithmetic, codegen
 from tracerl.data.answers import extract_boxed
 from tracerl.data.records import TaskError, TaskRecord, tests_problems, validate_tasks
 from tracerl.data.skips import Skipped
@@ -98,6 +99,29 @@ def _arithmetic(arg: str, n: int, difficulty, seed: int, split: str) -> list[Tas
     return arithmetic.generate(n, 0 if difficulty is None else difficulty, seed, split)
 
 
+@GENERATORS.register("code")
+def _code(arg: str, n: int, difficulty, seed: int, split: str) -> list[TaskRecord]:
+    if arg:
+        raise ValueError(f"generator 'code' takes no argument, got 'code:{arg}'")
+    return codegen.generate(n, 0 if difficulty is None else difficulty, seed, split)
+
+
+@GENERATORS.register("mix")
+def _mix(arg: str, n: int, difficulty, seed: int, split: str) -> list[TaskRecord]:
+    """``mix:arithmetic+code``: ``n`` tasks, an even share from each generator (the first
+    ones take the remainder), interleaved by a seeded shuffle; the levels apply to each."""
+    names = [x for x in arg.split("+") if x]
+    if len(names) < 2 or "mix" in {x.partition(":")[0] for x in names}:
+        raise ValueError("generator 'mix' needs two or more generators joined by '+', e.g. "
+                         f"mix:arithmetic+code (got 'mix:{arg}')")
+    out: list[TaskRecord] = []
+    for k, name in enumerate(names):
+        share = n // len(names) + (k < n % len(names))
+        out += generate_tasks(name, share, difficulty, seed, split)
+    random.Random(f"mix|{arg}|{seed}|{split}").shuffle(out)
+    return out
+
+
 @GENERATORS.register("rg")
 def _reasoning_gym(arg: str, n: int, difficulty, seed: int, split: str) -> list[TaskRecord]:
     if not arg:
@@ -110,8 +134,8 @@ def _reasoning_gym(arg: str, n: int, difficulty, seed: int, split: str) -> list[
 
 def generate_tasks(name: str, n: int, difficulty: int | Sequence[int] | None = 0, seed: int = 0,
                    split: str = "train") -> list[TaskRecord]:
-    """``n`` tasks from a procedural generator of :data:`GENERATORS`: ``arithmetic`` or
-    ``rg:<dataset>``.
+    """``n`` tasks from a procedural generator of :data:`GENERATORS`: ``arithmetic``,
+    ``code`` (:mod:`tracerl.data.codegen`) or ``rg:<dataset>``.
 
     Train and held-out tasks are disjoint (split decided by a hash of the problem text).
 
@@ -130,6 +154,11 @@ def longest_prompt(name: str, difficulty: int | Sequence[int]) -> str | None:
     (``arithmetic``); ``None`` otherwise (then the prepare stage measures the tasks)."""
     if name == "arithmetic":
         return arithmetic.longest_prompt(difficulty)  # type: ignore[arg-type]
+    if name == "code":
+        return codegen.longest_prompt(difficulty)  # type: ignore[arg-type]
+    if name.startswith("mix:"):
+        each = [longest_prompt(x, difficulty) for x in name[4:].split("+") if x]
+        return None if None in each or not each else max(each, key=len)
     return None
 
 

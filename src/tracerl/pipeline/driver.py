@@ -144,7 +144,8 @@ def parent_run_name(run: str, plan_key: str, experiment: str = "") -> str:
 def headline(sft: Mapping[str, Any], final: Mapping[str, Any]) -> dict[str, Any]:
     """The result of a run in a few numbers: held-out accuracy of the SFT model and of the
     final policy, and the gain; then per benchmark and decoding strategy (the evaluate
-    stage's ``<benchmark>.<strategy>.accuracy``) the same pair. ``sft`` or ``final`` may
+    stage's ``<benchmark>.<strategy>.accuracy``, and ``<benchmark>.b<size>.<strategy>``
+    at the extra block sizes) the same pair. ``sft`` or ``final`` may
     be empty (a run whose baseline is missing): its numbers are left out.
 
     >>> headline({"accuracy": 0.4, "heldout.static.accuracy": 0.4},
@@ -161,8 +162,8 @@ def headline(sft: Mapping[str, Any], final: Mapping[str, Any]) -> dict[str, Any]
     per: dict[str, dict[str, dict[str, float]]] = {}
     for key in sorted({*sft, *final}):
         parts = key.split(".")
-        if len(parts) == 3 and parts[2] == "accuracy":
-            per.setdefault(parts[0], {})[parts[1]] = pair(key)
+        if len(parts) >= 3 and parts[-1] == "accuracy":  # <bench>[.b<size>].<strategy>
+            per.setdefault(parts[0], {})[".".join(parts[1:-1])] = pair(key)
     return {"heldout_accuracy": top, "accuracy": per}
 
 

@@ -17,8 +17,13 @@ Each coarse DVC stage (a part of :data:`~tracerl.pipeline.registry.DVC_PARTS`) g
 - ``outs``: the part's folder and its full metrics file ``metrics/<part>.json`` (a plain
   output: ``dvc metrics show <file>`` still reads it); ``metrics``: only the headline
   (``metrics/headline.json``), so ``dvc metrics show`` and ``dvc exp show`` stay a few
-  columns wide; ``plots``: the curves, drawn with the template ``.dvc/plots/iterations.json``
-  (written beside dvc.yaml: DVC's ``linear`` with whole-number iteration ticks).
+  columns wide; the curve files (``plots/rl_curves.json`` of the RL part,
+  ``plots/eval_curve.json`` of evaluate) are plain cached outputs too;
+- top-level ``plots``: one per plot of the registry (``PLOTS``, ``EVAL_PLOTS``) over those
+  files, drawn with the template ``.dvc/plots/iterations.json`` (written beside dvc.yaml:
+  DVC's ``linear`` with whole-number iteration ticks). Each file is drawn only there: as
+  a stage-level ``plots`` entry DVC would draw it once more with its default template.
+  Offline, ``dvc plots show`` draws through the page of :mod:`tracerl.pipeline.dvc_page`.
 """
 
 from __future__ import annotations
@@ -49,8 +54,9 @@ HEADER = """\
 #   dvc exp run -S policy.lr=1e-4      an experiment; re-runs rl and evaluate only
 #   dvc metrics show                   the headline: held-out accuracy, SFT vs final policy
 #   dvc exp show --only-changed        experiments side by side (params changed + headline)
-#   tracerl plots                      every curve as one offline page (dvc plots show needs
-#                                      Vega from the internet)
+#   dvc plots show                     every curve (offline once `source scripts/env.sh`
+#                                      installed web/vega; else Vega comes from a CDN)
+#   tracerl plots                      every curve as one offline page of PNG images
 """
 
 
@@ -162,15 +168,14 @@ def dvc_stages(root: Path = ROOT) -> dict:
                        "deps": deps, "params": _params(reads),
                        "outs": [{out: {"persist": True}} if part.persist else out,
                                 f"{RUN}/metrics/{name}.json"]}
+        # the curve files are cached outputs (so `dvc plots diff REV` reads any revision's)
+        # but not stage-level `plots`: DVC would draw each once more, with its default
+        # template; the top-level plots below draw them
         if part.headline:
             entry["metrics"] = [f"{RUN}/metrics/headline.json"]
-            entry["plots"] = [{f"{RUN}/plots/eval_curve.json": {
-                "x": "iteration", "y": "accuracy",
-                "title": "held-out accuracy per evaluation (0 = SFT model)"}}]
+            entry["outs"].append(f"{RUN}/plots/eval_curve.json")
         if part.orchestration:
-            entry["plots"] = [{f"{RUN}/plots/rl_curves.json": {
-                "x": "iteration", "y": "reward.accuracy",
-                "title": "train accuracy per RL iteration"}}]
+            entry["outs"].append(f"{RUN}/plots/rl_curves.json")
         stages[name] = entry
     return stages
 
@@ -178,16 +183,23 @@ def dvc_stages(root: Path = ROOT) -> dict:
 TEMPLATE = "iterations"  # .dvc/plots/iterations.json: DVC's `linear`, integer x axis
 
 
+# At most one x tick per iteration: Vega's ``tickMinStep`` alone only caps the tick count
+# at span + 1, and d3 then still picks a 0.5 step (domain 0..2, 3 ticks: 0, 0.5, ... drawn
+# "0 1 1 2 2" under format "d"); a count <= span makes d3's step >= 1, so whole numbers.
+X_TICKS = {"tickMinStep": 1, "format": "d",
+           "tickCount": {"expr": "min(ceil(width / 40), max(1, span(domain('x'))))"}}
+
+
 def iterations_template() -> dict:
     """DVC's ``linear`` Vega-Lite template with whole-number ticks on the x axis (RL
-    iterations: never 0.1, 0.2)."""
+    iterations: never 0.5, each label once), see :data:`X_TICKS`."""
     from dvc_render.vega_templates import LinearTemplate
 
     def walk(node):
         if isinstance(node, dict):
             out = {k: walk(v) for k, v in node.items()}
             if out.get("field") == "<DVC_METRIC_X>":
-                out["axis"] = {"tickMinStep": 1, "format": "d"}
+                out["axis"] = dict(X_TICKS)
             return out
         if isinstance(node, list):
             return [walk(v) for v in node]
@@ -196,20 +208,29 @@ def iterations_template() -> dict:
     return walk(LinearTemplate.DEFAULT_CONTENT)
 
 
+X_LABELS = {"rl_curves.json": "RL iteration",
+            "eval_curve.json": "RL iterations done (0 = the SFT model)"}
+
+
 def dvc_plots() -> list[dict]:
     curves = [(name, "rl_curves.json", keys) for name, keys in PLOTS.items()]
     evals = [(name, "eval_curve.json", keys) for name, keys in EVAL_PLOTS.items()]
-    return [{name: {"template": TEMPLATE, "x": "iteration",
-                    "y": {f"{RUN}/plots/{file}": list(keys)}}}
-            for name, file, keys in curves + evals]
+    out = []
+    for name, file, keys in curves + evals:
+        title = "held-out accuracy per evaluation" if file == "eval_curve.json" else name
+        out.append({name: {"template": TEMPLATE, "title": title, "x": "iteration",
+                           "x_label": X_LABELS[file],
+                           "y_label": "value" if len(keys) > 1 else keys[0],
+                           "y": {f"{RUN}/plots/{file}": list(keys)}}})
+    return out
 
 
 def render(root: Path = ROOT) -> str:
     """The text dvc.yaml must have."""
     body = yaml.safe_dump({"stages": dvc_stages(root)}, sort_keys=False, width=100)
     plots = yaml.safe_dump({"plots": dvc_plots()}, sort_keys=False, width=100)
-    return (HEADER + "\n" + body + "\n# learning curves over RL iterations (`dvc plots show`; "
-            "offline: `tracerl plots`); one row per iteration\n" + plots)
+    return (HEADER + "\n" + body + "\n# learning curves over RL iterations (`dvc plots show`, "
+            "or `tracerl plots`); one row per iteration\n" + plots)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -116,7 +116,8 @@ declare(StageSpec(
     # do the prompts fit the model's context with the run's budgets? (counted, not dropped)
     checks=("model.init", "model.max_position_embeddings", "model.block_size",
             "rollout.max_tokens", "curriculum.block_size_schedule",
-            "curriculum.max_tokens_schedule"),
+            "curriculum.max_tokens_schedule", "curriculum.max_tokens_by_level",
+            "evaluate.block_sizes", "evaluate.max_tokens"),
     inputs=(),
     outputs=("train.parquet", "heldout.parquet", "sft.parquet", "skipped.jsonl"),
     metrics=("train_tasks", "heldout_tasks", "sft_examples"),

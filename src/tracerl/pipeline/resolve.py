@@ -58,7 +58,7 @@ def curriculum_rule(p: Params) -> CurriculumRule:
     return CurriculumRule(raise_above=c.raise_above, lower_below=c.lower_below, step=c.step,
                           min_level=p.data.min_difficulty, max_level=p.data.max_difficulty,
                           window=c.window, retire_above=c.retire_above if c.enabled else None,
-                          cumulative=c.cumulative)
+                          cumulative=c.cumulative, patience=c.patience)
 
 
 def schedule_shape(p: Params) -> dict:
@@ -66,7 +66,9 @@ def schedule_shape(p: Params) -> dict:
     c = p.curriculum
     return dict(block_size=p.model.block_size, max_tokens=p.rollout.max_tokens,
                 block_size_schedule=c.block_size_schedule,
-                max_tokens_schedule=c.max_tokens_schedule)
+                max_tokens_schedule=c.max_tokens_schedule,
+                train_block_size_schedule=c.train_block_size_schedule,
+                max_tokens_by_level=c.max_tokens_by_level)
 
 
 def curriculum_decision(p: Params, folder: Path | None) -> CurriculumDecision:
@@ -88,5 +90,6 @@ def sampling_config(p: Params, decision: CurriculumDecision, **overrides):
     cfg = dict(block_size=b, steps_per_block=min(r.steps_per_block, b),
                max_tokens=decision.schedule.max_tokens, strategy=r.strategy,
                dynamic_threshold=r.dynamic_threshold, entropy_bound=r.entropy_bound,
-               temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, batch_size=r.batch_size)
+               temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, batch_size=r.batch_size,
+               full_cache=r.full_cache)
     return SamplingConfig(**{**cfg, **overrides})

@@ -10,6 +10,7 @@ nor tests are kept in the table (``kept = False``, reward 0) and counted, never 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -71,6 +72,7 @@ def score_rollouts(
     counts = dict.fromkeys(("skipped_unknown_task", "skipped_invalid_task", "overlong_responses",
                             "empty_responses", "no_answer_responses"), 0)
     code_rows: list[int] = []
+    t_grade = time.perf_counter()
     for i in range(n):
         task = tasks.get(ids[i])
         text = texts[i] if isinstance(texts[i], str) else ""
@@ -98,6 +100,7 @@ def score_rollouts(
         for i, s in zip(code_rows, scores):
             correct[i], reward[i] = s.correct, s.reward
             counts["no_answer_responses"] += int(s.result is None)
+    grade_seconds = time.perf_counter() - t_grade
     vidx = np.flatnonzero(valid)
     g = compute_group_advantages(reward[vidx], np.asarray(ids, dtype=object)[vidx].astype(str),
                                  correct[vidx], estimator=estimator, group_filter=group_filter,
@@ -126,10 +129,22 @@ def score_rollouts(
         "mean_reward": float(reward[vidx].mean()) if vidx.size else 0.0,
         "mean_response_tokens": float(lengths.mean()) if n else 0.0,
         "num_responses": n,
+        # wall seconds of grading (math verification and the code sandbox)
+        "grade_seconds": grade_seconds,
         **g.metrics,
         **counts,
     }
+    # per task source (arithmetic, code, ...): the per-domain curves of a mixed pool
+    src = np.asarray([tasks[t].source if t in tasks else "" for t in ids], dtype=object)
+    for name in sorted({x for x in src[vidx]}):
+        rows = vidx[src[vidx] == name]
+        metrics[f"accuracy_{source_key(name)}"] = float(correct[rows].mean())
     return scored, metrics
+
+
+def source_key(source: str) -> str:
+    """A task source as a metric-key suffix (``rg:chain_sum`` -> ``rg_chain_sum``)."""
+    return "".join(c if c.isalnum() or c == "_" else "_" for c in source)
 
 
 def _process_token_rewards(rollouts: pl.DataFrame, tasks: dict[str, TaskRecord], vidx: np.ndarray,

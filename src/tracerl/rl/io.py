@@ -60,7 +60,9 @@ def samples_from_frame(df: pl.DataFrame, *, kept_only: bool = True,
             logprobs=r.get("logprobs"), token_advantages=tok_adv,
             token_rewards=r.get("token_rewards") if "token_rewards" in has else None,
             policy_id=r.get("policy_id"), sample_id=f"{key[0]}/{key[1]}",
-            attention=r.get("attention"), block_size=r.get("block_size")))
+            attention=r.get("attention"), block_size=r.get("block_size"),
+            train_block_size=r.get("train_block_size"),
+            exact_logprobs=r.get("full_cache") in (None, "none")))
     if missing:
         raise ValueError(
             f"{len(missing)} kept samples have no token advantages (e.g. {missing[:3]}); the "

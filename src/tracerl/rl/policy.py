@@ -64,10 +64,14 @@ def trajectory_logprobs(lm: DiffusionLM, samples: Sequence[TraceSample], *, shri
 def _recorded_usable(trainer: Trainer, lm: DiffusionLM, samples: Sequence[TraceSample],
                      cfg: PolicyConfig) -> bool:
     """Whether the rollout's log-probs are exactly the old log-probs: TraceRL rounds with
-    ``shrink = 1``, fp32 unpartitioned training, and every sample sampled by these weights."""
+    ``shrink = 1`` at the decoding block, fp32 unpartitioned training, and every sample
+    sampled by these weights."""
     ok = (cfg.use_recorded_logprobs and cfg.method == "trace_rl" and cfg.shrink == 1
           and not trainer.cfg.bf16 and lm.dtype == torch.float32
           and trainer.cfg.zero_stage != 3  # (partitioned weights)
+          # a larger training block changes the contexts: the sampler's scores don't apply
+          and all(s.train_block == s.block_size for s in samples)
+          and all(s.exact_logprobs for s in samples)  # no approximate sampler cache
           and all(s.logprobs is not None and s.policy_id for s in samples))
     if ok:
         digest = weights_digest(lm)

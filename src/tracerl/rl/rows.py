@@ -61,7 +61,8 @@ class TraceSample:
     decoded (the ROLLOUT record's columns of the same names). They are the trainer's
     contract: rows are rebuilt with them (:func:`records_block_size`), never with a block
     size from params or from the model's config. None = not recorded, which the RL updates
-    refuse.
+    refuse. ``train_block_size`` (ROLLOUT column of that name; None = ``block_size``) is
+    the block the update trains at, a multiple of ``block_size`` (block-size adaptation).
     """
 
     prompt_ids: Sequence[int]
@@ -76,6 +77,13 @@ class TraceSample:
     sample_id: str = ""
     attention: str | None = None
     block_size: int | None = None
+    train_block_size: int | None = None
+    exact_logprobs: bool = True  # False: sampled with an approximate cache (full_cache)
+
+    @property
+    def train_block(self) -> int | None:
+        """The block size the update trains this trajectory at."""
+        return self.train_block_size or self.block_size
 
 
 def check_sample(s: TraceSample, index: int = 0) -> None:
@@ -111,12 +119,17 @@ def check_sample(s: TraceSample, index: int = 0) -> None:
 
 def records_block_size(samples: Sequence[TraceSample], attention: str,
                        model: str = "the model") -> int | None:
-    """The block size rows of ``samples`` are built with: the one they were decoded with.
+    """The block size rows of ``samples`` are built with: the one they were decoded with,
+    or the training block the record names (``train_block_size``, a multiple of it).
 
     The trajectory record is the trainer's contract (a curriculum block-size schedule
     samples at block 8 from a model built at block 4, and the update must then train at
     block 8). Every sample must record how it was decoded, with the attention of the
-    model being trained, and all samples of one update must share one block size.
+    model being trained, and all samples of one update must share one training block.
+    A training block of ``m * b`` over trajectories decoded at ``b`` holds ``m`` decoding
+    blocks; since decode steps are global, the rounds (step ranks within a training
+    block) follow the decode order across them (the reference's ``training.block_size =
+    2b``, ``tracerl_reference.md`` 8).
 
     Args:
         samples: the update's trajectories.
@@ -155,16 +168,24 @@ def records_block_size(samples: Sequence[TraceSample], attention: str,
             f"{kinds[0]}-attention model on them, or re-run the rollout with this model")
     if attention == "full":
         return None
+    bad = [f"{s.sample_id or f'#{i}'} (train {s.train_block_size}, decoded {s.block_size})"
+           for i, s in enumerate(samples)
+           if s.train_block_size and s.train_block_size % int(s.block_size)]
+    if bad:
+        raise TrajectoryError(
+            f"{len(bad)} trajectories name a training block that is not a multiple of the "
+            f"block they were decoded with (e.g. {', '.join(bad[:2])}): a training block must "
+            "hold whole decoding blocks; fix curriculum.train_block_size_schedule")
     sizes: dict[int, list[str]] = {}
     for i, s in enumerate(samples):
-        sizes.setdefault(int(s.block_size), []).append(s.sample_id or f"#{i}")
+        sizes.setdefault(int(s.train_block), []).append(s.sample_id or f"#{i}")
     if len(sizes) > 1:
         found = "; ".join(f"block_size {b}: {len(ids)} samples (e.g. {', '.join(ids[:2])})"
                           for b, ids in sorted(sizes.items()))
         raise TrajectoryError(
-            f"one update mixes trajectories decoded at different block sizes ({found}); rows "
-            "of one update are built at one block size: update on each block size's records "
-            "separately, or re-run the rollout at a single block size")
+            f"one update mixes trajectories of different block sizes ({found}; training blocks); "
+            "rows of one update are built at one block size: update on each block size's "
+            "records separately, or re-run the rollout at a single block size")
     return next(iter(sizes))
 
 

@@ -78,6 +78,8 @@ from tracerl.sampling.strategies import (
     transfer_schedule,
 )
 
+FULL_CACHES = ("none", "prefix")  # SamplingConfig.full_cache
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -97,6 +99,13 @@ class SamplingConfig:
         batch_size: sequences decoded together.
         use_cache: block models only: KV-cache the clean prefix (False re-encodes
             ``[prefix | block]`` every step; it exists for tests and benchmarks).
+        full_cache: full-attention models only. ``"none"`` runs the whole canvas every
+            step (exact). ``"prefix"`` is the approximate prefix cache of Fast-dLLM (Wu et
+            al. 2025, arXiv 2505.22618): the first step of each block runs the whole
+            canvas and keeps the keys/values of the committed prefix; the block's later
+            steps run only ``[block | rest of the canvas]`` over them. Bidirectional
+            prefix states would change with the block's new tokens, so later steps are
+            approximate; the trainer then recomputes the old log-probs.
         ignore_eos: never stop at a stop token (benchmarks: fixed work per sequence).
     """
 
@@ -112,6 +121,7 @@ class SamplingConfig:
     batch_size: int = 64
     use_cache: bool = True
     ignore_eos: bool = False
+    full_cache: str = "none"
 
     def __post_init__(self):
         p = []
@@ -127,6 +137,9 @@ class SamplingConfig:
             )
         if self.strategy not in STRATEGIES:
             p.append(STRATEGIES.problem(self.strategy, "strategy"))
+        if self.full_cache not in FULL_CACHES:
+            p.append(f"full_cache must be one of {', '.join(FULL_CACHES)}, got "
+                     f"{self.full_cache!r}")
         if (self.strategy == "low_confidence_static" and self.block_size >= 1
                 and self.steps_per_block > self.block_size):
             p.append(
@@ -232,8 +245,8 @@ def generate(
     """Sample one response per prompt with its decoding trace.
 
     Prompts are decoded in batches of ``cfg.batch_size``, grouped by length (less
-    padding; :func:`plan_batches`); results come back in prompt order. Since every sequence has its own random
-    stream, grouping changes nothing in the outputs.
+    padding; :func:`plan_batches`); results come back in prompt order. Since every
+    sequence has its own random stream, grouping changes nothing in the outputs.
 
     Args:
         model: a :class:`~tracerl.models.DiffusionLM` (block or full attention).
@@ -330,6 +343,7 @@ def decode_batch(model, prompts: list[list[int]], seeds: list[int],
     b, T, M = cfg.block_size, cfg.steps_per_block, cfg.max_tokens
     full = model.family.attention == "full"
     cached = cfg.use_cache and not full
+    prefix = full and cfg.full_cache == "prefix"  # approximate (SamplingConfig.full_cache)
     strategy = STRATEGIES.get(cfg.strategy)
     schedule = transfer_schedule(b, T)
     stop_ids = torch.tensor(tokens.stop_ids, device=dev)
@@ -362,6 +376,8 @@ def decode_batch(model, prompts: list[list[int]], seeds: list[int],
 
     # 2. Prefill: the clean whole blocks of every prompt, once, block-causal, into the cache.
     cache = None
+    if prefix:
+        cache = BlockKVCache.for_model(model.config, B, W, model.compute_dtype(), dev)
     if cached:
         cache = BlockKVCache.for_model(model.config, B, W, model.compute_dtype(), dev)
         if C:
@@ -382,9 +398,13 @@ def decode_batch(model, prompts: list[list[int]], seeds: list[int],
             act = masked.any(-1).nonzero().squeeze(-1)  # rows still denoising
             if act.numel() == 0:
                 break
-            commit = cached and s == 0 and j > 0
-            logits = _denoise_logits(model, ids, pos, blk, valid, s0, s1, act, cache, full,
-                                     commit)
+            if prefix:
+                logits = _full_prefix_logits(model, ids, pos, valid, s0, s1, act, cache,
+                                             refresh=s == 0)
+            else:
+                commit = cached and s == 0 and j > 0
+                logits = _denoise_logits(model, ids, pos, blk, valid, s0, s1, act, cache, full,
+                                         commit)
             probs = process_logits(logits, tokens.mask_id, cfg.temperature, cfg.top_k,
                                    cfg.top_p)  # [R, b, V]
             x0 = draw_tokens(probs, [gens[r] for r in act.tolist()], cfg.temperature == 0)
@@ -447,6 +467,30 @@ def decode_batch(model, prompts: list[list[int]], seeds: list[int],
                 cache.select(keep)
     assert all(t is not None for t in out), "every row finishes by the last block"
     return out  # type: ignore[return-value]
+
+
+def _full_prefix_logits(model, ids, pos, valid, s0, s1, act, cache,
+                        refresh: bool) -> torch.Tensor:
+    """Float32 logits ``[R, b, V]`` of block ``[s0, s1)`` for rows ``act``, full attention
+    with the approximate prefix cache (``SamplingConfig.full_cache == "prefix"``).
+
+    ``refresh`` (a block's first step): the whole canvas, bidirectional, storing every
+    key/value, then the cache keeps the prefix ``[0, s0)`` (these logits are exact). Later
+    steps: ``[s0, W)`` over the cached prefix and themselves. The whole batch runs (the
+    cache is batch-wide); the active rows are kept.
+    """
+    W = ids.shape[1]
+    if refresh:
+        cache.length = 0
+        out = model(ids, visible=full_visibility(valid, W), position_ids=pos,
+                    cache=cache.begin(True), keep=slice(s0, s1)).logits
+        cache.end()
+        cache.length = s0
+    else:
+        out = model(ids[:, s0:], visible=full_visibility(valid, W - s0), position_ids=pos[:, s0:],
+                    cache=cache.begin(False), keep=slice(0, s1 - s0)).logits
+        cache.end()
+    return out[act].float()
 
 
 def _visibility(blk, valid, *, q: tuple[int, int], keys: int,

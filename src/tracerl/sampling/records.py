@@ -16,12 +16,15 @@ def trajectories_to_frame(
     sample_indices: Sequence[int],
     policy_id: str,
     tokenizer,
+    train_block_size: int | None = None,
 ) -> pl.DataFrame:
     """One ROLLOUT row per trajectory (write it with :func:`tracerl.schemas.write_parquet`).
 
     ``response_text`` decodes ``response_ids[:response_len]`` with special tokens skipped.
     The DECODING columns (attention, block size and sampling settings) come from each
-    trajectory's own record, so they are what it was decoded with.
+    trajectory's own record, so they are what it was decoded with. ``train_block_size``
+    (the curriculum's training block, a multiple of the decoding block) is recorded
+    beside them; None = train at the decoding block.
 
     Raises:
         ValueError: the argument lists differ in length.
@@ -48,6 +51,7 @@ def trajectories_to_frame(
             "finish_reason": [t.finish_reason for t in trajs],
             "num_forward": [t.num_forward for t in trajs],
             **{c: [d[c] for d in records] for c in DECODING},
+            "train_block_size": [train_block_size] * n,
             "policy_id": [policy_id] * n,
             "response_text": texts,
         },
@@ -63,7 +67,7 @@ def decoding(t: Trajectory) -> dict:
             "steps_per_block": c.steps_per_block, "max_tokens": c.max_tokens,
             "strategy": c.strategy, "dynamic_threshold": c.dynamic_threshold,
             "entropy_bound": c.entropy_bound, "temperature": c.temperature, "top_k": c.top_k,
-            "top_p": c.top_p}
+            "top_p": c.top_p, "full_cache": c.full_cache}
 
 
 def frame_to_trajectories(df: pl.DataFrame) -> list[Trajectory]:
@@ -79,7 +83,8 @@ def frame_to_trajectories(df: pl.DataFrame) -> list[Trajectory]:
             num_forward=r["num_forward"],
             block_size=r["block_size"],
             attention=r["attention"],
-            sampling=SamplingConfig(**{k: r[k] for k in DECODING if k != "attention"}),
+            sampling=SamplingConfig(**{k: r[k] for k in DECODING
+                                       if k != "attention" and r[k] is not None}),
         )
         for r in df.iter_rows(named=True)
     ]
