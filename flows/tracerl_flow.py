@@ -9,6 +9,10 @@ Each stage is a Prefect task that hands a planned :class:`StageCall` to the
 :class:`Orchestrator` (resume, MLflow child run, runner, metrics). The flow only
 sequences: it never touches tensors, tasks return artifact paths and numbers.
 
+With ``rollout.shards`` > 1 the rollout runs as shard tasks submitted together (each
+retried ``rollout.shard_retries`` times by Prefect), then a merge task writes the ordinary
+rollout folder, bit-identical to one unsharded rollout (``docs/pipeline.md``).
+
 Re-running after a crash continues at the first unfinished stage: a stage whose output
 folder has a manifest stamped with the current plan's key is skipped. One MLflow parent
 run per pipeline run (reopened on resume).
@@ -32,12 +36,13 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import wait
 
 from tracerl.config import ConfigError, Params, load_params
 from tracerl.pipeline.driver import Orchestrator, StageResult
 from tracerl.pipeline.layout import Planner, RunLayout, StageCall, is_done, plan_all
 from tracerl.pipeline.lock import RunLocked
-from tracerl.pipeline.registry import DVC_PARTS
+from tracerl.pipeline.registry import DVC_PARTS, STAGES, resource
 from tracerl.pipeline.runners import make_runner
 from tracerl.recipes import RecipeError
 from tracerl.tracking import make_tracker
@@ -45,6 +50,7 @@ from tracerl.tracking import make_tracker
 PARTS = ("all", *DVC_PARTS)  # "all" or one coarse DVC stage
 
 Submit = Callable[[StageCall], StageResult]
+SubmitMany = Callable[[list[StageCall], int], list[StageResult]]  # calls, retries
 
 
 @task(cache_policy=NO_CACHE, retries=0)
@@ -65,9 +71,48 @@ def _prefect_submit(orch: Orchestrator) -> Submit:
     return submit
 
 
-def run_pipeline(orch: Orchestrator, planner: Planner, part: str, submit: Submit) -> dict[str, Any]:
+def _prefect_submit_shards(orch: Orchestrator) -> SubmitMany:
+    """Shards as concurrent Prefect tasks on the flow's task runner (threads; each shard's
+    runner isolates it in its own process or container), each retried by Prefect."""
+    def submit_many(calls: list[StageCall], retries: int) -> list[StageResult]:
+        futures = [run_stage.with_options(task_run_name=c.label, retries=retries,
+                                          retry_delay_seconds=0).submit(orch, c)
+                   for c in calls]
+        wait(futures)  # every shard ends (retries included) before a failure is raised
+        return [f.result() for f in futures]
+
+    return submit_many
+
+
+def _serial_shards(submit: Submit) -> SubmitMany:
+    """Without Prefect: the shards one after another (no retries)."""
+    def submit_many(calls: list[StageCall], retries: int) -> list[StageResult]:
+        return [submit(c) for c in calls]
+
+    return submit_many
+
+
+def run_rollout(orch: Orchestrator, planner: Planner, call: StageCall, submit: Submit,
+                submit_many: SubmitMany) -> StageResult:
+    """The rollout ``call``, split into ``rollout.shards`` shards run by ``submit_many``,
+    then merged by ``submit`` (skipped as a whole when its merged output is done)."""
+    spec = STAGES.get(call.stage)
+    n = resource(spec, "shards", orch.params)
+    if n <= 1 or orch.why_run(call) is None:
+        return submit(call)
+    t0 = time.perf_counter()
+    shards, merge = planner.shards(call, n)
+    submit_many(shards, resource(spec, "shard_retries", orch.params))
+    res = submit(merge)
+    res.seconds = time.perf_counter() - t0  # the shards ran side by side: wall time
+    return res
+
+
+def run_pipeline(orch: Orchestrator, planner: Planner, part: str, submit: Submit,
+                 submit_many: SubmitMany | None = None) -> dict[str, Any]:
     """Run ``part`` of the pipeline by handing each planned call to ``submit``, in
-    dependency order. Shared by the Prefect flow and the plain (``--no-prefect``) path.
+    dependency order (the shards of a sharded rollout to ``submit_many``: default, one
+    after another). Shared by the Prefect flow and the plain (``--no-prefect``) path.
 
     Returns a summary: the run folder, the final evaluation's metrics, the curves file.
     """
@@ -93,7 +138,8 @@ def run_pipeline(orch: Orchestrator, planner: Planner, part: str, submit: Submit
         submit(baseline)
         for i, (calls, ev) in enumerate(iter_calls):
             t0 = time.perf_counter()
-            results = [submit(c) for c in calls]
+            results = [run_rollout(orch, planner, c, submit, submit_many or _serial_shards(submit))
+                       if c.stage == "rollout" else submit(c) for c in calls]
             wall = time.perf_counter() - t0
             if ev is not None:
                 submit(ev)
@@ -143,10 +189,14 @@ def build(params_path: str | Path = "params.yaml", run_name: str | None = None,
     params = load_params(params_path, run_overrides(root, run_name, iterations, runner,
                                                     recipe, seed))
     layout = RunLayout.from_params(params, base=root)
+    # shards run side by side: an in-process runner's shards run in subprocesses
+    shard_kind = "subprocess" if params.run.runner == "inprocess" else params.run.runner
     orch = Orchestrator(params, params_path, layout,
                         make_runner(params.run.runner, project_root=root, params=params,
                                     package=package),
-                        make_tracker(params.run.tracker, root))
+                        make_tracker(params.run.tracker, root),
+                        shard_runner=make_runner(shard_kind, project_root=root, params=params,
+                                                 package=package))
     plan_key = plan_all(params, layout)[-1].key
     return params, orch, Planner(params, layout), plan_key
 
@@ -193,7 +243,8 @@ def tracerl(params_path: str = "params.yaml", run_name: str | None = None,
     _, orch, planner, plan_key = build(params_path, run_name, iterations, runner,
                                        project_root, package, recipe, seed)
     with orch.parent_run(plan_key, part=part):
-        summary = run_pipeline(orch, planner, part, _prefect_submit(orch))
+        summary = run_pipeline(orch, planner, part, _prefect_submit(orch),
+                               _prefect_submit_shards(orch))
     return summary
 
 

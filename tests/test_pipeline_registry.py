@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tracerl.config import load_params
+from tracerl.config import Params, load_params
 from tracerl.pipeline import dvcgen
 from tracerl.pipeline.layout import stage_key
 from tracerl.pipeline.registry import (
@@ -18,6 +18,7 @@ from tracerl.pipeline.registry import (
     STAGES,
     missing_metrics,
     missing_outputs,
+    placement_keys,
     problems,
 )
 from tracerl.pipeline.stage_cli import UndeclaredParamsRead, load_stage_params, params_reads
@@ -72,10 +73,16 @@ def test_dvc_params_are_the_union_of_stage_reads():
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     for part, p in DVC_PARTS.items():
         want = {r for s in p.stages for r in STAGES.get(s).reads} | set(p.flow_reads)
+        # a section holding a placement key (rollout.shards: where a stage runs) is listed
+        # key by key without it
+        for sec in {k.split(".")[0] for k in placement_keys()} & want:
+            want = (want - {sec}) | {f"{sec}.{k}" for k in Params().to_dict()[sec]
+                                     if f"{sec}.{k}" not in placement_keys()}
         got = set(dvc["stages"][part]["params"])
         # a whole section covers its keys
         assert {r for r in want if r.split(".")[0] not in got} <= got, part
         assert got <= want, part
+        assert not got & placement_keys(), part
     # the reward section reaches evaluate (its key and DVC params), the curriculum the rollout
     assert "reward" in dvc["stages"]["evaluate"]["params"]
     assert "curriculum" in STAGES.get("rollout").reads

@@ -286,6 +286,9 @@ class RolloutParams:
     # full-attention models: "none" (exact, the whole canvas every step) or "prefix" (the
     # approximate prefix KV cache of Fast-dLLM; old log-probs are then recomputed)
     full_cache: str = "none"
+    # shards run side by side and merged bit-identical (where it runs, not what: no cache key)
+    shards: int = 1
+    shard_retries: int = 1  # Prefect retries of a failed shard
 
     def problems(self) -> list[str]:
         p = registry_problems("tracerl.sampling.strategies", "STRATEGIES", self.strategy,
@@ -308,6 +311,12 @@ class RolloutParams:
             p.append("rollout.top_p must be in (0, 1]")
         if self.top_k < 0:
             p.append("rollout.top_k must be >= 0 (0 = off)")
+        if self.shards < 1:
+            p.append(f"rollout.shards must be >= 1 (1 = one unsharded rollout), got "
+                     f"{self.shards}")
+        if self.shard_retries < 0:
+            p.append(f"rollout.shard_retries must be >= 0 (0 = a failed shard fails the run), "
+                     f"got {self.shard_retries}")
         return p
 
 

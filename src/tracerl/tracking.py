@@ -34,6 +34,7 @@ import contextlib
 import math
 import os
 import re
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -219,7 +220,20 @@ class MlflowTracker:
         self.experiment_name = experiment or os.environ.get(EXPERIMENT_ENV) or DEFAULT_EXPERIMENT
         self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
         self._experiment_id: str | None = None
-        self._stack: list[str] = []
+        # open runs, per thread (the flow runs shards' child runs side by side in Prefect's
+        # worker threads); a thread with none open logs to the creating thread's current run
+        self._stacks: dict[int, list[str]] = {}
+        self._home = threading.get_ident()
+
+    @property
+    def _stack(self) -> list[str]:
+        """This thread's open runs; when it has none, the creating thread's (its parent
+        run stays current for worker threads)."""
+        mine = self._stacks.setdefault(threading.get_ident(), [])
+        return mine if mine else self._stacks.get(self._home, mine)
+
+    def _own_stack(self) -> list[str]:
+        return self._stacks.setdefault(threading.get_ident(), [])
 
     # ------------------------------------------------------------------ runs
     @property
@@ -267,7 +281,8 @@ class MlflowTracker:
             run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
             run_id = run.info.run_id
             owned = end_on_exit is not False
-        self._stack.append(run_id)
+        stack = self._own_stack()
+        stack.append(run_id)
         try:
             yield run_id
         except KeyboardInterrupt:
@@ -280,7 +295,7 @@ class MlflowTracker:
             if owned:
                 self.client.set_terminated(run_id, status="FINISHED")
         finally:
-            self._stack.pop()
+            stack.pop()
 
     def _current(self) -> str:
         if not self._stack:

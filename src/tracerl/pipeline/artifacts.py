@@ -58,6 +58,34 @@ def verify_outputs(out_dir: str | os.PathLike) -> list[str]:
     return found
 
 
+def files_digest(files: dict[str, str]) -> str:
+    """A short digest of ``{relative path: sha256}`` (a checkpoint's identity)."""
+    text = json.dumps(sorted(files.items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def folder_digest(folder: str | os.PathLike) -> str:
+    """:func:`files_digest` of every file under ``folder``, hashed from disk now."""
+    folder = Path(folder)
+    files = {p.relative_to(folder).as_posix(): sha256_file(p)
+             for p in sorted(folder.rglob("*")) if p.is_file()}
+    if not files:
+        raise FileNotFoundError(f"{folder}: no files to digest (not a checkpoint folder?)")
+    return files_digest(files)
+
+
+def manifest_digest(out_dir: str | os.PathLike, sub: str) -> str:
+    """:func:`folder_digest` of ``out_dir/sub`` as the finished stage's manifest recorded
+    it (no file is read but the manifest): what a later stage expects to find there."""
+    files = read_manifest(out_dir).get("files", {})
+    prefix = sub.rstrip("/") + "/"
+    mine = {k.removeprefix(prefix): v["sha256"] for k, v in files.items()
+            if k.startswith(prefix)}
+    if not mine:
+        raise FileNotFoundError(f"{Path(out_dir) / MANIFEST} lists no file under {sub}/")
+    return files_digest(mine)
+
+
 def read_manifest(out_dir: str | os.PathLike) -> dict[str, Any]:
     return json.loads((Path(out_dir) / MANIFEST).read_text())
 

@@ -57,7 +57,7 @@ from tracerl.pipeline.registry import (
     missing_metrics,
     missing_outputs,
 )
-from tracerl.pipeline.runners import Runner, StageFailed
+from tracerl.pipeline.runners import InProcessRunner, Runner, StageFailed, SubprocessRunner
 from tracerl.tracking import (
     PARENT_RUN_ENV,
     PARENT_TAG,
@@ -224,16 +224,24 @@ class Orchestrator:
         runner: where stages run.
         tracker: where runs are recorded (the parent run must be current while calls
             run: use :meth:`parent_run`).
+        shard_runner: where the shards of a sharded stage run; they run side by side, so
+            it must isolate them (default: ``runner``, or a subprocess runner in the
+            project when ``runner`` runs stages in this process: that one sets
+            ``os.environ`` and torch's thread count for the whole process, and stage
+            modules keep loaded models).
     """
 
     def __init__(self, params: Any, params_path: str | os.PathLike, layout: RunLayout,
-                 runner: Runner, tracker: Tracker):
+                 runner: Runner, tracker: Tracker, shard_runner: Runner | None = None):
         self.params = params
         self.params_dict = params.to_dict()
         self.params_path = Path(params_path)
         self.layout = layout
         self.runner = runner
         self.tracker = tracker
+        if shard_runner is None and isinstance(runner, InProcessRunner):
+            shard_runner = SubprocessRunner(runner.package)
+        self.shard_runner = shard_runner or runner
         self.parent_run_id: str | None = None
         # outputs (re)written by this orchestrator: a damaged output that runs again
         # invalidates what was computed from it, even under an unchanged key
@@ -336,11 +344,23 @@ class Orchestrator:
                         r.info.run_name, r.info.run_id)
 
     # ------------------------------------------------------------------ one call
+    def why_run(self, call: StageCall) -> str | None:
+        """Why ``call`` must run: :func:`not_done_reason`, or an input of it written again
+        by this orchestrator; None when it is done."""
+        reason = not_done_reason(call)
+        stale_input = self._stale_input(call)
+        if reason is None and stale_input is not None:
+            reason = f"its input {stale_input} was written again"
+        return reason
+
+    def _stale_input(self, call: StageCall) -> Path | None:
+        return next((p for paths in call.inputs.values() for p in paths
+                     if p in self.rewritten), None)
+
     def run_call(self, call: StageCall) -> StageResult:
         """Run ``call`` unless it is already done; see the module docstring."""
         reason = not_done_reason(call)
-        stale_input = next((p for paths in call.inputs.values() for p in paths
-                            if p in self.rewritten), None)
+        stale_input = self._stale_input(call)
         if reason is None and stale_input is None:
             return StageResult(call.label, str(call.out), True, 0.0, read_metrics(call.out))
         finished_before = reason is None or reason.startswith((DAMAGED, UNREADABLE))
@@ -351,10 +371,13 @@ class Orchestrator:
             log.warning("%s runs again: %s", call.label, reason)
             print(f"[tracerl] {call.label} runs again: {reason}", flush=True)
         _clean_temp(call.out)
-        tags = {"tracerl.stage": call.stage, "tracerl.runner": self.runner.name,
+        runner = self.shard_runner if call.shard is not None else self.runner
+        tags = {"tracerl.stage": call.stage, "tracerl.runner": runner.name,
                 "tracerl.key": call.key}
         if call.iteration is not None:
             tags["tracerl.iteration"] = call.iteration
+        if call.shard is not None:
+            tags["tracerl.shard"] = f"{call.shard[0] + 1}/{call.shard[1]}"
         with self.tracker.start_run(call.label, parent_run_id=self.parent_run_id,
                                     tags=tags) as child:
             self.tracker.log_params(params_read(call.stage, self.params_dict))
@@ -364,7 +387,7 @@ class Orchestrator:
             if self._uri():
                 env[TRACKING_URI_ENV] = self._uri()
             t0 = time.perf_counter()
-            self.runner.run(call, self.params_path, env)
+            runner.run(call, self.params_path, env)
             seconds = time.perf_counter() - t0
             if not is_complete(call.out):
                 raise StageFailed(call, f"it exited 0 but wrote no {MANIFEST}")
@@ -380,7 +403,7 @@ class Orchestrator:
             step = call.iteration if call.iteration is not None else 0
             self.tracker.log_metrics({**metrics, "seconds": seconds}, step=step)
             self._log_outputs(call)
-        if self.parent_run_id:
+        if self.parent_run_id and call.shard is None:  # a shard's numbers stay in its child
             self.tracker.log_metrics(
                 {f"{call.stage}.{k}": v for k, v in {**metrics, "seconds": seconds}.items()},
                 step=step,

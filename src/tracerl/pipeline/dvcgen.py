@@ -37,7 +37,7 @@ from pathlib import Path
 
 import yaml
 
-from tracerl.pipeline.registry import DVC_PARTS, EVAL_PLOTS, PLOTS, STAGES
+from tracerl.pipeline.registry import DVC_PARTS, EVAL_PLOTS, PLOTS, STAGES, placement_keys
 
 ROOT = Path(__file__).resolve().parents[3]  # the project: src/tracerl/pipeline/ -> root
 RUN = "${run.runs_dir}/${run.name}"
@@ -137,9 +137,21 @@ def collapse(files: set[Path], root: Path = ROOT) -> list[str]:
 
 # ---------------------------------------------------------------------- dvc.yaml
 def _params(reads: Iterable[str]) -> list[str]:
-    reads = set(reads)
+    """DVC's params of ``reads``: whole sections, single keys not in a listed section; a
+    section holding a placement key (``rollout.shards``: where a stage runs, never what
+    it writes) is listed key by key without it."""
+    import dataclasses
+
+    from tracerl.config import Params
+
+    reads, skip = set(reads), placement_keys()
     whole = {r for r in reads if "." not in r}
-    return sorted(r for r in reads if "." not in r or r.split(".")[0] not in whole)
+    out = {r for r in reads if "." not in r or r.split(".")[0] not in whole}
+    for sec in {k.split(".")[0] for k in skip} & whole:
+        out.discard(sec)
+        out.update(f"{sec}.{f.name}" for f in dataclasses.fields(getattr(Params(), sec))
+                   if f"{sec}.{f.name}" not in skip)
+    return sorted(out - skip)
 
 
 def dvc_stages(root: Path = ROOT) -> dict:

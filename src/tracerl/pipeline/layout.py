@@ -7,6 +7,7 @@ One folder per pipeline run, ``<runs_dir>/<run.name>/``::
     rl/                            everything of the RL loop               (dvc stage rl)
       baseline/evaluate/           the SFT policy scored before any RL
       iter_<i>/rollout/            rollouts.parquet
+      iter_<i>/rollout_shards/     shard<k>of<n>/: the shards of a sharded rollout
       iter_<i>/reward/             scored.parquet
       iter_<i>/value/              value model + token advantages (policy.use_value only)
       iter_<i>/policy/             policy_{i+1}
@@ -39,12 +40,18 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from tracerl.pipeline.artifacts import MANIFEST, is_complete, read_manifest, verify_outputs
-from tracerl.pipeline.registry import STAGES
+from tracerl.pipeline.artifacts import (
+    MANIFEST,
+    is_complete,
+    manifest_digest,
+    read_manifest,
+    verify_outputs,
+)
+from tracerl.pipeline.registry import STAGES, placement_keys
 
 VIEWER_STAGE, VIEWER_FILE = "reward", "trajectory.html"  # the trajectory viewer's page
 KEY_FIELD = "tracerl_key"  # manifest field stamped by the orchestrator
@@ -62,6 +69,12 @@ class StageCall:
     for stages outside the RL loop. ``key`` identifies the call's parameters and inputs.
     ``role`` names what a call is when its iteration does not say it (``sft``: the
     evaluation of the SFT model; ``final``: of the final policy); it is no part of the key.
+
+    A sharded stage (:meth:`Planner.shards`) runs as ``shard`` = ``(index, count)`` calls
+    (0-based index) into their own folders, then one merge call: the stage's ordinary
+    call with ``merge`` = the shards' folders (passed as ``--input shard=DIR``; no part of
+    its key, which is the unsharded call's). ``policy_digest`` is the checkpoint digest
+    the shards and the merge must find (``--policy-digest``).
     """
 
     stage: str
@@ -70,14 +83,21 @@ class StageCall:
     inputs: Mapping[str, tuple[Path, ...]] = field(default_factory=dict)
     key: str = ""
     role: str = ""
+    shard: tuple[int, int] | None = None
+    merge: tuple[Path, ...] = ()
+    policy_digest: str = ""
 
     @property
     def label(self) -> str:
-        """``rollout[3]``, ``sft``, ``evaluate[sft]``, ``evaluate[final]``: the task name in
-        Prefect and the run name in MLflow."""
+        """``rollout[3]``, ``sft``, ``evaluate[sft]``, ``evaluate[final]``,
+        ``rollout[3].shard1of2``: the task name in Prefect and the run name in MLflow."""
         if self.role:
-            return f"{self.stage}[{self.role}]"
-        return self.stage if self.iteration is None else f"{self.stage}[{self.iteration}]"
+            base = f"{self.stage}[{self.role}]"
+        else:
+            base = self.stage if self.iteration is None else f"{self.stage}[{self.iteration}]"
+        if self.shard is not None:
+            base += f".shard{self.shard[0] + 1}of{self.shard[1]}"
+        return base
 
     def argv(self, params_path: str | os.PathLike, path_map=None) -> list[str]:
         """The stage CLI's arguments (see :mod:`tracerl.pipeline.stage_cli`).
@@ -92,6 +112,12 @@ class StageCall:
         for name, paths in self.inputs.items():
             for p in paths:
                 argv += ["--input", f"{name}={m(p)}"]
+        for p in self.merge:
+            argv += ["--input", f"shard={m(p)}"]
+        if self.shard is not None:
+            argv += ["--shard", f"{self.shard[0] + 1}/{self.shard[1]}"]
+        if self.policy_digest:
+            argv += ["--policy-digest", self.policy_digest]
         return argv
 
 
@@ -202,14 +228,16 @@ def fingerprint(obj: Any) -> str:
 
 def params_read(stage: str, params: Mapping[str, Any]) -> dict[str, Any]:
     """The values of the params a stage declares it reads (registry ``reads``):
-    whole sections, or single keys as ``{"run": {"seed": 0}}``."""
+    whole sections, or single keys as ``{"run": {"seed": 0}}``; without the placement
+    keys (:func:`tracerl.pipeline.registry.placement_keys`), which change no output."""
     out: dict[str, Any] = {}
+    skip = placement_keys()  # where it runs, not what it writes (e.g. rollout.shards)
     for r in STAGES.get(stage).reads:
         sec, _, key = r.partition(".")
         if key:
             out.setdefault(sec, {})[key] = params[sec][key]
         else:
-            out[sec] = params[sec]
+            out[sec] = {k: v for k, v in params[sec].items() if f"{sec}.{k}" not in skip}
     return out
 
 
@@ -320,6 +348,28 @@ class Planner:
                                 {"data": [L.prepare], "scored": history,
                                  "curriculum": prev_cur}))
         return calls
+
+    def shards(self, call: StageCall, n: int) -> tuple[list[StageCall], StageCall]:
+        """``call`` (a rollout) as ``n`` shard calls and the merge call; planned when the
+        call is about to run, since the shards must find the policy checkpoint its stage
+        finished with: the digest its manifest records (:func:`manifest_digest`).
+
+        The shards write ``<iteration>/<stage>_shards/shard<k>of<n>/``; each shard's key
+        is the call's key with its index, count and the checkpoint digest. The merge call
+        keeps the call's key and output folder, so downstream keys do not depend on ``n``.
+        """
+        if n < 1:
+            raise ValueError(f"{call.label}: shards must be >= 1, got {n}")
+        [policy] = call.inputs["policy"]
+        sub = STAGES.get(read_manifest(policy)["stage"]).checkpoints[0]
+        digest = manifest_digest(policy, sub)
+        folder = call.out.with_name(f"{call.out.name}_shards")
+        shards = [
+            replace(call, out=folder / f"shard{k + 1}of{n}", shard=(k, n),
+                    policy_digest=digest, key=fingerprint([call.key, "shard", k, n, digest]))
+            for k in range(n)
+        ]
+        return shards, replace(call, merge=tuple(s.out for s in shards), policy_digest=digest)
 
     def evaluate(self, after: int | None, final: bool = False) -> StageCall:
         """Evaluate the policy after iteration ``after`` (None: the SFT policy, i.e. the

@@ -36,13 +36,20 @@ class Resources:
         gpu: the stage computes on ``run.device`` and asks a container engine for GPUs
             when that device is CUDA; False: a CPU-only stage.
         ranks: processes per stage run (multi-rank training; 1 = one process).
-        shards: independent pieces a stage run may be split into (sharded rollout).
+        shards: independent pieces a stage run may be split into (sharded rollout): a
+            number, or the params key that holds it (``"rollout.shards"``).
+        shard_retries: retries of a failed shard: a number, or the params key.
+
+    A params key named here says where and how a stage runs, never what it writes (the
+    merged shards equal the unsharded output): :func:`placement_keys` leaves it out of
+    every cache key and of DVC's params.
     """
 
     image: str = "cpu"
     gpu: bool = False
     ranks: int = 1
-    shards: int = 1
+    shards: int | str = 1
+    shard_retries: int | str = 0
 
 
 @dataclass(frozen=True)
@@ -92,6 +99,8 @@ def stage_module(stage: str, package: str = "stages") -> str:
 
 TRAIN = Resources(image="train-gpu", gpu=True)
 ROLLOUT = Resources(image="rollout-gpu", gpu=True)
+SHARDED_ROLLOUT = Resources(image="rollout-gpu", gpu=True, shards="rollout.shards",
+                            shard_retries="rollout.shard_retries")
 
 STAGES: Registry[StageSpec] = Registry("stage")
 
@@ -125,12 +134,13 @@ declare(StageSpec(
 declare(StageSpec(
     "rollout", "k responses per task with their decoding trajectories",
     reads=("model", "rollout", "curriculum", "data", "run.seed", "run.device", "run.threads"),
-    inputs=("data", "policy", "curriculum"),
+    # shard: the shards' folders to merge (the flow's sharded rollout)
+    inputs=("data", "policy", "curriculum", "shard"),
     outputs=("rollouts.parquet",),
     metrics=("response_length", "tokens_per_s", "forward_per_token", "block_size",
              "max_tokens", "level"),
     loop="iteration",
-    resources=ROLLOUT,
+    resources=SHARDED_ROLLOUT,
 ))
 declare(StageSpec(
     "reward", "verification, group filter and advantages",
@@ -236,6 +246,24 @@ EVAL_PLOTS: dict[str, tuple[str, ...]] = {
 }
 
 
+def placement_keys() -> frozenset[str]:
+    """Params keys that say where or how stages run, not what they write (the
+    :class:`Resources` fields that name a key): no cache key or DVC params list has them."""
+    return frozenset(v for _, spec in STAGES.items()
+                     for v in (spec.resources.shards, spec.resources.shard_retries)
+                     if isinstance(v, str))
+
+
+def resource(spec: StageSpec, name: str, params) -> int:
+    """The value of resource ``name`` (``shards``, ``shard_retries``) of ``spec`` under
+    ``params`` (a ``tracerl.config.Params``): the number, or the params key's value."""
+    v = getattr(spec.resources, name)
+    if isinstance(v, str):
+        sec, _, key = v.partition(".")
+        return int(getattr(getattr(params, sec), key))
+    return int(v)
+
+
 def problems() -> list[str]:
     """Inconsistencies of the declarations themselves (a test keeps this empty)."""
     import dataclasses
@@ -256,6 +284,13 @@ def problems() -> list[str]:
                 keys = {f.name for f in dataclasses.fields(getattr(Params(), sec))}
                 if key not in keys:
                     out.append(f"stage {name}: reads unknown params key {r!r}")
+    for name, spec in STAGES.items():
+        for attr in ("shards", "shard_retries"):
+            v = getattr(spec.resources, attr)
+            sec, _, key = str(v).partition(".")
+            if isinstance(v, str) and (sec not in sections or key not in {
+                    f.name for f in dataclasses.fields(getattr(Params(), sec))}):
+                out.append(f"stage {name}: resources.{attr} names unknown params key {v!r}")
     for part, p in DVC_PARTS.items():
         for s in p.stages:
             if s not in STAGES:

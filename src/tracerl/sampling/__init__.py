@@ -21,6 +21,9 @@ from tracerl.sampling.generate import (
     check_prompts,
     decode_batch,
     generate,
+    generate_batches,
+    plan_batches,
+    prompt_seeds,
 )
 from tracerl.sampling.policy import clear_policy_cache, load_policy
 from tracerl.sampling.records import frame_to_trajectories, trajectories_to_frame
@@ -28,6 +31,7 @@ from tracerl.sampling.strategies import STRATEGIES, process_logits, transfer_sch
 
 __all__ = [
     "STRATEGIES", "SamplingConfig", "Trajectory", "check_prompts", "clear_policy_cache",
-    "decode_batch", "frame_to_trajectories", "generate", "load_policy", "process_logits",
+    "decode_batch", "frame_to_trajectories", "generate", "generate_batches", "load_policy",
+    "plan_batches", "prompt_seeds", "process_logits",
     "trajectories_to_frame", "transfer_schedule",
 ]

@@ -245,8 +245,8 @@ def generate(
     """Sample one response per prompt with its decoding trace.
 
     Prompts are decoded in batches of ``cfg.batch_size``, grouped by length (less
-    padding); results come back in prompt order. Since every sequence has its own random
-    stream, grouping changes nothing in the outputs.
+    padding; :func:`plan_batches`); results come back in prompt order. Since every
+    sequence has its own random stream, grouping changes nothing in the outputs.
 
     Args:
         model: a :class:`~tracerl.models.DiffusionLM` (block or full attention).
@@ -270,24 +270,65 @@ def generate(
         >>> len(t.response_ids), sorted(set(t.decode_steps)) == list(range(1, t.num_steps + 1))
         (8, True)
     """
+    done = generate_batches(model, prompts, cfg, generator, progress=progress)
+    return [done[i] for i in range(len(prompts))]
+
+
+def plan_batches(prompts: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
+    """The batches :func:`generate` decodes ``prompts`` in: prompt indices sorted by
+    length (stable: ties keep prompt order), cut every ``batch_size``. A function of the
+    prompt lengths only, so every shard of a sharded rollout computes the same plan.
+
+    >>> plan_batches([[1, 2, 3], [1], [1, 2], [1]], 2)
+    [[1, 3], [2, 0]]
+    """
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+def prompt_seeds(n: int, generator: torch.Generator | None = None) -> list[int]:
+    """One seed per prompt, drawn up front in prompt order from ``generator`` (None: a
+    fresh ``torch.Generator()``): sequence ``i`` samples only from ``seeds[i]``."""
     if generator is None:
         generator = torch.Generator()
+    if n == 0:
+        return []
+    return torch.randint(0, 2**62, (n,), generator=generator, device=generator.device).tolist()
+
+
+def generate_batches(
+    model,
+    prompts: Sequence[Sequence[int]],
+    cfg: SamplingConfig,
+    generator: torch.Generator | None = None,
+    batches: Sequence[int] | None = None,
+    *,
+    progress: Callable[[int], None] | None = None,
+) -> dict[int, Trajectory]:
+    """Decode only the batches ``batches`` (indices into :func:`plan_batches`; None: all)
+    of the same plan :func:`generate` runs, with the same per-prompt seeds: a shard of a
+    rollout. Returns ``{prompt index: trajectory}`` for the prompts of those batches.
+
+    Every batch has the prompts, padding and seeds it has in the unsharded run, so the
+    union of the shards' results is the unsharded result bit for bit (whatever the
+    backend's matmuls do with batch composition).
+    """
     prompts = [list(map(int, p)) for p in prompts]
     check_prompts(model, prompts, cfg)
-    if not prompts:
-        return []
-    seeds = torch.randint(0, 2**62, (len(prompts),), generator=generator,
-                          device=generator.device).tolist()
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: list[Trajectory | None] = [None] * len(prompts)
-    for start in range(0, len(order), cfg.batch_size):
-        chunk = order[start:start + cfg.batch_size]
+    seeds = prompt_seeds(len(prompts), generator)
+    plan = plan_batches(prompts, cfg.batch_size)
+    todo = range(len(plan)) if batches is None else batches
+    bad = [j for j in todo if not 0 <= j < len(plan)]
+    if bad:
+        raise ValueError(f"batches {bad} do not exist: the plan has {len(plan)} batches")
+    out: dict[int, Trajectory] = {}
+    for j in todo:
+        chunk = plan[j]
         trajs = decode_batch(model, [prompts[i] for i in chunk], [seeds[i] for i in chunk], cfg)
-        for i, t in zip(chunk, trajs):
-            out[i] = t
+        out.update(zip(chunk, trajs))
         if progress is not None:
             progress(len(chunk))
-    return out  # type: ignore[return-value]
+    return out
 
 
 @torch.inference_mode()
