@@ -34,9 +34,11 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tracerl.config import ConfigError, Params, load_params
+from tracerl.pipeline.console import guard_console
 from tracerl.pipeline.driver import Orchestrator, StageResult
 from tracerl.pipeline.layout import Planner, RunLayout, StageCall, is_done, plan_all
 from tracerl.pipeline.lock import RunLocked
+from tracerl.pipeline.operator import restarts_exceeded
 from tracerl.pipeline.registry import DVC_PARTS
 from tracerl.pipeline.runners import make_runner
 from tracerl.tracking import make_tracker
@@ -157,7 +159,8 @@ def build(params_path: str | Path = "params.yaml", run_name: str | None = None,
 @flow(name="tracerl", log_prints=True)
 def tracerl(params_path: str = "params.yaml", run_name: str | None = None,
             iterations: int | None = None, runner: str | None = None, part: str = "all",
-            project_root: str | None = None, package: str = "stages") -> dict[str, Any]:
+            project_root: str | None = None, package: str = "stages",
+            max_restarts: int = 3) -> dict[str, Any]:
     """TraceRL pipeline: prepare -> sft -> RL iterations -> evaluate; see the module doc.
 
     Args:
@@ -168,7 +171,16 @@ def tracerl(params_path: str = "params.yaml", run_name: str | None = None,
         part: ``all`` or one coarse stage (``prepare``, ``sft``, ``rl``, ``evaluate``).
         project_root: the project folder (default: the working directory).
         package: the package of stage modules (``stages``; tests pass fakes).
+        max_restarts: how often a deployment run whose process died may be restarted
+            (``tracerl operator setup``'s automation restarts it; see
+            :mod:`tracerl.pipeline.operator`).
     """
+    guard_console()  # a killed worker (the reader of this console) must not end the run
+    from prefect.runtime import flow_run
+
+    refused = restarts_exceeded(flow_run.run_count, max_restarts)
+    if refused:
+        raise RuntimeError(refused)
     _, orch, planner, plan_key = build(params_path, run_name, iterations, runner,
                                        project_root, package)
     with orch.parent_run(plan_key, part=part):
