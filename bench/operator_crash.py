@@ -13,7 +13,8 @@ Drills:
 1. ``worker``: SIGKILL the worker while a stage runs; the flow process stays.
 2. ``worker+flow``: SIGKILL the flow process and the worker; start a new worker and ask
    for a second run at once.
-3. ``cancel``: SIGKILL the worker, then cancel the run (``prefect flow-run cancel``
+3. ``flow``: SIGKILL the flow process only; its worker stays.
+4. ``cancel``: SIGKILL the worker, then cancel the run (``prefect flow-run cancel``
    before, ``tracerl operator cancel`` after).
 """
 
@@ -57,6 +58,17 @@ def first(changes: list, state_type: str, after: float = 0.0) -> float | None:
     return next((t for t, ty, _ in changes if ty == state_type and t >= after), None)
 
 
+def resumed(changes: list) -> float | None:
+    """When the run was Running again after it had left Running."""
+    left = False
+    for t, ty, _ in changes:
+        if ty != "RUNNING":
+            left = True
+        elif left:
+            return t
+    return None
+
+
 def held(lp: LivePrefect, log: Path) -> None:
     wait_for(f"{HOLD} to start", lambda: Path(str(log) + ".held").exists(), 300)
 
@@ -68,6 +80,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--no-setup", action="store_true")
     ap.add_argument("--cap", type=float, default=420, help="longest wait per drill (s)")
+    ap.add_argument("--drills", default="worker,worker+flow,flow,cancel",
+                    help="comma-separated subset of the drills, in this order")
     a = ap.parse_args()
     proj = a.out / "proj"
     write_fake_stages(proj)
@@ -86,62 +100,85 @@ def main() -> int:
             lp.env["FAKE_LOG"] = str(log)
             return lp.start_worker(name)
 
+        drills = set(a.drills.split(","))
+
         # 1. the worker dies, the flow process stays
-        log = proj / "d1.log"
-        Path(str(log) + ".hold").touch()
-        worker("w1", log)
-        r1 = lp.run_deployment(run_name="d1")
-        held(lp, log)
-        lp.kill("w1")
-        t0 = time.monotonic()
-        Path(str(log) + ".hold").unlink()
-        ch = watch(lp, {"d1": r1}, t0, a.cap)
-        res["worker"] = {"states": ch["d1"], "stages": log.read_text().split(),
-                         "last_logs": lp.run_logs(r1)[-4:]}
+        if "worker" in drills:
+            log = proj / "d1.log"
+            Path(str(log) + ".hold").touch()
+            worker("w1", log)
+            r1 = lp.run_deployment(run_name="d1")
+            held(lp, log)
+            lp.kill("w1")
+            t0 = time.monotonic()
+            Path(str(log) + ".hold").unlink()
+            ch = watch(lp, {"d1": r1}, t0, a.cap)
+            res["worker"] = {"states": ch["d1"], "stages": log.read_text().split(),
+                             "last_logs": lp.run_logs(r1)[-4:]}
 
         # 2. the flow process and the worker die; a new worker; a second run at once
-        log = proj / "d2.log"
-        Path(str(log) + ".hold").touch()
-        worker("w2", log)
-        r2 = lp.run_deployment(run_name="d2")
-        held(lp, log)
-        pid = lp.flow_process(r2)
-        os.kill(pid, 9)
-        lp.kill("w2")
-        t0 = time.monotonic()
-        Path(str(log) + ".hold").unlink()
-        worker("w3", log)
-        r3 = lp.run_deployment(run_name="d2b")
-        ch = watch(lp, {"killed": r2, "second": r3}, t0, a.cap)
-        res["worker+flow"] = {
-            "states": ch, "stages": log.read_text().split(),
-            "killed_left_running_s": next((t for t, ty, _ in ch["killed"] if ty != "RUNNING"),
-                                          None),
-            "killed_resumed_s": first(ch["killed"], "RUNNING", 0.1),
-            "killed_completed_s": first(ch["killed"], "COMPLETED"),
-            "second_started_s": first(ch["second"], "RUNNING"),
-            "second_completed_s": first(ch["second"], "COMPLETED"),
-        }
-        lp.kill("w3")
+        if "worker+flow" in drills:
+            log = proj / "d2.log"
+            Path(str(log) + ".hold").touch()
+            worker("w2", log)
+            r2 = lp.run_deployment(run_name="d2")
+            held(lp, log)
+            pid = lp.flow_process(r2)
+            os.kill(pid, 9)
+            lp.kill("w2")
+            t0 = time.monotonic()
+            Path(str(log) + ".hold").unlink()
+            worker("w3", log)
+            r3 = lp.run_deployment(run_name="d2b")
+            ch = watch(lp, {"killed": r2, "second": r3}, t0, a.cap)
+            res["worker+flow"] = {
+                "states": ch, "stages": log.read_text().split(),
+                "killed_left_running_s": next((t for t, ty, _ in ch["killed"] if ty != "RUNNING"),
+                                              None),
+                "killed_resumed_s": resumed(ch["killed"]),
+                "killed_completed_s": first(ch["killed"], "COMPLETED"),
+                "second_started_s": first(ch["second"], "RUNNING"),
+                "second_completed_s": first(ch["second"], "COMPLETED"),
+            }
+            lp.kill("w3")
 
-        # 3. cancel a run whose worker is gone
-        log = proj / "d3.log"
-        Path(str(log) + ".hold").touch()
-        worker("w4", log)
-        r4 = lp.run_deployment(run_name="d3")
-        held(lp, log)
-        pid = lp.flow_process(r4)
-        lp.kill("w4")
-        t0 = time.monotonic()
-        if a.no_setup:
-            lp.cli("flow-run", "cancel", r4)
-        else:
-            lp.tracerl("operator", "cancel", r4)
-        ch = watch(lp, {"d3": r4}, t0, min(a.cap, 180))
-        res["cancel"] = {"states": ch["d3"], "cancelled_s": first(ch["d3"], "CANCELLED"),
-                         "flow_process_alive_after": pid is not None
-                         and Path(f"/proc/{pid}").exists()}
-        Path(str(log) + ".hold").unlink(missing_ok=True)
+        # 3. the flow process dies, its worker stays
+        if "flow" in drills:
+            log = proj / "d4.log"
+            Path(str(log) + ".hold").touch()
+            worker("w5", log)
+            r5 = lp.run_deployment(run_name="d4")
+            held(lp, log)
+            os.kill(lp.flow_process(r5), 9)
+            t0 = time.monotonic()
+            Path(str(log) + ".hold").unlink()
+            ch = watch(lp, {"d4": r5}, t0, min(a.cap, 240),
+                       until=lambda seen: seen["d4"][-1][1] in ("COMPLETED", "FAILED")
+                       or (a.no_setup and seen["d4"][-1][1] == "CRASHED"))
+            res["flow"] = {"states": ch["d4"], "stages": log.read_text().split(),
+                           "resumed_s": resumed(ch["d4"]),
+                           "completed_s": first(ch["d4"], "COMPLETED")}
+            lp.kill("w5")
+
+        # 4. cancel a run whose worker is gone
+        if "cancel" in drills:
+            log = proj / "d3.log"
+            Path(str(log) + ".hold").touch()
+            worker("w4", log)
+            r4 = lp.run_deployment(run_name="d3")
+            held(lp, log)
+            pid = lp.flow_process(r4)
+            lp.kill("w4")
+            t0 = time.monotonic()
+            if a.no_setup:
+                lp.cli("flow-run", "cancel", r4)
+            else:
+                lp.tracerl("operator", "cancel", r4)
+            ch = watch(lp, {"d3": r4}, t0, min(a.cap, 180))
+            res["cancel"] = {"states": ch["d3"], "cancelled_s": first(ch["d3"], "CANCELLED"),
+                             "flow_process_alive_after": pid is not None
+                             and Path(f"/proc/{pid}").exists()}
+            Path(str(log) + ".hold").unlink(missing_ok=True)
     finally:
         lp.stop_all()
     print(json.dumps(res, indent=1))

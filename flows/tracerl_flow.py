@@ -38,7 +38,7 @@ from tracerl.pipeline.console import guard_console
 from tracerl.pipeline.driver import Orchestrator, StageResult
 from tracerl.pipeline.layout import Planner, RunLayout, StageCall, is_done, plan_all
 from tracerl.pipeline.lock import RunLocked
-from tracerl.pipeline.operator import restarts_exceeded
+from tracerl.pipeline.operator import current_restarts, restarts_exceeded
 from tracerl.pipeline.registry import DVC_PARTS
 from tracerl.pipeline.runners import make_runner
 from tracerl.tracking import make_tracker
@@ -176,9 +176,7 @@ def tracerl(params_path: str = "params.yaml", run_name: str | None = None,
             :mod:`tracerl.pipeline.operator`).
     """
     guard_console()  # a killed worker (the reader of this console) must not end the run
-    from prefect.runtime import flow_run
-
-    refused = restarts_exceeded(flow_run.run_count, max_restarts)
+    refused = restarts_exceeded(current_restarts(), max_restarts)
     if refused:
         raise RuntimeError(refused)
     _, orch, planner, plan_key = build(params_path, run_name, iterations, runner,

@@ -78,14 +78,19 @@ def manifests(run_dir) -> dict[str, int]:
             for m in run_dir.rglob("manifest.json") if "/." not in str(m)}
 
 
-@pytest.mark.slow
-def test_killed_worker_and_flow_resume_on_a_new_worker(live):
-    proj = live.project
-    # an uninterrupted run: the reference
-    worker_for(live, "w-clean", proj / "clean.log")
-    clean = live.run_deployment(run_name="clean")
-    assert wait_final(live, clean, 300) == ("COMPLETED", "Completed")
+@pytest.fixture(scope="module")
+def clean(live):
+    """An uninterrupted deployment run (run folder ``clean``): the reference."""
+    worker_for(live, "w-clean", live.project / "clean.log")
+    run = live.run_deployment(run_name="clean")
+    assert wait_final(live, run, 300) == ("COMPLETED", "Completed")
     live.kill("w-clean")
+    return run
+
+
+@pytest.mark.slow
+def test_killed_worker_and_flow_resume_on_a_new_worker(live, clean):
+    proj = live.project
 
     # the same pipeline, killed at policy[0]: SIGKILL the flow process and the worker
     log = proj / "crash.log"
@@ -111,11 +116,10 @@ def test_killed_worker_and_flow_resume_on_a_new_worker(live):
     assert left - killed < 2 * heartbeat + 45  # missed heartbeats, not the 300 s lease
     assert wait_final(live, crash, 300) == ("COMPLETED", "Completed")
     assert wait_final(live, second, 300) == ("COMPLETED", "Completed")
-    run = live.flow_run(crash)
-    assert run["run_count"] == 2  # the same flow run, started twice
     states = live.request("GET", f"/flow_run_states/?flow_run_id={crash}")
-    assert any(s["name"] == "AwaitingRetry" and "no heartbeat" in (s["message"] or "")
-               for s in states), json.dumps(states)[:2000]
+    restarted = [s for s in states if s["name"] == "AwaitingRetry"]
+    assert len(restarted) == 1, json.dumps(states)[:3000]  # the same flow run, once more
+    assert "no heartbeat" in restarted[0]["message"]
     assert "prepare skipped (done)" in "\n".join(live.run_logs(crash))
 
     # finished stages were skipped (their outputs untouched), the rest ran; the results
@@ -127,6 +131,49 @@ def test_killed_worker_and_flow_resume_on_a_new_worker(live):
     assert all(is_done(c) for c in calls)
     assert final_numbers(proj, "crash") == final_numbers(proj, "clean")
     live.kill("w-2")
+
+
+@pytest.mark.slow
+def test_killed_worker_alone_does_not_end_the_run(live, clean):
+    """The flow process outlives its worker (whose pipes it wrote its console to) and
+    finishes the run itself, every stage once."""
+    proj = live.project
+    log = proj / "orphan.log"
+    (proj / "orphan.log.hold").touch()
+    worker_for(live, "w-o", log)
+    run = live.run_deployment(run_name="orphan")
+    wait_for("policy[0] to start", (proj / "orphan.log.held").exists, 300)
+    live.kill("w-o")
+    (proj / "orphan.log.hold").unlink()
+    assert wait_final(live, run, 300) == ("COMPLETED", "Completed")
+    states = live.request("GET", f"/flow_run_states/?flow_run_id={run}")
+    assert not [s for s in states if s["name"] in ("AwaitingRetry", "Crashed")]
+    assert log.read_text().split() == (proj / "clean.log").read_text().split()
+    assert final_numbers(proj, "orphan") == final_numbers(proj, "clean")
+
+
+@pytest.mark.slow
+def test_killed_flow_process_restarts_on_its_worker(live, clean):
+    proj = live.project
+    log = proj / "flowkill.log"
+    (proj / "flowkill.log.hold").touch()
+    worker_for(live, "w-f", log)
+    run = live.run_deployment(run_name="flowkill")
+    wait_for("policy[0] to start", (proj / "flowkill.log.held").exists, 300)
+    done_before = manifests(proj / "runs" / "flowkill")
+    os.kill(live.flow_process(run), signal.SIGKILL)  # the worker sees it die: Crashed
+    (proj / "flowkill.log.hold").unlink()
+    assert wait_final(live, run, 300) == ("COMPLETED", "Completed")
+    states = live.request("GET", f"/flow_run_states/?flow_run_id={run}")
+    history = [(s["timestamp"][11:19], s["name"], (s["message"] or "")[:80])
+               for s in sorted(states, key=lambda s: s["timestamp"])]
+    names = [h[1] for h in history]
+    assert "Crashed" in names and names.index("AwaitingRetry") > names.index("Crashed")
+    assert names.count("AwaitingRetry") == 1, "\n".join(map(str, history))
+    after = manifests(proj / "runs" / "flowkill")
+    assert {k: after[k] for k in done_before} == done_before
+    assert final_numbers(proj, "flowkill") == final_numbers(proj, "clean")
+    live.kill("w-f")
 
 
 @pytest.mark.slow

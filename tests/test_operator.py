@@ -15,7 +15,10 @@ import pytest
 from tracerl.pipeline.layout import StageCall
 from tracerl.pipeline.operator import (
     AUTOMATION_NAME,
+    CRASHED_AUTOMATION_NAME,
     OperatorError,
+    automations,
+    crashed_automation,
     heartbeat_seconds,
     missed_heartbeats_automation,
     restarts_exceeded,
@@ -148,8 +151,16 @@ def test_automation_restarts_after_two_missed_heartbeats():
     assert a.model_dump(mode="json")["trigger"]["match_related"] == {
         "prefect.resource.id": "prefect.tag.tracerl"}
     (act,) = a.actions
-    assert (act.type, act.state.value, act.name) == ("change-flow-run-state", "SCHEDULED",
-                                                     "AwaitingRetry")
+    assert (act.type, act.state.value, act.name, act.force) == (
+        "change-flow-run-state", "SCHEDULED", "AwaitingRetry", True)
+    c = crashed_automation()
+    assert c.name == CRASHED_AUTOMATION_NAME and c.trigger.posture == "Reactive"
+    assert c.trigger.expect == {"prefect.flow-run.Crashed"}
+    assert c.model_dump(mode="json")["trigger"]["match_related"] == {
+        "prefect.resource.id": "prefect.tag.tracerl"}
+    assert c.actions[0].state.value == "SCHEDULED" and c.actions[0].force
+    assert [x.name for x in automations(REPO / "prefect.yaml")] == [AUTOMATION_NAME,
+                                                                   CRASHED_AUTOMATION_NAME]
 
 
 def test_heartbeat_must_be_configured(tmp_path):
@@ -162,6 +173,13 @@ def test_heartbeat_must_be_configured(tmp_path):
 
 
 def test_restart_bound():
-    assert restarts_exceeded(1, 0) is None
-    assert restarts_exceeded(2, 1) is None
-    assert "2 restarts > max_restarts=1" in restarts_exceeded(3, 1)
+    from prefect.states import Completed, Crashed, Running, Scheduled
+
+    from tracerl.pipeline.operator import RESTART_MESSAGE, restarts
+
+    history = [Scheduled(), Running(), Crashed(),
+               Scheduled(name="AwaitingRetry", message=f"{RESTART_MESSAGE}: the run crashed"),
+               Running(), Scheduled(message="Retried via CLI"), Running(), Completed()]
+    assert restarts(history) == 1  # only the automations' restarts count
+    assert restarts_exceeded(0, 0) is None and restarts_exceeded(1, 1) is None
+    assert "restarted 2 times (> max_restarts=1)" in restarts_exceeded(2, 1)

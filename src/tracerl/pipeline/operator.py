@@ -4,6 +4,9 @@ What survives what (``docs/benchmarks.md``, "Operator: crashes" has the timings)
 
 - **worker killed, flow alive**: the flow keeps running and finishes the run; its console
   goes through :mod:`tracerl.pipeline.console`, so the worker's broken pipe cannot end it.
+- **flow process killed, worker alive**: the worker records ``Crashed``; the automation
+  :func:`crashed_automation` moves the run to ``Scheduled`` (``AwaitingRetry``) and the
+  worker starts it again.
 - **worker and flow killed** (machine reboot, OOM killer, ``kill -9``): the flow run
   sends heartbeat events (``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` in ``prefect.yaml``'s job
   variables); the automation :func:`missed_heartbeats_automation` sees none for two
@@ -13,13 +16,14 @@ What survives what (``docs/benchmarks.md``, "Operator: crashes" has the timings)
   the same run up again. The flow resumes at the first unfinished stage (the
   orchestrator skips stages whose outputs are complete). The flow refuses to start a run
   that was restarted more than ``max_restarts`` times, so a run whose process keeps
-  dying does not loop.
+  dying does not loop. A stage that fails (an exception, a non-zero exit) fails the run:
+  that is not restarted.
 - **cancel**: :func:`cancel` asks Prefect to cancel (``Cancelling``: a live worker that
   runs the flow stops it); when no worker does so within a grace period (the worker is
   dead, the flow process an orphan), it terminates the flow process on this host and
   records ``Cancelled``.
 
-``tracerl operator setup`` creates (or updates) the automation; it is idempotent.
+``tracerl operator setup`` creates (or updates) both automations; it is idempotent.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ HEARTBEAT_ENV = "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"
 MISSED_HEARTBEATS = 2  # heartbeat periods without any event of a run before it is restarted
 RESTART_STATE = "AwaitingRetry"
 AUTOMATION_NAME = "tracerl: restart runs whose heartbeats stopped"
+CRASHED_AUTOMATION_NAME = "tracerl: restart crashed runs"
 
 
 class OperatorError(RuntimeError):
@@ -88,17 +93,50 @@ def missed_heartbeats_automation(heartbeat_s: int) -> Any:
             within=timedelta(seconds=within),
         ),
         actions=[ChangeFlowRunState(
-            state="SCHEDULED", name=RESTART_STATE,
-            message=f"restarted by tracerl: no heartbeat for {within} s (the flow process "
+            state="SCHEDULED", name=RESTART_STATE, force=True,
+            message=f"{RESTART_MESSAGE}: no heartbeat for {within} s (the flow process "
                     "died); a worker resumes it at the first unfinished stage")],
     )
 
 
+def crashed_automation() -> Any:
+    """The automation that restarts a run Prefect recorded as ``Crashed`` (its worker saw
+    the flow process die, e.g. ``kill -9`` or the OOM killer, or the engine caught an
+    interruption): the run goes to ``Scheduled``/``AwaitingRetry`` and the pool's worker
+    starts it again. The flow's ``max_restarts`` bounds how often."""
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+
+    return AutomationCore(
+        name=CRASHED_AUTOMATION_NAME,
+        description=("A crashed tracerl flow run is scheduled again: a worker resumes it at "
+                     "the first unfinished stage (at most max_restarts times)."),
+        trigger=EventTrigger(
+            match={"prefect.resource.id": "prefect.flow-run.*"},
+            match_related={"prefect.resource.id": f"prefect.tag.{TAG}"},
+            expect={"prefect.flow-run.Crashed"},
+            for_each={"prefect.resource.id"},
+            posture=Posture.Reactive,
+            threshold=1,
+            within=timedelta(0),
+        ),
+        actions=[ChangeFlowRunState(
+            state="SCHEDULED", name=RESTART_STATE, force=True,
+            message=f"{RESTART_MESSAGE}: the run crashed; a worker resumes it at the "
+                    "first unfinished stage")],
+    )
+
+
+def automations(prefect_yaml: str | os.PathLike = "prefect.yaml") -> list[Any]:
+    """The project's automations (see the module doc)."""
+    return [missed_heartbeats_automation(heartbeat_seconds(prefect_yaml)), crashed_automation()]
+
+
 def setup(prefect_yaml: str | os.PathLike = "prefect.yaml") -> dict[str, str]:
-    """Create or update the project's automation; returns ``{name: id}``."""
+    """Create or update the project's automations; returns ``{name: id}``."""
     from prefect.client.orchestration import get_client
 
-    wanted = [missed_heartbeats_automation(heartbeat_seconds(prefect_yaml))]
+    wanted = automations(prefect_yaml)
     out = {}
     with get_client(sync_client=True) as client:
         for a in wanted:
@@ -144,9 +182,9 @@ def cancel(run_id: str, grace_s: float = 15.0, term_s: float = 30.0,
 
     1. ``Cancelling`` (what ``prefect flow-run cancel`` does): a live worker that started
        the flow kills it and records ``Cancelled``;
-    2. after ``grace_s`` without that (no worker owns the process any more), SIGTERM to the
-       flow process when it runs on this host (SIGKILL after ``term_s``), then
-       ``Cancelled`` is recorded through the API (forced: nobody else will).
+    2. after ``grace_s`` without that (no worker owns the process any more), ``Cancelled``
+       is recorded through the API (forced: nobody else will), then the flow process, when
+       it runs on this host, gets SIGTERM (SIGKILL after ``term_s``).
     """
     from prefect.client.orchestration import get_client
     from prefect.states import Cancelled, Cancelling
@@ -165,37 +203,59 @@ def cancel(run_id: str, grace_s: float = 15.0, term_s: float = 30.0,
                 return run.state.name
             time.sleep(poll_s)
         pid = _local_pid(run.infrastructure_pid)
-        how = "no process of it runs on this host"
-        if pid is not None and _alive(pid):
+        alive = pid is not None and _alive(pid)
+        how = (f"terminating its process {pid}" if alive
+               else "no process of it runs on this host")
+        # Cancelled first: the terminated engine's own "Crashed" report is then refused
+        # (a terminal state), so the crash automation does not restart a cancelled run
+        client.set_flow_run_state(run_id, Cancelled(
+            message=f"cancelled by tracerl operator cancel: no worker stopped it in "
+                    f"{grace_s:.0f} s; {how}"), force=True)
+        if alive:
             os.kill(pid, signal.SIGTERM)
-            how = f"terminated its process {pid} (SIGTERM)"
             end = time.monotonic() + term_s
             while _alive(pid) and time.monotonic() < end:
                 time.sleep(poll_s)
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
-                how = f"killed its process {pid} (SIGKILL after {term_s:.0f} s)"
-        client.set_flow_run_state(run_id, Cancelled(
-            message=f"cancelled by tracerl operator cancel: no worker stopped it in "
-                    f"{grace_s:.0f} s; {how}"), force=True)
         return client.read_flow_run(run_id).state.name
 
 
-def restarts_exceeded(run_count: int, max_restarts: int) -> str | None:
-    """Why a flow run must not start again (``None`` when it may): Prefect counts each
-    start of a flow run in ``run_count``; a run that was restarted more than
-    ``max_restarts`` times keeps dying, and restarting it again would loop.
+RESTART_MESSAGE = "restarted by tracerl"  # how the automations' states begin
 
-    >>> restarts_exceeded(1, 3) is None, restarts_exceeded(4, 3) is None
+
+def restarts(states: list[Any]) -> int:
+    """How often the automations restarted a flow run, from its state history (Prefect's
+    ``run_count`` counts every proposed ``Running``, more than the starts)."""
+    return sum(1 for s in states if s.type.value == "SCHEDULED"
+               and (s.message or "").startswith(RESTART_MESSAGE))
+
+
+def restarts_exceeded(restarted: int, max_restarts: int) -> str | None:
+    """Why a flow run must not start again (``None`` when it may): a run restarted more
+    than ``max_restarts`` times keeps dying, and restarting it again would loop.
+
+    >>> restarts_exceeded(0, 3) is None, restarts_exceeded(3, 3) is None
     (True, True)
-    >>> restarts_exceeded(5, 3)
-    'this flow run started 5 times (4 restarts > max_restarts=3): its process keeps dying; look at its logs, fix the cause, then start a new run (it resumes at the first unfinished stage)'
+    >>> restarts_exceeded(4, 3)
+    'this flow run was restarted 4 times (> max_restarts=3): its process keeps dying; look at its logs, fix the cause, then start a new run (it resumes at the first unfinished stage)'
     """
-    if run_count - 1 <= max_restarts:
+    if restarted <= max_restarts:
         return None
-    return (f"this flow run started {run_count} times ({run_count - 1} restarts > "
-            f"max_restarts={max_restarts}): its process keeps dying; look at its logs, fix "
-            "the cause, then start a new run (it resumes at the first unfinished stage)")
+    return (f"this flow run was restarted {restarted} times (> max_restarts={max_restarts}):"
+            " its process keeps dying; look at its logs, fix the cause, then start a new run"
+            " (it resumes at the first unfinished stage)")
+
+
+def current_restarts() -> int:
+    """:func:`restarts` of the flow run this process runs (0 outside a flow run)."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    if not flow_run.id:
+        return 0
+    with get_client(sync_client=True) as client:
+        return restarts(client.read_flow_run_states(flow_run.id))
 
 
 def runs(limit: int = 10) -> list[dict[str, Any]]:
