@@ -134,9 +134,39 @@ class LivePrefect:
             os.kill(p.pid, sig)
             p.wait(timeout=30)
 
+    def flow_processes(self) -> list[int]:
+        """Pids of the flow processes that talk to this server (any run)."""
+        found = []
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                environ = (d / "environ").read_bytes().split(b"\0")
+                cmd = (d / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"prefect.engine" in cmd and f"PREFECT_API_URL={self.api}".encode() in environ:
+                found.append(int(d.name))
+        return found
+
+    def kill_workers(self) -> None:
+        """SIGKILL every worker started here and every flow process of this server."""
+        for name in [n for n in self.procs if n.startswith("w")]:
+            self.kill(name)
+        for pid in self.flow_processes():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
     def stop_all(self) -> None:
         """Stop every process started here and the flow processes they started (their
         process groups, also when the leader was killed before)."""
+        for pid in self.flow_processes():  # flows may run in sessions of their own
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
         for p in reversed(list(self.procs.values())):
             for sig in (signal.SIGTERM, signal.SIGKILL):
                 try:

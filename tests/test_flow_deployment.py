@@ -63,6 +63,15 @@ def live(tmp_path_factory):
         lp.stop_all()
 
 
+@pytest.fixture(autouse=True)
+def _no_worker_left(request):
+    """Each drill starts its own workers; none outlives it (a leftover worker would take
+    the next drill's run)."""
+    yield
+    if "live" in request.fixturenames:
+        request.getfixturevalue("live").kill_workers()
+
+
 def wait_final(lp: LivePrefect, run_id: str, timeout: float) -> tuple[str, str]:
     return wait_for(f"flow run {run_id} to end",
                     lambda: (s := lp.state(run_id))[0] in FINAL and s, timeout)
@@ -149,6 +158,8 @@ def test_killed_worker_alone_does_not_end_the_run(live, clean):
     states = live.request("GET", f"/flow_run_states/?flow_run_id={run}")
     assert not [s for s in states if s["name"] in ("AwaitingRetry", "Crashed")]
     assert log.read_text().split() == (proj / "clean.log").read_text().split()
+    logs = "\n".join(live.run_logs(run))
+    assert "policy[0] ran" in logs and "runs again" not in logs  # a fresh run says nothing
     assert final_numbers(proj, "orphan") == final_numbers(proj, "clean")
 
 

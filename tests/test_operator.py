@@ -153,9 +153,10 @@ def test_automation_restarts_after_two_missed_heartbeats():
     (act,) = a.actions
     assert (act.type, act.state.value, act.name, act.force) == (
         "change-flow-run-state", "SCHEDULED", "AwaitingRetry", True)
-    c = crashed_automation()
-    assert c.name == CRASHED_AUTOMATION_NAME and c.trigger.posture == "Reactive"
-    assert c.trigger.expect == {"prefect.flow-run.Crashed"}
+    c = crashed_automation(quiet_s=hb)
+    assert c.name == CRASHED_AUTOMATION_NAME and c.trigger.posture == "Proactive"
+    assert c.trigger.after == {"prefect.flow-run.Crashed"}  # then quiet for a period
+    assert c.trigger.expect == {"prefect.flow-run.*"} and c.trigger.within.total_seconds() == 30
     assert c.model_dump(mode="json")["trigger"]["match_related"] == {
         "prefect.resource.id": "prefect.tag.tracerl"}
     assert c.actions[0].state.value == "SCHEDULED" and c.actions[0].force

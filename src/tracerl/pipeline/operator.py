@@ -5,8 +5,8 @@ What survives what (``docs/benchmarks.md``, "Operator: crashes" has the timings)
 - **worker killed, flow alive**: the flow keeps running and finishes the run; its console
   goes through :mod:`tracerl.pipeline.console`, so the worker's broken pipe cannot end it.
 - **flow process killed, worker alive**: the worker records ``Crashed``; the automation
-  :func:`crashed_automation` moves the run to ``Scheduled`` (``AwaitingRetry``) and the
-  worker starts it again.
+  :func:`crashed_automation` moves the run to ``Scheduled`` (``AwaitingRetry``) after it
+  stayed ``Crashed`` for one heartbeat period, and the worker starts it again.
 - **worker and flow killed** (machine reboot, OOM killer, ``kill -9``): the flow run
   sends heartbeat events (``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` in ``prefect.yaml``'s job
   variables); the automation :func:`missed_heartbeats_automation` sees none for two
@@ -99,26 +99,35 @@ def missed_heartbeats_automation(heartbeat_s: int) -> Any:
     )
 
 
-def crashed_automation() -> Any:
+def crashed_automation(quiet_s: int) -> Any:
     """The automation that restarts a run Prefect recorded as ``Crashed`` (its worker saw
     the flow process die, e.g. ``kill -9`` or the OOM killer, or the engine caught an
-    interruption): the run goes to ``Scheduled``/``AwaitingRetry`` and the pool's worker
-    starts it again. The flow's ``max_restarts`` bounds how often."""
+    interruption) once the run stayed ``Crashed`` for ``quiet_s`` seconds: the run goes
+    to ``Scheduled``/``AwaitingRetry`` and the pool's worker starts it again. The flow's
+    ``max_restarts`` bounds how often.
+
+    Not at once: a Prefect 3.9 process worker reports one dead flow process twice (its
+    runner, then the worker's own exit check seconds later, ``workers/base.py``
+    ``_submit_run_and_capture_errors``); restarted in between, the second report would
+    mark the new attempt ``Crashed`` while its process runs, and it would be started a
+    third time. Each report re-arms the wait."""
     from prefect.events.actions import ChangeFlowRunState
     from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
 
     return AutomationCore(
         name=CRASHED_AUTOMATION_NAME,
-        description=("A crashed tracerl flow run is scheduled again: a worker resumes it at "
-                     "the first unfinished stage (at most max_restarts times)."),
+        description=(f"A tracerl flow run that stayed Crashed for {quiet_s} s is scheduled "
+                     "again: a worker resumes it at the first unfinished stage (at most "
+                     "max_restarts times)."),
         trigger=EventTrigger(
             match={"prefect.resource.id": "prefect.flow-run.*"},
             match_related={"prefect.resource.id": f"prefect.tag.{TAG}"},
-            expect={"prefect.flow-run.Crashed"},
+            after={"prefect.flow-run.Crashed"},
+            expect={"prefect.flow-run.*"},
             for_each={"prefect.resource.id"},
-            posture=Posture.Reactive,
+            posture=Posture.Proactive,
             threshold=1,
-            within=timedelta(0),
+            within=timedelta(seconds=quiet_s),
         ),
         actions=[ChangeFlowRunState(
             state="SCHEDULED", name=RESTART_STATE, force=True,
@@ -129,7 +138,8 @@ def crashed_automation() -> Any:
 
 def automations(prefect_yaml: str | os.PathLike = "prefect.yaml") -> list[Any]:
     """The project's automations (see the module doc)."""
-    return [missed_heartbeats_automation(heartbeat_seconds(prefect_yaml)), crashed_automation()]
+    beat = heartbeat_seconds(prefect_yaml)
+    return [missed_heartbeats_automation(beat), crashed_automation(quiet_s=beat)]
 
 
 def setup(prefect_yaml: str | os.PathLike = "prefect.yaml") -> dict[str, str]:
