@@ -72,9 +72,13 @@ def _no_worker_left(request):
         request.getfixturevalue("live").kill_workers()
 
 
-def wait_final(lp: LivePrefect, run_id: str, timeout: float) -> tuple[str, str]:
+def wait_final(lp: LivePrefect, run_id: str, timeout: float,
+               final: tuple[str, ...] = FINAL) -> tuple[str, str]:
     return wait_for(f"flow run {run_id} to end",
-                    lambda: (s := lp.state(run_id))[0] in FINAL and s, timeout)
+                    lambda: (s := lp.state(run_id))[0] in final and s, timeout)
+
+
+DONE = ("COMPLETED", "FAILED", "CANCELLED")  # Crashed is not the end: it is restarted
 
 
 def worker_for(lp: LivePrefect, name: str, log) -> None:
@@ -123,8 +127,8 @@ def test_killed_worker_and_flow_resume_on_a_new_worker(live, clean):
                     lambda: live.state(crash)[0] != "RUNNING" and time.monotonic(), 200)
     heartbeat = 30
     assert left - killed < 2 * heartbeat + 45  # missed heartbeats, not the 300 s lease
-    assert wait_final(live, crash, 300) == ("COMPLETED", "Completed")
-    assert wait_final(live, second, 300) == ("COMPLETED", "Completed")
+    assert wait_final(live, crash, 300, DONE) == ("COMPLETED", "Completed")
+    assert wait_final(live, second, 300, DONE) == ("COMPLETED", "Completed")
     states = live.request("GET", f"/flow_run_states/?flow_run_id={crash}")
     restarted = [s for s in states if s["name"] == "AwaitingRetry"]
     assert len(restarted) == 1, json.dumps(states)[:3000]  # the same flow run, once more
@@ -174,7 +178,7 @@ def test_killed_flow_process_restarts_on_its_worker(live, clean):
     done_before = manifests(proj / "runs" / "flowkill")
     os.kill(live.flow_process(run), signal.SIGKILL)  # the worker sees it die: Crashed
     (proj / "flowkill.log.hold").unlink()
-    assert wait_final(live, run, 300) == ("COMPLETED", "Completed")
+    assert wait_final(live, run, 300, DONE) == ("COMPLETED", "Completed")
     states = live.request("GET", f"/flow_run_states/?flow_run_id={run}")
     history = [(s["timestamp"][11:19], s["name"], (s["message"] or "")[:80])
                for s in sorted(states, key=lambda s: s["timestamp"])]
@@ -202,6 +206,10 @@ def test_cancel_completes_when_the_worker_is_gone(live):
     took = time.monotonic() - t0
     assert out.strip().endswith("Cancelled") and live.state(run) == ("CANCELLED", "Cancelled")
     assert took < 60
+    states = live.request("GET", f"/flow_run_states/?flow_run_id={run}")
+    assert not [s for s in states if s["type"] == "CRASHED"]  # nothing to restart
     wait_for("the flow process to exit", lambda: not os.path.exists(f"/proc/{pid}")
              or open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z", 30)
     (proj / "cancel.log.hold").unlink()
+    time.sleep(45)  # longer than the crash automation's quiet period: still Cancelled
+    assert live.state(run) == ("CANCELLED", "Cancelled")

@@ -185,16 +185,19 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def cancel(run_id: str, grace_s: float = 15.0, term_s: float = 30.0,
-           poll_s: float = 0.5) -> str:
+def cancel(run_id: str, grace_s: float = 15.0, poll_s: float = 0.5) -> str:
     """Cancel flow run ``run_id`` and wait until it is ``Cancelled``; returns its final
     state name.
 
     1. ``Cancelling`` (what ``prefect flow-run cancel`` does): a live worker that started
-       the flow kills it and records ``Cancelled``;
+       the flow stops it and records ``Cancelled``;
     2. after ``grace_s`` without that (no worker owns the process any more), ``Cancelled``
        is recorded through the API (forced: nobody else will), then the flow process, when
-       it runs on this host, gets SIGTERM (SIGKILL after ``term_s``).
+       it runs on this host, is killed with SIGKILL (its process group when it leads one,
+       so a stage's subprocess goes too). Not SIGTERM: a Prefect 3.9 engine terminated
+       that way reports ``Crashed`` over the ``Cancelled`` state, and a crashed run is
+       restarted (:func:`crashed_automation`). What a killed stage leaves (a temp folder,
+       the writer lock, an MLflow child run) the next run of that folder cleans up.
     """
     from prefect.client.orchestration import get_client
     from prefect.states import Cancelled, Cancelling
@@ -214,20 +217,18 @@ def cancel(run_id: str, grace_s: float = 15.0, term_s: float = 30.0,
             time.sleep(poll_s)
         pid = _local_pid(run.infrastructure_pid)
         alive = pid is not None and _alive(pid)
-        how = (f"terminating its process {pid}" if alive
-               else "no process of it runs on this host")
-        # Cancelled first: the terminated engine's own "Crashed" report is then refused
-        # (a terminal state), so the crash automation does not restart a cancelled run
+        how = f"killed its process {pid}" if alive else "no process of it runs on this host"
         client.set_flow_run_state(run_id, Cancelled(
             message=f"cancelled by tracerl operator cancel: no worker stopped it in "
                     f"{grace_s:.0f} s; {how}"), force=True)
         if alive:
-            os.kill(pid, signal.SIGTERM)
-            end = time.monotonic() + term_s
-            while _alive(pid) and time.monotonic() < end:
-                time.sleep(poll_s)
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
+            try:
+                if os.getpgid(pid) == pid:
+                    os.killpg(pid, signal.SIGKILL)
+                else:
+                    os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         return client.read_flow_run(run_id).state.name
 
 
