@@ -39,9 +39,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 
 from tracerl.config import ConfigError, Params, load_params
+from tracerl.pipeline.console import guard_console
 from tracerl.pipeline.driver import Orchestrator, StageResult
 from tracerl.pipeline.layout import Planner, RunLayout, StageCall, is_done, plan_all
 from tracerl.pipeline.lock import RunLocked
+from tracerl.pipeline.operator import current_restarts, restarts_exceeded
 from tracerl.pipeline.registry import DVC_PARTS, STAGES, resource
 from tracerl.pipeline.runners import make_runner
 from tracerl.recipes import RecipeError
@@ -226,7 +228,8 @@ def run_overrides(root: Path, run_name: str | None = None, iterations: int | Non
 def tracerl(params_path: str = "params.yaml", run_name: str | None = None,
             iterations: int | None = None, runner: str | None = None, part: str = "all",
             project_root: str | None = None, package: str = "stages",
-            recipe: str | None = None, seed: int | None = None) -> dict[str, Any]:
+            recipe: str | None = None, seed: int | None = None,
+            max_restarts: int = 3) -> dict[str, Any]:
     """TraceRL pipeline: prepare -> sft -> RL iterations -> evaluate; see the module doc.
 
     Args:
@@ -239,7 +242,14 @@ def tracerl(params_path: str = "params.yaml", run_name: str | None = None,
         package: the package of stage modules (``stages``; tests pass fakes).
         recipe: a named experiment, ``recipes/<recipe>.yaml`` (overrides of the params).
         seed: the run's seeds (``run``, ``sft``, ``policy``, ``value``).
+        max_restarts: how often a deployment run whose process died may be restarted
+            (``tracerl operator setup``'s automation restarts it; see
+            :mod:`tracerl.pipeline.operator`).
     """
+    guard_console()  # a killed worker (the reader of this console) must not end the run
+    refused = restarts_exceeded(current_restarts(), max_restarts)
+    if refused:
+        raise RuntimeError(refused)
     _, orch, planner, plan_key = build(params_path, run_name, iterations, runner,
                                        project_root, package, recipe, seed)
     with orch.parent_run(plan_key, part=part):

@@ -6,7 +6,9 @@ write real artifacts (task and scored parquet files with the declared schemas) t
 ``stage_output``, and produce deterministic metrics. The curriculum stage is the real
 ``stages.curriculum``. ``FAKE_LOG`` (a file) records every stage invocation;
 ``FAKE_CRASH=<label>`` makes that stage raise mid-way; ``FAKE_HANG=<label>`` makes it
-touch ``<FAKE_LOG>.hang`` and sleep (for kill tests); ``FAKE_EDIT=<label>|<file>|<old>|<new>``
+touch ``<FAKE_LOG>.hang`` and sleep (for kill tests); ``FAKE_HOLD=<label>`` makes it touch
+``<FAKE_LOG>.held`` and wait while ``<FAKE_LOG>.hold`` exists (a kill test's pause that a
+resumed run no longer meets once the test removed the file); ``FAKE_EDIT=<label>|<file>|<old>|<new>``
 makes it edit a file as a user would mid-run.
 """
 
@@ -143,6 +145,11 @@ def run(stage, argv):
         if os.environ.get("FAKE_HANG") == label:
             Path(log + ".hang").touch()
             time.sleep(600)
+        if os.environ.get("FAKE_HOLD") == label:
+            Path(log + ".held").touch()
+            deadline = time.monotonic() + 600
+            while Path(log + ".hold").exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
         globals()[stage](a, p, out)
     return 0
 '''

@@ -1,9 +1,12 @@
-"""The ``tracerl`` console command: small, read-only helpers around the pipeline.
+"""The ``tracerl`` console command: small helpers around the pipeline.
 
     tracerl params check [FILE]   validate a params file; print every problem with its fix
     tracerl where [RUN]           where a run's results are (folders, metrics, viewer, MLflow)
     tracerl plots [RUN]           every learning curve as one offline page (plots/index.html)
     tracerl recipes list|show|dvc named experiments (recipes/*.yaml, tracerl.recipes)
+    tracerl operator setup        Prefect automation: restart runs whose process died
+    tracerl operator runs         the latest runs of the deployment tracerl/iterate
+    tracerl operator cancel ID    cancel a flow run, also when its worker is gone
 
 (``python -m tracerl.cli ...`` is the same.) Running the pipeline stays
 ``bash scripts/run.sh`` / ``dvc repro``; the stages stay ``python -m stages.<name>``.
@@ -92,6 +95,26 @@ def _where(a: argparse.Namespace) -> int:
     return 0
 
 
+def _operator(a: argparse.Namespace) -> int:
+    """Deployment operations through Prefect's API (PREFECT_API_URL names the server)."""
+    from tracerl.pipeline import operator as op
+
+    try:
+        if a.operator_command == "setup":
+            for name, aid in op.setup(a.prefect_file).items():
+                print(f"automation {aid}  {name}")
+        elif a.operator_command == "cancel":
+            print(f"flow run {a.run_id}: {op.cancel(a.run_id, grace_s=a.grace)}")
+        else:
+            for r in op.runs(a.limit):
+                print(f"{r['id']}  {r['state']:<14} runs={r['run_count']}  "
+                      f"{r['start']}  {r['name']}")
+    except op.OperatorError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="tracerl", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -109,6 +132,19 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.set_defaults(func=func)
     sub.add_parser("recipes", help="named experiments: list, show NAME, dvc NAME",
                    add_help=False)
+    ops = sub.add_parser("operator", help="operate the Prefect deployment tracerl/iterate")
+    osub = ops.add_subparsers(dest="operator_command", required=True)
+    st = osub.add_parser("setup", help="create/update the automation that restarts runs "
+                                       "whose process died (idempotent)")
+    st.add_argument("--prefect-file", default="prefect.yaml")
+    cancel = osub.add_parser("cancel", help="cancel a flow run and wait until it is "
+                                            "Cancelled (also when its worker is gone)")
+    cancel.add_argument("run_id")
+    cancel.add_argument("--grace", type=float, default=15.0,
+                        help="seconds a live worker gets to stop the run (default 15)")
+    ls = osub.add_parser("runs", help="the latest flow runs of tracerl/iterate")
+    ls.add_argument("--limit", type=int, default=10)
+    ops.set_defaults(func=_operator)
     return ap
 
 

@@ -363,11 +363,11 @@ class Orchestrator:
         stale_input = self._stale_input(call)
         if reason is None and stale_input is None:
             return StageResult(call.label, str(call.out), True, 0.0, read_metrics(call.out))
-        finished_before = reason is None or reason.startswith((DAMAGED, UNREADABLE))
+        # say why a finished output is redone (not a fresh stage whose input is new)
+        redone = reason is None or reason.startswith((DAMAGED, UNREADABLE))
         if reason is None:
             reason = f"its input {stale_input} was written again"
-        # say why a finished output is redone (not a fresh stage whose input is new)
-        if finished_before:
+        if redone:
             log.warning("%s runs again: %s", call.label, reason)
             print(f"[tracerl] {call.label} runs again: {reason}", flush=True)
         _clean_temp(call.out)

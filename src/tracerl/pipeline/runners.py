@@ -21,12 +21,13 @@ tracking environment (``TRACERL_PARENT_RUN_ID``, ``TRACERL_RUN_ID``,
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import importlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 from urllib.parse import urlparse
@@ -35,13 +36,55 @@ from tracerl.pipeline.layout import StageCall
 from tracerl.pipeline.registry import STAGES, stage_module
 from tracerl.tracking import TRACKING_URI_ENV
 
+TAIL_LINES = 20  # lines of a failed stage's stderr quoted in its error
+
 
 class StageFailed(RuntimeError):
-    """A stage exited non-zero (or raised)."""
+    """A stage exited non-zero (or raised); the message says why: the exit status, the
+    exception that ended it, and the last lines of its stderr."""
 
-    def __init__(self, call: StageCall, detail: str):
+    def __init__(self, call: StageCall, detail: str, tail: Sequence[str] = ()):
         self.call = call
-        super().__init__(f"stage {call.label} failed ({detail}); output folder {call.out}")
+        self.tail = list(tail)
+        msg = f"stage {call.label} failed ({detail}); output folder {call.out}"
+        if self.tail:
+            msg += "\nlast lines of its stderr:\n" + "\n".join(f"  | {t}" for t in self.tail)
+        super().__init__(msg)
+
+
+class _TailWriter:
+    """A text stream that passes writes on to ``stream`` and keeps the last lines."""
+
+    def __init__(self, stream: Any, keep: int = TAIL_LINES):
+        self._stream = stream
+        self._lines: collections.deque[str] = collections.deque(maxlen=keep)
+        self._partial = ""
+
+    def write(self, s: str) -> int:
+        parts = (self._partial + s).split("\n")
+        self._partial = parts.pop()
+        self._lines.extend(p.rstrip("\r").rsplit("\r", 1)[-1] for p in parts)
+        return self._stream.write(s)
+
+    def lines(self) -> list[str]:
+        return [*self._lines, *([self._partial] if self._partial.strip() else [])][-self._lines.maxlen:]
+
+    def __getattr__(self, name: str) -> Any:  # flush, fileno, isatty, encoding, ...
+        return getattr(self._stream, name)
+
+
+def _exit_cause(e: BaseException) -> str:
+    """Why a stage's ``SystemExit`` happened: its code and the exception it replaced
+    (``rich`` turns a broken console pipe into ``SystemExit(1)``)."""
+    code = e.code if isinstance(e, SystemExit) else None
+    text = f"it called sys.exit({code!r})"
+    ctx = e.__cause__ or e.__context__
+    if ctx is not None:
+        text += f" while handling {type(ctx).__name__}: {ctx}"
+        if isinstance(ctx, BrokenPipeError):
+            text += (" (the process reading this console went away, e.g. a killed "
+                     "Prefect worker)")
+    return text
 
 
 class Runner(Protocol):
@@ -84,13 +127,19 @@ class InProcessRunner:
         main = getattr(module, "main", None)
         if main is None:
             raise StageFailed(call, f"{module.__name__} has no main(argv)")
-        with _environ(env):
+        tail = _TailWriter(sys.stderr)
+        cause = ""
+        with _environ(env), contextlib.redirect_stderr(tail):
             try:
                 rc = main(call.argv(params_path))
             except SystemExit as e:  # argparse errors, sys.exit in a stage
-                rc = e.code if isinstance(e.code, int) else 1
+                rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+                cause = _exit_cause(e)
+            except Exception as e:
+                raise StageFailed(call, f"it raised {type(e).__name__}: {e}",
+                                  tail.lines()) from e
         if rc not in (0, None):
-            raise StageFailed(call, f"main returned {rc}")
+            raise StageFailed(call, cause or f"main returned {rc}", tail.lines())
 
 
 class SubprocessRunner:
@@ -116,9 +165,21 @@ class SubprocessRunner:
         full_env["PYTHONPATH"] = os.pathsep.join(
             [str(self.cwd), *filter(None, [os.environ.get("PYTHONPATH")])]
         )
-        proc = subprocess.run(self.command(call, params_path), cwd=self.cwd, env=full_env)
-        if proc.returncode != 0:
-            raise StageFailed(call, f"exit status {proc.returncode}")
+        # stderr passes through this process (kept: the last lines go into the error)
+        proc = subprocess.Popen(self.command(call, params_path), cwd=self.cwd, env=full_env,
+                                stderr=subprocess.PIPE)
+        tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        assert proc.stderr is not None
+        for raw in proc.stderr:
+            line = raw.decode(errors="replace")
+            tail.append(line.rstrip("\n").rsplit("\r", 1)[-1])
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.write(line)
+                sys.stderr.flush()
+        rc = proc.wait()
+        if rc != 0:
+            what = f"exit status {rc}" if rc > 0 else f"killed by signal {-rc}"
+            raise StageFailed(call, what, list(tail))
 
 
 # ---------------------------------------------------------------------- containers
@@ -290,16 +351,17 @@ class ContainerRunner:
         for folder in self.writable_folders(env):
             folder.mkdir(parents=True, exist_ok=True)
         container = client.containers.run(**spec)
+        tail = _TailWriter(sys.stdout)
         try:
             for chunk in container.logs(stream=True, follow=True):
-                sys.stdout.write(chunk.decode(errors="replace"))
-                sys.stdout.flush()
+                tail.write(chunk.decode(errors="replace"))
+                tail.flush()
             status = container.wait().get("StatusCode", 1)
         finally:  # also on KeyboardInterrupt or an error in this process: no orphan left
             with contextlib.suppress(Exception):
                 container.remove(force=True)
         if status != 0:
-            raise StageFailed(call, f"container exit status {status}")
+            raise StageFailed(call, f"container exit status {status}", tail.lines())
 
 
 OUT_LABEL = "tracerl.out"  # container label: the host output folder of the stage call
