@@ -14,6 +14,10 @@ tracking environment (``TRACERL_PARENT_RUN_ID``, ``TRACERL_RUN_ID``,
   the iteration and a read-only ``params.yaml`` mount, never hyperparameters as flags;
   GPU stages get ``device_requests``. :meth:`ContainerRunner.spec` is the exact
   ``containers.run(**spec)`` call, testable without a Docker engine.
+
+A call of a stage that runs multi-rank (its registry ranks key above 1 in the params
+file, :mod:`tracerl.pipeline.launch`) starts through torchrun in the subprocess and
+container runners; the in-process runner hands such a call to a subprocess runner.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
+from tracerl.pipeline.launch import call_ranks, stage_command
 from tracerl.pipeline.layout import StageCall
 from tracerl.pipeline.registry import STAGES, stage_module
 from tracerl.tracking import TRACKING_URI_ENV
@@ -77,6 +82,9 @@ class InProcessRunner:
         self.package = package
 
     def run(self, call: StageCall, params_path: Path, env: Mapping[str, str]) -> None:
+        if call_ranks(call.stage, params_path) > 1:  # ranks are processes: torchrun
+            SubprocessRunner(self.package).run(call, params_path, env)
+            return
         module = importlib.import_module(stage_module(call.stage, self.package))
         main = getattr(module, "main", None)
         if main is None:
@@ -104,8 +112,12 @@ class SubprocessRunner:
         self.cwd = Path(cwd or Path.cwd())
         self.python = python or sys.executable
 
-    def command(self, call: StageCall, params_path: Path) -> list[str]:
-        return [self.python, "-m", stage_module(call.stage, self.package), *call.argv(params_path)]
+    def command(self, call: StageCall, params_path: Path,
+                env: Mapping[str, str] | None = None) -> list[str]:
+        """``python -m <package>.<stage> <argv>``, through torchrun for a multi-rank call
+        (rendezvous from ``env``, default this process's environment)."""
+        return stage_command(self.python, stage_module(call.stage, self.package),
+                             call.argv(params_path), call_ranks(call.stage, params_path), env)
 
     def run(self, call: StageCall, params_path: Path, env: Mapping[str, str]) -> None:
         full_env = {**os.environ, **{k: str(v) for k, v in env.items()}}
@@ -113,7 +125,8 @@ class SubprocessRunner:
         full_env["PYTHONPATH"] = os.pathsep.join(
             [str(self.cwd), *filter(None, [os.environ.get("PYTHONPATH")])]
         )
-        proc = subprocess.run(self.command(call, params_path), cwd=self.cwd, env=full_env)
+        proc = subprocess.run(self.command(call, params_path, full_env), cwd=self.cwd,
+                              env=full_env)
         if proc.returncode != 0:
             raise StageFailed(call, f"exit status {proc.returncode}")
 
@@ -199,8 +212,10 @@ class ContainerRunner:
         from docker.types import DeviceRequest
 
         params_in = str(WORKDIR / "params.yaml")
-        command = ["python", "-m", STAGES.get(call.stage).module,
-                   *call.argv(params_path, path_map=self.container_path)]
+        # multi-rank: torchrun inside the container, rendezvous from the host's scheduler env
+        command = stage_command("python", STAGES.get(call.stage).module,
+                                call.argv(params_path, path_map=self.container_path),
+                                call_ranks(call.stage, params_path), os.environ)
         # argv's --params must point at the read-only mount
         command[command.index("--params") + 1] = params_in
         track_env, track_vols, host_net = self._tracking(env)
