@@ -165,6 +165,16 @@ def test_two_rank_policy_stage_equals_one_rank(tmp_path, monkeypatch):
     w1, w2, w0 = _weights(tmp_path / "p1"), _weights(tmp_path / "p2"), _weights(tmp_path / "sft")
     for n, p in w1.items():
         assert (w2[n] - p).abs().max().item() <= 1e-5, n
+    # ZeRO-2 on one plain process (a one-rank group, in this process): the same update
+    z_dir = tmp_path / "z"
+    z_dir.mkdir()
+    z = _params(z_dir, sft={"steps": 2}, policy={"grad_accum": 2, "micro_batch": 1,
+                                                "shuffle": True, "zero_stage": 2})
+    InProcessRunner().run(StageCall("policy", tmp_path / "pz", 0, inputs), z, {})
+    assert read_metrics(tmp_path / "pz")["loss"] == pytest.approx(m1["loss"], rel=1e-5)
+    wz = _weights(tmp_path / "pz")
+    assert max((wz[n] - p).abs().max().item() for n, p in w1.items()) <= 1e-5
+    assert not torch.distributed.is_initialized()  # the group is gone with the stage
     assert max((w1[n] - w0[n]).abs().max().item() for n in w0) > 1e-4  # it did train
     # the trainer state of 2 ranks: counters by rank 0, one optimizer partition per rank
     state = tmp_path / "p2" / "trainer_state"

@@ -93,6 +93,20 @@ def _skip_deepspeed_shm_op() -> None:
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
+def _leave_group() -> None:
+    """Destroy the process group; through DeepSpeed when it used it, so that DeepSpeed
+    forgets the groups it derived (a later group in this process starts clean)."""
+    import sys
+
+    import torch.distributed as dist
+
+    comm = sys.modules.get("deepspeed.comm.comm")
+    if comm is not None and getattr(comm, "cdb", None) is not None and dist.is_initialized():
+        comm.destroy_process_group()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 @contextlib.contextmanager
 def stage_ranks(device: torch.device, *, zero_stage: int = 0) -> Iterator[Ranks]:
     """Join the stage's process group for the duration (see the module doc).
@@ -118,11 +132,21 @@ def stage_ranks(device: torch.device, *, zero_stage: int = 0) -> Iterator[Ranks]
         if device.type == "cuda":
             torch.cuda.set_device(ranks.local_rank)
         dist.init_process_group(backend, init_method="env://")
-    else:  # ZeRO on one plain process: a one-rank group
+        one = {}
+    else:  # ZeRO on one plain process: a one-rank group, as a launcher would set it up
         ranks = Ranks()
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}",
-                                rank=0, world_size=1)
+        one = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(free_port())}
+    saved = {k: os.environ.get(k) for k in one}
+    os.environ.update(one)
     try:
+        if one:
+            dist.init_process_group(backend, init_method="env://")
         yield ranks
     finally:
-        dist.destroy_process_group()
+        _leave_group()
+        for k, v in saved.items():  # the caller's environment as it was
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
