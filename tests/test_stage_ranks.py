@@ -142,7 +142,8 @@ def test_two_rank_policy_stage_equals_one_rank(tmp_path, monkeypatch):
                                                      "shuffle": True})
     sft_stage.main(["--params", str(one), "--input", f"data={_sft_data(tmp_path)}",
                     "--out", str(tmp_path / "sft")])
-    scored = _scored(tmp_path, tmp_path / "sft" / "checkpoint")
+    # recorded by other weights: the old log-probs are recomputed (2 ranks: each its share)
+    scored = _scored(tmp_path, tmp_path / "sft" / "checkpoint", policy_id="other-weights")
     inputs = {"policy": (tmp_path / "sft",), "scored": (scored,)}
     # one rank, plain torch, in this process
     InProcessRunner().run(StageCall("policy", tmp_path / "p1", 0, inputs), one, {})
@@ -157,6 +158,7 @@ def test_two_rank_policy_stage_equals_one_rank(tmp_path, monkeypatch):
     assert is_complete(tmp_path / "p2")
     m1, m2 = read_metrics(tmp_path / "p1"), read_metrics(tmp_path / "p2")
     assert m1["ranks"] == 1.0 and m2["ranks"] == 2.0
+    assert m1["old_logprobs_recorded"] == m2["old_logprobs_recorded"] == 0.0
     assert m1["steps"] == m2["steps"] >= 2  # Adam's moments are used by a second step
     timing = {"seconds", "tokens_per_s", "ranks"}
     assert set(m1) == set(m2)
