@@ -133,6 +133,7 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return dict(load_model(folder / "checkpoint")[0].named_parameters())
 
 
+@pytest.mark.slow
 def test_two_rank_policy_stage_equals_one_rank(tmp_path, monkeypatch):
     from stages import policy as policy_stage
     from stages import sft as sft_stage
@@ -197,6 +198,7 @@ def test_two_rank_policy_stage_equals_one_rank(tmp_path, monkeypatch):
                            "--input", f"scored={scored}", "--out", str(tmp_path / "p4")])
 
 
+@pytest.mark.slow
 def test_two_rank_sft_killed_after_a_checkpoint_resumes_to_the_same_weights(tmp_path):
     """SIGKILL of the launcher's whole process group (the launcher and both ranks: a lost
     node) after the first mid-run checkpoint; the re-run resumes from it."""
