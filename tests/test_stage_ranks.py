@@ -125,6 +125,27 @@ def test_inprocess_runner_hands_multi_rank_calls_to_a_subprocess(tmp_path, monke
 
 
 # ---------------------------------------------------------------------- real stages
+POLICY = {"grad_accum": 2, "micro_batch": 1, "shuffle": True}  # 4 rows: 2 steps of 2
+
+
+def _policy_inputs(tmp: Path) -> tuple[Path, dict]:
+    """One-rank params, an SFT checkpoint and rollouts scored from it (recorded by other
+    weights: the old log-probs are recomputed, on 2 ranks each rank its share)."""
+    from stages import sft as sft_stage
+
+    one = _params(tmp, sft={"steps": 2}, policy=POLICY)
+    sft_stage.main(["--params", str(one), "--input", f"data={_sft_data(tmp)}",
+                    "--out", str(tmp / "sft")])
+    scored = _scored(tmp, tmp / "sft" / "checkpoint", policy_id="other-weights")
+    return one, {"policy": (tmp / "sft",), "scored": (scored,)}
+
+
+def _ranks_params(tmp: Path, name: str, **policy) -> Path:
+    d = tmp / name
+    d.mkdir()
+    return _params(d, sft={"steps": 2}, policy={**POLICY, **policy})
+
+
 def _env(tmp: Path) -> dict[str, str]:
     return {"TRACERL_TRACKER": "null", "OMP_NUM_THREADS": "1"}  # one torch thread per rank
 
@@ -136,24 +157,14 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 def test_two_rank_policy_stage_equals_one_rank(tmp_path, monkeypatch):
     from stages import policy as policy_stage
-    from stages import sft as sft_stage
 
     monkeypatch.setenv("TRACERL_TRACKER", "null")
-    one = _params(tmp_path, sft={"steps": 2}, policy={"grad_accum": 2, "micro_batch": 1,
-                                                     "shuffle": True})
-    sft_stage.main(["--params", str(one), "--input", f"data={_sft_data(tmp_path)}",
-                    "--out", str(tmp_path / "sft")])
-    # recorded by other weights: the old log-probs are recomputed (2 ranks: each its share)
-    scored = _scored(tmp_path, tmp_path / "sft" / "checkpoint", policy_id="other-weights")
-    inputs = {"policy": (tmp_path / "sft",), "scored": (scored,)}
+    one, inputs = _policy_inputs(tmp_path)
+    scored = inputs["scored"][0]
     # one rank, plain torch, in this process
     InProcessRunner().run(StageCall("policy", tmp_path / "p1", 0, inputs), one, {})
-    # two ranks, ZeRO-2, the same global batch (2 micro-batches of 1 row: 2 steps of 4 rows)
-    two_dir = tmp_path / "two"
-    two_dir.mkdir()
-    two = _params(two_dir, sft={"steps": 2}, policy={"grad_accum": 2, "micro_batch": 1,
-                                                    "shuffle": True, "ranks": 2,
-                                                    "zero_stage": 2})
+    # two ranks, ZeRO-2, the same global batch (2 micro-batches of 1 row per step)
+    two = _ranks_params(tmp_path, "two", ranks=2, zero_stage=2)
     SubprocessRunner(cwd=ROOT).run(StageCall("policy", tmp_path / "p2", 0, inputs), two,
                                    _env(tmp_path))
     assert is_complete(tmp_path / "p2")
@@ -169,10 +180,7 @@ def test_two_rank_policy_stage_equals_one_rank(tmp_path, monkeypatch):
     for n, p in w1.items():
         assert (w2[n] - p).abs().max().item() <= 1e-5, n
     # ZeRO-2 on one plain process (a one-rank group, in this process): the same update
-    z_dir = tmp_path / "z"
-    z_dir.mkdir()
-    z = _params(z_dir, sft={"steps": 2}, policy={"grad_accum": 2, "micro_batch": 1,
-                                                "shuffle": True, "zero_stage": 2})
+    z = _ranks_params(tmp_path, "z", zero_stage=2)
     InProcessRunner().run(StageCall("policy", tmp_path / "pz", 0, inputs), z, {})
     assert read_metrics(tmp_path / "pz")["loss"] == pytest.approx(m1["loss"], rel=1e-5)
     wz = _weights(tmp_path / "pz")
@@ -196,6 +204,23 @@ def test_two_rank_policy_stage_equals_one_rank(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="saved by DeepSpeed ZeRO training"):
         policy_stage.main(["--params", str(one), "--input", f"policy={tmp_path / 'p2'}",
                            "--input", f"scored={scored}", "--out", str(tmp_path / "p4")])
+
+
+@pytest.mark.slow
+def test_two_rank_zero3_policy_stage_equals_one_rank(tmp_path, monkeypatch):
+    """ZeRO-3 partitions the weights themselves: the stage gathers them to save the
+    checkpoint (a collective), and the ranks score in lockstep."""
+    monkeypatch.setenv("TRACERL_TRACKER", "null")
+    one, inputs = _policy_inputs(tmp_path)
+    InProcessRunner().run(StageCall("policy", tmp_path / "p1", 0, inputs), one, {})
+    three = _ranks_params(tmp_path, "three", ranks=2, zero_stage=3)
+    SubprocessRunner(cwd=ROOT).run(StageCall("policy", tmp_path / "p3", 0, inputs), three,
+                                   _env(tmp_path))
+    m1, m3 = read_metrics(tmp_path / "p1"), read_metrics(tmp_path / "p3")
+    assert m3["loss"] == pytest.approx(m1["loss"], rel=1e-5) and m3["steps"] == m1["steps"]
+    w1, w3 = _weights(tmp_path / "p1"), _weights(tmp_path / "p3")
+    for n, p in w1.items():
+        assert p.shape == w3[n].shape and (w3[n] - p).abs().max().item() <= 1e-5, n
 
 
 @pytest.mark.slow

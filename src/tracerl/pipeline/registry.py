@@ -94,12 +94,13 @@ def stage_module(stage: str, package: str = "stages") -> str:
 
 
 TRAIN = Resources(image="train-gpu", gpu=True)
+ROLLOUT = Resources(image="rollout-gpu", gpu=True)
 
 
 def train(section: str) -> Resources:
     """A training stage's resources: the train image, GPUs, ranks from ``<section>.ranks``."""
     return Resources(image=TRAIN.image, gpu=TRAIN.gpu, ranks=f"{section}.ranks")
-ROLLOUT = Resources(image="rollout-gpu", gpu=True)
+
 
 STAGES: Registry[StageSpec] = Registry("stage")
 
