@@ -224,6 +224,41 @@ def test_two_rank_zero3_policy_stage_equals_one_rank(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_two_rank_value_stage_equals_one_rank(tmp_path, monkeypatch):
+    """The value stage on 2 ranks: rank 0 alone writes the advantages (computed from the
+    pre-update values every rank scored its share of), the value model trains the same."""
+    import polars as pl
+
+    from tracerl.models import ValueModel
+
+    monkeypatch.setenv("TRACERL_TRACKER", "null")
+    value = {"grad_accum": 2, "micro_batch": 1}
+    one = _params(tmp_path, sft={"steps": 2}, value=value)
+    from stages import sft as sft_stage
+
+    sft_stage.main(["--params", str(one), "--input", f"data={_sft_data(tmp_path)}",
+                    "--out", str(tmp_path / "sft")])
+    inputs = {"policy": (tmp_path / "sft",),
+              "scored": (_scored(tmp_path, tmp_path / "sft" / "checkpoint"),)}
+    InProcessRunner().run(StageCall("value", tmp_path / "v1", 0, inputs), one, {})
+    d = tmp_path / "two"
+    d.mkdir()
+    two = _params(d, sft={"steps": 2}, value={**value, "ranks": 2, "zero_stage": 2})
+    SubprocessRunner(cwd=ROOT).run(StageCall("value", tmp_path / "v2", 0, inputs), two,
+                                   _env(tmp_path))
+    m1, m2 = read_metrics(tmp_path / "v1"), read_metrics(tmp_path / "v2")
+    assert m1["steps"] == m2["steps"] == 2.0 and m1["trained"] == m2["trained"] == 1.0
+    for k in ("value_loss", "value_mean", "explained_var", "grad_norm"):
+        assert m2[k] == pytest.approx(m1[k], rel=1e-5, abs=1e-6), k
+    a1 = pl.read_parquet(tmp_path / "v1" / "advantages.parquet")
+    a2 = pl.read_parquet(tmp_path / "v2" / "advantages.parquet")
+    assert a1.equals(a2)  # from the values before the update: the same weights, same rows
+    s1 = ValueModel.load(tmp_path / "v1" / "checkpoint").state_dict()
+    s2 = ValueModel.load(tmp_path / "v2" / "checkpoint").state_dict()
+    assert max((s1[k] - s2[k]).abs().max().item() for k in s1) <= 1e-5
+
+
+@pytest.mark.slow
 def test_two_rank_sft_killed_after_a_checkpoint_resumes_to_the_same_weights(tmp_path):
     """SIGKILL of the launcher's whole process group (the launcher and both ranks: a lost
     node) after the first mid-run checkpoint; the re-run resumes from it."""
