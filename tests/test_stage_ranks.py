@@ -296,3 +296,23 @@ def test_two_rank_sft_killed_after_a_checkpoint_resumes_to_the_same_weights(tmp_
     ma, mb = read_metrics(tmp_path / "clean"), read_metrics(tmp_path / "resumed")
     assert ma["steps"] == mb["steps"] == 30.0
     assert ma["nll"] == mb["nll"] and ma["loss"] == mb["loss"]
+
+
+def test_a_stage_inside_a_multi_node_job_is_one_process_unless_launched(monkeypatch):
+    """A scheduler's per-node rendezvous variables (Kubeflow PyTorchJob: RANK, WORLD_SIZE,
+    MASTER_*) do not make a plain stage process join a group: only a launcher's workers
+    (LOCAL_RANK set too) do; ZeRO alone gets a one-rank group, gone at exit."""
+    from tracerl.distributed import Ranks, stage_ranks
+
+    for k, v in {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "10.9.9.9",
+                 "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with stage_ranks(torch.device("cpu")) as r:
+        assert r == Ranks() and not torch.distributed.is_initialized()
+    monkeypatch.delenv("MASTER_ADDR")
+    with stage_ranks(torch.device("cpu"), zero_stage=2) as r:
+        assert r.world == 1 and r.main and torch.distributed.get_world_size() == 1
+        assert os.environ["MASTER_ADDR"] == "127.0.0.1"
+    assert not torch.distributed.is_initialized()
+    assert "MASTER_ADDR" not in os.environ and os.environ["RANK"] == "1"  # restored

@@ -22,7 +22,11 @@ from dataclasses import dataclass
 
 import torch
 
-LAUNCHED_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+# what torchrun and the DeepSpeed launcher set for each worker. LOCAL_RANK tells a worker
+# from a process that merely runs inside a multi-node job: a scheduler such as Kubeflow's
+# PyTorchJob sets RANK / WORLD_SIZE / MASTER_* per node (the rendezvous the runners pass
+# to torchrun, tracerl.pipeline.launch), not LOCAL_RANK.
+LAUNCHED_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 @dataclass(frozen=True)
@@ -73,9 +77,18 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def launched() -> bool:
-    """Whether a launcher (torchrun, deepspeed) started this process as one rank of a group."""
-    return all(os.environ.get(k) for k in LAUNCHED_ENV)
+def launched(env=None) -> bool:
+    """Whether a launcher (torchrun, deepspeed) started this process as one rank of a group.
+
+    Example:
+        >>> launched({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "1"})
+        False
+        >>> launched({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "a",
+        ...           "MASTER_PORT": "1"})
+        True
+    """
+    env = os.environ if env is None else env
+    return all(env.get(k) for k in LAUNCHED_ENV)
 
 
 def free_port() -> int:
