@@ -8,7 +8,8 @@
 comes from the scored records (what the rollout decoded with), not from params. Resumes the
 optimizer, LR schedule, counters and RNG saved next to the input policy (when they are a
 policy trainer's), and writes ``checkpoint/`` (the updated policy), ``trainer_state/`` and
-the update's metrics.
+the update's metrics. With ``policy.ranks`` > 1 the runners start it through torchrun:
+every rank reads the inputs and runs its share of each optimizer step, rank 0 writes.
 """
 
 from __future__ import annotations
@@ -18,16 +19,23 @@ from pathlib import Path
 
 import torch
 
+from tracerl.distributed import stage_ranks
 from tracerl.models import load_model, save_model
-from tracerl.pipeline.artifacts import stage_output
 from tracerl.pipeline.resolve import device_and_dtype
-from tracerl.pipeline.stage_cli import bind_inputs, load_stage_params, stage_argparser
+from tracerl.pipeline.stage_cli import (
+    bind_inputs,
+    load_stage_params,
+    rank_output,
+    rank_tracker,
+    stage_argparser,
+)
 from tracerl.rl import (
     PolicyConfig,
     TokenScorer,
     TrainConfig,
     Trainer,
     checkpoint_dir,
+    per_rank,
     pick,
     policy_update,
     read_scored,
@@ -50,12 +58,19 @@ def parse_args(argv):
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     params = load_stage_params(a.params, "policy")
-    p, m = params.policy, params.model
     device, dtype = device_and_dtype(params)
+    with stage_ranks(device, zero_stage=params.policy.zero_stage) as ranks:
+        return _update(a, params, ranks, ranks.device(device), dtype)
+
+
+def _update(a, params, ranks, device, dtype) -> int:
+    p, m = params.policy, params.model
     torch.manual_seed(p.seed + (a.iteration or 0))
     # no block size from params: the update trains at the block size of the records
     model, tok = load_model(checkpoint_dir(a.policy), family=m.family, dtype=dtype, device=device)
-    trainer = Trainer(TokenScorer(model), pick(TrainConfig, p), kind="policy")
+    # params' grad_accum: micro-batches of the whole step, split across the ranks
+    trainer = Trainer(TokenScorer(model), per_rank(pick(TrainConfig, p), ranks.world),
+                      kind="policy")
     resumed = trainer.load(trainer_state_dir(a.policy))
     adv = None
     if p.use_value:
@@ -71,17 +86,21 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("policy.kl_target 'reference' with beta > 0 needs --reference CKPT")
         ref = load_model(checkpoint_dir(a.reference), family=m.family, dtype=dtype,
                          device=device)[0]
-    with stage_run("policy", iteration=a.iteration) as tracker:  # per-step curves
-        trainer.step_hooks.append(step_logger(tracker))
+    with stage_run("policy", rank_tracker(ranks), iteration=a.iteration) as tracker:
+        trainer.step_hooks.append(step_logger(tracker))  # per-step curves
         metrics = policy_update(trainer, samples, pick(PolicyConfig, p), ref_model=ref,
-                                progress=True)
-    with stage_output(a.out, stage="policy") as o:
-        save_model(model, tok, o.dir / "checkpoint")
-        trainer.save(o.dir / "trainer_state")
+                                progress=ranks.main)
+    with rank_output(a.out, stage="policy", ranks=ranks) as o:
+        with trainer.gathered():  # ZeRO-3: full weights on every rank (collective)
+            if o.main:
+                save_model(model, tok, o.dir / "checkpoint")
+        trainer.save(o.dir / "trainer_state")  # every rank: DeepSpeed saves its partition
         o.metrics.update(counts)
         o.metrics.update(metrics)
-        o.metrics.update(resumed=float(resumed), **{f"trainer/{k}": float(v)
-                                                     for k, v in trainer.counters.items()})
+        o.metrics.update(resumed=float(resumed), ranks=float(ranks.world),
+                         **{f"trainer/{k}": float(v) for k, v in trainer.counters.items()})
+    if not ranks.main:
+        return 0
     print(f"policy: loss={metrics.get('loss', float('nan')):.4f} "
           f"steps={metrics.get('steps', 0):.0f} tokens/s={metrics.get('tokens_per_s', 0):.0f} "
           f"empty={metrics['empty_batch']:.0f}")

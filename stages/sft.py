@@ -8,7 +8,9 @@ The initial model is the embedded default built from ``model.*`` sizes (seeded b
 SFT data: a parquet (or a folder holding ``sft.parquet``) with ``prompt_ids`` +
 ``response_ids`` (response ending with EOS; optional ``decode_steps`` for trace SFT), or
 text ``prompt`` + ``response``/``reference_solution``. Writes ``checkpoint/``,
-``trainer_state/`` and metrics.
+``trainer_state/`` and metrics. With ``sft.ranks`` > 1 the runners start it through
+torchrun: every rank reads the data and runs its share of each optimizer step, rank 0
+writes (mid-run checkpoints: every rank saves its DeepSpeed partition).
 """
 
 from __future__ import annotations
@@ -19,17 +21,25 @@ from pathlib import Path
 
 import torch
 
+from tracerl.distributed import stage_ranks
 from tracerl.models import save_model
-from tracerl.pipeline.artifacts import sha256_file, stage_output
+from tracerl.pipeline.artifacts import sha256_file
 from tracerl.pipeline.layout import fingerprint
-from tracerl.pipeline.resolve import policy_from_params
-from tracerl.pipeline.stage_cli import bind_inputs, load_stage_params, stage_argparser
+from tracerl.pipeline.resolve import device_and_dtype, policy_from_params
+from tracerl.pipeline.stage_cli import (
+    bind_inputs,
+    load_stage_params,
+    rank_output,
+    rank_tracker,
+    stage_argparser,
+)
 from tracerl.rl import (
     SFTCheckpoints,
     SFTConfig,
     TokenScorer,
     TrainConfig,
     Trainer,
+    per_rank,
     pick,
     read_sft_samples,
     sft_train,
@@ -49,31 +59,43 @@ def parse_args(argv):
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     params = load_stage_params(a.params, "sft")
+    device, _ = device_and_dtype(params)
+    with stage_ranks(device, zero_stage=params.sft.zero_stage) as ranks:
+        return _train(a, params, ranks)
+
+
+def _train(a, params, ranks) -> int:
     s, m = params.sft, params.model
     torch.manual_seed(s.seed)
     model, tok = policy_from_params(m.init, params, cached=False)  # trained: not the cache
+    model = model.to(ranks.device(model.device))  # CUDA: this rank's GPU
     samples = read_sft_samples(a.data, tok, eos_id=model.tokens.eos_id, pad_id=model.tokens.pad_id,
                                block_size=model.block_size)
+    # batch_size examples per step: grad_accum micro-batches, split across the ranks
     cfg = pick(TrainConfig, s, micro_batch=s.batch_size // s.grad_accum, total_steps=max(s.steps, 1))
-    trainer = Trainer(TokenScorer(model), cfg, kind="sft")
+    trainer = Trainer(TokenScorer(model), per_rank(cfg, ranks.world), kind="sft")
     # mid-run checkpoints beside the output, valid only for these params and this data
     data_file = a.data / "sft.parquet" if a.data.is_dir() else a.data
     ckpts = SFTCheckpoints(a.out.parent / f".{a.out.name}.resume", fingerprint(
         [dataclasses.asdict(s), dataclasses.asdict(m), params.run.seed, sha256_file(data_file)]))
     resume = ckpts.restore(trainer)
-    if resume is not None:
+    if resume is not None and ranks.main:
         print(f"sft: resuming at step {resume.done} of {s.steps} from {ckpts.folder}")
-    with stage_run("sft") as tracker:  # per-step curves
-        trainer.step_hooks.append(step_logger(tracker))
-        metrics = sft_train(trainer, samples, pick(SFTConfig, s), s.steps, progress=True,
+    with stage_run("sft", rank_tracker(ranks)) as tracker:
+        trainer.step_hooks.append(step_logger(tracker))  # per-step curves
+        metrics = sft_train(trainer, samples, pick(SFTConfig, s), s.steps, progress=ranks.main,
                             resume=resume, checkpoint_every=s.checkpoint_every,
                             on_checkpoint=lambda state: ckpts.save(trainer, state))
-    with stage_output(a.out, stage="sft") as o:
-        save_model(model, tok, o.dir / "checkpoint")
-        trainer.save(o.dir / "trainer_state")
+    with rank_output(a.out, stage="sft", ranks=ranks) as o:
+        with trainer.gathered():  # ZeRO-3: full weights on every rank (collective)
+            if o.main:
+                save_model(model, tok, o.dir / "checkpoint")
+        trainer.save(o.dir / "trainer_state")  # every rank: DeepSpeed saves its partition
         o.metrics.update(metrics)
-        o.metrics["examples"] = float(len(samples))
-    ckpts.clear()
+        o.metrics.update(examples=float(len(samples)), ranks=float(ranks.world))
+    ckpts.clear(trainer)
+    if not ranks.main:
+        return 0
     print(f"sft: {s.steps} steps, nll={metrics.get('nll', float('nan')):.4f}, "
           f"tokens/s={metrics.get('tokens_per_s', 0):.0f}")
     return 0

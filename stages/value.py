@@ -9,7 +9,8 @@ Without a value checkpoint the value model starts
 from the policy's backbone with a zero head (spec 6.1). Advantages use the pre-update
 values (spec 6.5); the value model trains every ``value.train_every`` iterations. Writes
 ``checkpoint/`` (value model), ``trainer_state/``, ``advantages.parquet`` (per-token
-advantages and returns for the policy stage) and metrics.
+advantages and returns for the policy stage) and metrics. With ``value.ranks`` > 1 the runners start it through torchrun: every rank
+reads the inputs and runs its share of each optimizer step, rank 0 writes.
 """
 
 from __future__ import annotations
@@ -19,16 +20,23 @@ from pathlib import Path
 
 import torch
 
+from tracerl.distributed import stage_ranks
 from tracerl.models import ValueModel, load_model, load_tokenizer
-from tracerl.pipeline.artifacts import stage_output
 from tracerl.pipeline.resolve import device_and_dtype
-from tracerl.pipeline.stage_cli import bind_inputs, load_stage_params, stage_argparser
+from tracerl.pipeline.stage_cli import (
+    bind_inputs,
+    load_stage_params,
+    rank_output,
+    rank_tracker,
+    stage_argparser,
+)
 from tracerl.rl import (
     TrainConfig,
     Trainer,
     ValueConfig,
     ValueScorer,
     checkpoint_dir,
+    per_rank,
     pick,
     read_scored,
     trainer_state_dir,
@@ -51,8 +59,13 @@ def parse_args(argv):
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     params = load_stage_params(a.params, "value")
-    v, m = params.value, params.model
     device, dtype = device_and_dtype(params)
+    with stage_ranks(device, zero_stage=params.value.zero_stage) as ranks:
+        return _update(a, params, ranks, ranks.device(device), dtype)
+
+
+def _update(a, params, ranks, device, dtype) -> int:
+    v, m = params.value, params.model
     torch.manual_seed(v.seed + (a.iteration or 0))
     if a.value in (None, "none", ""):
         # no block size from params: the update trains at the block size of the records
@@ -63,22 +76,28 @@ def main(argv: list[str] | None = None) -> int:
         vm = ValueModel.load(checkpoint_dir(a.value), dtype=dtype, device=device)
         state = trainer_state_dir(a.value)
         tok = load_tokenizer(checkpoint_dir(a.value))
-    trainer = Trainer(ValueScorer(vm), pick(TrainConfig, v), kind="value")
+    # params' grad_accum: micro-batches of the whole step, split across the ranks
+    trainer = Trainer(ValueScorer(vm), per_rank(pick(TrainConfig, v), ranks.world), kind="value")
     resumed = trainer.load(state) if state is not None else False
     scored = Path(a.scored)
     samples, keys, counts = read_scored(scored / "scored.parquet" if scored.is_dir() else scored)
     train = (a.iteration or 0) % v.train_every == 0
-    with stage_run("value", iteration=a.iteration) as tracker:  # per-step curves
-        trainer.step_hooks.append(step_logger(tracker))
+    with stage_run("value", rank_tracker(ranks), iteration=a.iteration) as tracker:
+        trainer.step_hooks.append(step_logger(tracker))  # per-step curves
         advs, rets, metrics = value_update(trainer, samples, pick(ValueConfig, v), train=train,
-                                           progress=True)
-    with stage_output(a.out, stage="value") as o:
-        vm.save(o.dir / "checkpoint", tok)
-        trainer.save(o.dir / "trainer_state")
-        write_token_advantages(o.dir / "advantages.parquet", keys, advs, rets)
+                                           progress=ranks.main)
+    with rank_output(a.out, stage="value", ranks=ranks) as o:
+        with trainer.gathered():  # ZeRO-3: full weights on every rank (collective)
+            if o.main:
+                vm.save(o.dir / "checkpoint", tok)
+        trainer.save(o.dir / "trainer_state")  # every rank: DeepSpeed saves its partition
+        if o.main:
+            write_token_advantages(o.dir / "advantages.parquet", keys, advs, rets)
         o.metrics.update(counts)
         o.metrics.update(metrics)
-        o.metrics.update(trained=float(train), resumed=float(resumed))
+        o.metrics.update(trained=float(train), resumed=float(resumed), ranks=float(ranks.world))
+    if not ranks.main:
+        return 0
     print(f"value: loss={metrics.get('value_loss', float('nan')):.4f} "
           f"explained_var={metrics.get('explained_var', float('nan')):.3f} trained={train}")
     return 0

@@ -222,13 +222,42 @@ class DataParams:
         return p
 
 
+def ranks_problems(section: str, ranks: int, zero_stage: int, grad_accum: int) -> list[str]:
+    """Problems of a training section's ``ranks`` (processes per node of its stage).
+
+    The global batch of an optimizer step never depends on the ranks: its ``grad_accum``
+    micro-batches are split across the ranks (``grad_accum / world`` each), so ``ranks``
+    must divide ``grad_accum``, and more than one rank needs DeepSpeed ZeRO.
+
+    Example:
+        >>> [m.split(":")[0] for m in ranks_problems("policy", 2, 0, 1)]
+        ['policy.ranks = 2 needs policy.zero_stage 2 or 3 (DeepSpeed ZeRO runs the update across ranks)', 'policy.grad_accum (1) must be a multiple of policy.ranks (2)']
+        >>> ranks_problems("policy", 2, 2, 4)
+        []
+    """
+    if ranks < 1:
+        return [f"{section}.ranks must be >= 1 (processes of the {section} stage per node)"]
+    p = []
+    if ranks > 1 and zero_stage not in (2, 3):
+        p.append(f"{section}.ranks = {ranks} needs {section}.zero_stage 2 or 3 (DeepSpeed "
+                 f"ZeRO runs the update across ranks): set {section}.zero_stage: 2, or "
+                 f"{section}.ranks: 1")
+    if grad_accum >= 1 and grad_accum % ranks:
+        want = -(-grad_accum // ranks) * ranks
+        p.append(f"{section}.grad_accum ({grad_accum}) must be a multiple of {section}.ranks "
+                 f"({ranks}): an optimizer step runs grad_accum micro-batches split across "
+                 f"the ranks, so the global batch is the same for any ranks: set "
+                 f"{section}.grad_accum: {want} (or a multiple), or {section}.ranks: 1")
+    return p
+
+
 @dataclass(frozen=True)
 class SFTParams:
     # semi_ar: block SFT (block models); trace: TraceRL rounds from step maps (or left to
     # right); random_masking: full-attention SFT (LLaDA/Dream)
     method: str = "semi_ar"  # tracerl.rl.SFT_ROW_BUILDERS
     steps: int = 2000  # optimizer steps
-    batch_size: int = 32  # examples per optimizer step (micro_batch x grad_accum x ranks)
+    batch_size: int = 32  # examples per optimizer step, whatever the ranks (split across them)
     grad_accum: int = 1
     lr: float = 2e-3
     warmup_steps: int = 50
@@ -245,6 +274,8 @@ class SFTParams:
     bf16: bool = False  # bf16 autocast over model.dtype float32 weights (tracerl.devices)
     gradient_checkpointing: bool = False
     zero_stage: int = 0  # 0 = off; 2/3 = DeepSpeed ZeRO (multi-process launch)
+    # processes per node (torchrun); they split each step's grad_accum micro-batches
+    ranks: int = 1
     seed: int = 0
     # save model, optimizer, schedule, RNG and data order every N steps (0 = never); a
     # killed SFT resumes there with the same result as an uninterrupted run
@@ -267,6 +298,7 @@ class SFTParams:
             p.append("sft.mask_times and sft.shrink must be >= 1")
         if self.zero_stage not in (0, 2, 3):
             p.append("sft.zero_stage must be 0 (off), 2 or 3")
+        p += ranks_problems("sft", self.ranks, self.zero_stage, self.grad_accum)
         return p
 
 
@@ -394,6 +426,8 @@ class PolicyParams:
     bf16: bool = False  # bf16 autocast over model.dtype float32 weights (tracerl.devices)
     gradient_checkpointing: bool = False
     zero_stage: int = 0  # 0 = off; 2/3 = DeepSpeed ZeRO (multi-process launch)
+    # processes per node (torchrun); they split each step's grad_accum micro-batches
+    ranks: int = 1
     seed: int = 0
 
     def problems(self) -> list[str]:
@@ -416,6 +450,7 @@ class PolicyParams:
             p.append("policy.micro_batch, grad_accum and epochs must be >= 1")
         if not 0.0 <= self.lower_p <= self.upper_p <= 1.0:
             p.append("policy.lower_p and upper_p must satisfy 0 <= lower_p <= upper_p <= 1")
+        p += ranks_problems("policy", self.ranks, self.zero_stage, self.grad_accum)
         return p
 
 
@@ -439,6 +474,8 @@ class ValueParams:
     bf16: bool = False  # bf16 autocast over model.dtype float32 weights (tracerl.devices)
     gradient_checkpointing: bool = False
     zero_stage: int = 0
+    # processes per node (torchrun); they split each step's grad_accum micro-batches
+    ranks: int = 1
     seed: int = 0
 
     def problems(self) -> list[str]:
@@ -453,6 +490,7 @@ class ValueParams:
             p.append("value.shrink must be >= 1 and value.clip > 0")
         if self.zero_stage not in (0, 2, 3):
             p.append("value.zero_stage must be 0 (off), 2 or 3")
+        p += ranks_problems("value", self.ranks, self.zero_stage, self.grad_accum)
         return p
 
 

@@ -96,10 +96,13 @@ def read_metrics(out_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 class StageOutput:
-    """Handle given to a stage body: ``.dir`` to write into, ``.metrics`` to fill."""
+    """Handle given to a stage body: ``.dir`` to write into, ``.metrics`` to fill.
+    ``.main``: this process writes the outputs (False on the other ranks of a multi-rank
+    stage, :func:`tracerl.pipeline.stage_cli.rank_output`)."""
 
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, main: bool = True):
         self.dir = tmp
+        self.main = main
         self.metrics: dict[str, Any] = {}
         self.info: dict[str, Any] = {}
 

@@ -35,19 +35,23 @@ class Resources:
         image: image kind of ``containers/`` (``tracerl-<image>:<tag>``).
         gpu: the stage computes on ``run.device`` and asks a container engine for GPUs
             when that device is CUDA; False: a CPU-only stage.
-        ranks: processes per stage run (multi-rank training; 1 = one process).
+        ranks: the params key (``"policy.ranks"``) that sets this stage's processes per
+            node: a stage that names one may run multi-rank (the runners launch it
+            through torchrun when the key's value is above 1, :mod:`tracerl.pipeline.launch`);
+            empty: always one process. Ranks stay in the stage's cache key: a 2-rank
+            update equals the 1-rank one to 1e-5, not bit for bit.
         shards: independent pieces a stage run may be split into (sharded rollout): a
             number, or the params key that holds it (``"rollout.shards"``).
         shard_retries: retries of a failed shard: a number, or the params key.
 
-    A params key named here says where and how a stage runs, never what it writes (the
+    A shards key named here says where and how a stage runs, never what it writes (the
     merged shards equal the unsharded output): :func:`placement_keys` leaves it out of
     every cache key and of DVC's params.
     """
 
     image: str = "cpu"
     gpu: bool = False
-    ranks: int = 1
+    ranks: str = ""
     shards: int | str = 1
     shard_retries: int | str = 0
 
@@ -102,6 +106,12 @@ ROLLOUT = Resources(image="rollout-gpu", gpu=True)
 SHARDED_ROLLOUT = Resources(image="rollout-gpu", gpu=True, shards="rollout.shards",
                             shard_retries="rollout.shard_retries")
 
+
+def train(section: str) -> Resources:
+    """A training stage's resources: the train image, GPUs, ranks from ``<section>.ranks``."""
+    return Resources(image=TRAIN.image, gpu=TRAIN.gpu, ranks=f"{section}.ranks")
+
+
 STAGES: Registry[StageSpec] = Registry("stage")
 
 
@@ -129,7 +139,7 @@ declare(StageSpec(
     outputs=("checkpoint/*", "trainer_state/*"),
     metrics=("loss", "nll", "lr", "grad_norm", "tokens_per_s"),
     checkpoints=("checkpoint",),
-    resources=TRAIN,
+    resources=train("sft"),
 ))
 declare(StageSpec(
     "rollout", "k responses per task with their decoding trajectories",
@@ -160,7 +170,7 @@ declare(StageSpec(
     metrics=("value_loss", "value_mean", "explained_var", "grad_norm", "lr"),
     checkpoints=("checkpoint",),
     loop="iteration",
-    resources=TRAIN,
+    resources=train("value"),
 ))
 declare(StageSpec(
     "policy", "one TraceRL update of the policy",
@@ -170,7 +180,7 @@ declare(StageSpec(
     metrics=("loss", "kl", "clip_fraction", "ratio_max", "entropy", "grad_norm", "lr"),
     checkpoints=("checkpoint",),
     loop="iteration",
-    resources=TRAIN,
+    resources=train("policy"),
 ))
 declare(StageSpec(
     "curriculum", "pool and schedule (difficulty, block size, token budget) of the next iteration",
@@ -276,7 +286,10 @@ def problems() -> list[str]:
         for r in spec.checks:
             if "." not in r:
                 out.append(f"stage {name}: check {r!r} must name one key (section.key)")
-        for r in (*spec.reads, *spec.checks):
+        if spec.resources.ranks and spec.resources.ranks not in spec.reads and \
+                spec.resources.ranks.split(".")[0] not in spec.reads:
+            out.append(f"stage {name}: its ranks key {spec.resources.ranks!r} is not in its reads")
+        for r in (*spec.reads, *spec.checks, *filter(None, [spec.resources.ranks])):
             sec, _, key = r.partition(".")
             if sec not in sections:
                 out.append(f"stage {name}: reads unknown params section {sec!r}")

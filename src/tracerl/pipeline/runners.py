@@ -17,6 +17,10 @@ tracking environment (``TRACERL_PARENT_RUN_ID``, ``TRACERL_RUN_ID``,
   (``podman system service``, the Docker API on a socket: ``DOCKER_HOST``) both drive it;
   ``scripts/containers.sh`` sets podman and the images up, docs/containers.md has the
   details.
+
+A call of a stage that runs multi-rank (its registry ranks key above 1 in the params
+file, :mod:`tracerl.pipeline.launch`) starts through torchrun in the subprocess and
+container runners; the in-process runner hands such a call to a subprocess runner.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
+from tracerl.pipeline.launch import call_ranks, stage_command
 from tracerl.pipeline.layout import StageCall
 from tracerl.pipeline.registry import STAGES, stage_module
 from tracerl.tracking import TRACKING_URI_ENV
@@ -123,6 +128,9 @@ class InProcessRunner:
         self.package = package
 
     def run(self, call: StageCall, params_path: Path, env: Mapping[str, str]) -> None:
+        if call_ranks(call.stage, params_path) > 1:  # ranks are processes: torchrun
+            SubprocessRunner(self.package).run(call, params_path, env)
+            return
         module = importlib.import_module(stage_module(call.stage, self.package))
         main = getattr(module, "main", None)
         if main is None:
@@ -156,8 +164,12 @@ class SubprocessRunner:
         self.cwd = Path(cwd or Path.cwd())
         self.python = python or sys.executable
 
-    def command(self, call: StageCall, params_path: Path) -> list[str]:
-        return [self.python, "-m", stage_module(call.stage, self.package), *call.argv(params_path)]
+    def command(self, call: StageCall, params_path: Path,
+                env: Mapping[str, str] | None = None) -> list[str]:
+        """``python -m <package>.<stage> <argv>``, through torchrun for a multi-rank call
+        (rendezvous from ``env``, default this process's environment)."""
+        return stage_command(self.python, stage_module(call.stage, self.package),
+                             call.argv(params_path), call_ranks(call.stage, params_path), env)
 
     def run(self, call: StageCall, params_path: Path, env: Mapping[str, str]) -> None:
         full_env = {**os.environ, **{k: str(v) for k, v in env.items()}}
@@ -166,7 +178,8 @@ class SubprocessRunner:
             [str(self.cwd), *filter(None, [os.environ.get("PYTHONPATH")])]
         )
         # stderr passes through this process (kept: the last lines go into the error)
-        proc = subprocess.Popen(self.command(call, params_path), cwd=self.cwd, env=full_env,
+        proc = subprocess.Popen(self.command(call, params_path, full_env), cwd=self.cwd,
+                                env=full_env,
                                 stderr=subprocess.PIPE)
         tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         assert proc.stderr is not None
@@ -276,8 +289,10 @@ class ContainerRunner:
         from docker.types import DeviceRequest
 
         params_in = str(WORKDIR / "params.yaml")
-        command = ["python", "-m", STAGES.get(call.stage).module,
-                   *call.argv(params_path, path_map=self.container_path)]
+        # multi-rank: torchrun inside the container, rendezvous from the host's scheduler env
+        command = stage_command("python", STAGES.get(call.stage).module,
+                                call.argv(params_path, path_map=self.container_path),
+                                call_ranks(call.stage, params_path), os.environ)
         # argv's --params must point at the read-only mount
         command[command.index("--params") + 1] = params_in
         track_env, track_vols, host_net = self._tracking(env)

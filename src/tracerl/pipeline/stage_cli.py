@@ -18,6 +18,12 @@ in-process runner calls directly. A stage
    already logs the final ``metrics.json``, so this is optional),
 6. returns non-zero (or raises) on failure.
 
+A training stage may run as several ranks (torchrun, :mod:`tracerl.pipeline.launch`): it
+joins the group with :func:`tracerl.distributed.stage_ranks`, every rank loads the data
+and computes its share, and only rank 0 writes: :func:`rank_output` in place of
+``stage_output`` (the other ranks see the same folder for collective checkpoint saves)
+and :func:`rank_tracker` for ``stage_run``.
+
 Hyperparameters never travel as flags: ``params.yaml`` is their one source. ``--input``
 may repeat a name (e.g. the reward folders of a curriculum window); inputs a stage does
 not receive are absent (e.g. no ``curriculum`` input at iteration 0).
@@ -32,6 +38,8 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,3 +196,38 @@ def load_stage_params(path: str | Path, stage: str) -> StageParams:
     from tracerl.config import load_params
 
     return StageParams(stage, load_params(path))
+
+
+# ---------------------------------------------------------------------- ranks
+@contextlib.contextmanager
+def rank_output(out_dir: str | Path, *, stage: str, ranks: Any) -> Iterator[Any]:
+    """``stage_output`` for a stage run by ``ranks`` (:class:`tracerl.distributed.Ranks`).
+
+    Rank 0 owns the temp folder: it renames it into place and writes metrics and the
+    manifest once every rank has left the block. The other ranks get a handle on the same
+    folder (``.main`` False) for collective saves (a DeepSpeed checkpoint: each rank
+    writes its partition) and write nothing else. On one rank: ``stage_output`` itself.
+    """
+    from tracerl.pipeline.artifacts import StageOutput, stage_output
+
+    if ranks.world == 1:
+        with stage_output(out_dir, stage=stage) as o:
+            yield o
+        return
+    if ranks.main:
+        with stage_output(out_dir, stage=stage) as o:
+            ranks.broadcast(str(o.dir))
+            yield o
+            ranks.barrier()  # every rank's files are in the folder before it is hashed
+    else:
+        o = StageOutput(Path(ranks.broadcast(None)), main=False)
+        yield o
+        ranks.barrier()
+
+
+def rank_tracker(ranks: Any):
+    """The tracker argument of ``tracerl.tracking.stage_run``: None (the configured one)
+    on rank 0, a tracker that records nothing on the other ranks."""
+    from tracerl.tracking import NullTracker
+
+    return None if ranks.main else NullTracker()

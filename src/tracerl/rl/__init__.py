@@ -58,7 +58,7 @@ from tracerl.rl.rows import (
 )
 from tracerl.rl.scoring import TokenScorer, ValueScorer
 from tracerl.rl.sft import SFTCheckpoints, SFTProgress, sft_rows, sft_train
-from tracerl.rl.trainer import TrainConfig, Trainer, lr_factor
+from tracerl.rl.trainer import TrainConfig, Trainer, lr_factor, per_rank
 from tracerl.rl.value import value_update
 
 __all__ = [
@@ -66,7 +66,7 @@ __all__ = [
     "TokenScorer", "TraceSample", "TrainConfig", "Trainer", "TrajectoryError", "ValueConfig",
     "ValueScorer", "block_row", "build_masked_rows", "build_trace_rows", "check_sample",
     "checkpoint_dir", "collate", "evaluate_policy_loss", "explained_variance", "full_row",
-    "kl_penalty", "lr_factor", "outcome_token_rewards", "packed_visibility", "pick",
+    "kl_penalty", "lr_factor", "per_rank", "outcome_token_rewards", "packed_visibility", "pick",
     "policy_loss_factory", "policy_update", "prepare_policy_rows", "read_scored",
     "read_sft_samples", "read_token_advantages", "records_block_size", "rounds_from_ranks",
     "rounds_loop", "run_steps", "sample_from_trajectory", "samples_from_frame", "sft_loss",

@@ -80,18 +80,38 @@ def progress_bar(items, enabled: bool, desc: str, total: int | None = None):
 def score_rows(trainer: Trainer, rows: Sequence[Row], pad_id: int, micro_batch: int,
                progress: bool = False) -> list:
     """No-grad module outputs per row: a tensor ``[M_r]`` (or a tuple of them) per row, on the
-    host (rows live there; one copy per scored micro-batch)."""
-    out: list = []
+    host (rows live there; one copy per scored micro-batch).
+
+    Across ranks each scores its share of the micro-batches (``i % world == rank``), the
+    same micro-batches one process would score (so the same numbers), and every rank
+    receives all results. Ranks stay in lockstep (a rank without a micro-batch in a round
+    scores a spare one and drops it), since a ZeRO-3 forward is a collective.
+    """
     chunks = [rows[i:i + micro_batch] for i in range(0, len(rows), micro_batch)]
-    for chunk in progress_bar(chunks, progress, "score"):
+    world, rank = trainer.world_size, trainer.rank
+
+    def run(chunk) -> list:
         res = trainer.score([collate(chunk, pad_id, trainer.device)])[0]
         sizes = [r.num_targets for r in chunk]
         if isinstance(res, tuple):
             split = [t.to(HOST).split(sizes) for t in res]
-            out.extend(tuple(s[i] for s in split) for i in range(len(chunk)))
-        else:
-            out.extend(res.to(HOST).split(sizes))
-    return out
+            return [tuple(s[i] for s in split) for i in range(len(chunk))]
+        return list(res.to(HOST).split(sizes))
+
+    if world == 1:
+        return [o for chunk in progress_bar(chunks, progress, "score") for o in run(chunk)]
+    import torch.distributed as dist
+
+    mine = {}
+    for k in progress_bar(range(0, len(chunks), world), progress, "score"):
+        i = k + rank
+        out = run(chunks[i] if i < len(chunks) else chunks[0])
+        if i < len(chunks):
+            mine[i] = out
+    every: list = [None] * world
+    dist.all_gather_object(every, mine)
+    merged = {i: out for part in every for i, out in part.items()}
+    return [o for i in range(len(chunks)) for o in merged[i]]
 
 
 def run_steps(trainer: Trainer, steps: Iterable[list[Row]], make_loss: LossFactory, pad_id: int,

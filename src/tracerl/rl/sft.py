@@ -132,15 +132,25 @@ class SFTCheckpoints:
         self.folder, self.fingerprint = Path(folder), fingerprint
 
     def save(self, trainer: Trainer, progress: SFTProgress) -> None:
+        """Write a checkpoint. Under DeepSpeed every rank calls this (each saves its
+        partition of the optimizer); rank 0 writes the rest, ``latest.json`` last."""
         import json
         import os
         import shutil
 
+        main = trainer.rank == 0
         step = self.folder / f"step_{progress.done}"
-        shutil.rmtree(step, ignore_errors=True)
-        step.mkdir(parents=True)
-        torch.save(trainer.module.state_dict(), step / "module.pt")
+        if main:
+            shutil.rmtree(step, ignore_errors=True)
+            step.mkdir(parents=True)
+        trainer.barrier()
+        with trainer.gathered():  # ZeRO-3: the full weights (collective)
+            if main:
+                torch.save(trainer.module.state_dict(), step / "module.pt")
         trainer.save(step / "trainer_state")
+        trainer.barrier()  # every rank's part is on disk before latest.json names it
+        if not main:
+            return
         (step / "progress.json").write_text(json.dumps(progress.__dict__))
         tmp = self.folder / ".latest.json.tmp"
         tmp.write_text(json.dumps({"step": progress.done, "fingerprint": self.fingerprint}))
@@ -161,11 +171,14 @@ class SFTCheckpoints:
         step = self.folder / f"step_{rec.get('step')}"
         if rec.get("fingerprint") != self.fingerprint or not (step / "progress.json").is_file():
             return None
-        trainer.module.load_state_dict(torch.load(step / "module.pt", map_location="cpu"))
+        if trainer.engine is None:  # DeepSpeed restores the module with its own state
+            trainer.module.load_state_dict(torch.load(step / "module.pt", map_location="cpu"))
         trainer.load(step / "trainer_state")
         return SFTProgress(**json.loads((step / "progress.json").read_text()))
 
-    def clear(self) -> None:
+    def clear(self, trainer: Trainer | None = None) -> None:
+        """Remove the checkpoints (rank 0 of ``trainer``'s group only)."""
         import shutil
 
-        shutil.rmtree(self.folder, ignore_errors=True)
+        if trainer is None or trainer.rank == 0:
+            shutil.rmtree(self.folder, ignore_errors=True)

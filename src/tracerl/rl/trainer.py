@@ -103,6 +103,22 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def per_rank(cfg: TrainConfig, world: int) -> TrainConfig:
+    """``cfg`` for one of ``world`` ranks when ``cfg.grad_accum`` counts the micro-batches
+    of a whole optimizer step (params' meaning): each rank runs ``grad_accum / world`` of
+    them, so the global batch (``micro_batch * grad_accum`` rows) is the same for any
+    number of ranks.
+
+    Example:
+        >>> per_rank(TrainConfig(micro_batch=4, grad_accum=4), 2).grad_accum
+        2
+    """
+    if world < 1 or cfg.grad_accum % world:
+        raise ValueError(f"grad_accum {cfg.grad_accum} cannot be split across {world} ranks: "
+                         f"make grad_accum a multiple of the world size")
+    return dataclasses.replace(cfg, grad_accum=cfg.grad_accum // world)
+
+
 def _dist():
     import torch.distributed as dist
 
@@ -194,6 +210,23 @@ class Trainer:
             model=self.module, optimizer=self.optimizer, lr_scheduler=self.scheduler,
             config=ds_config)
 
+    def barrier(self) -> None:
+        """Wait for every rank of the process group (no-op on one process)."""
+        d = _dist()
+        if d is not None and self.world_size > 1:
+            d.barrier()
+
+    def gathered(self):
+        """Context in which every rank holds the full parameters: under ZeRO-3 a
+        collective gather (every rank must enter it), else nothing to do."""
+        import contextlib
+
+        if self.engine is None or self.cfg.zero_stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.module.parameters()))
+
     # ------------------------------------------------------------------ forward
     def _autocast(self):
         on = self.cfg.bf16 and self.engine is None
@@ -239,6 +272,8 @@ class Trainer:
         self.module.train()
         parts = []
         skipped_before = self.engine.skipped_steps if self.engine is not None else 0
+        # the LR this step applies (DeepSpeed steps its schedule inside engine.step())
+        lr = self.scheduler.get_last_lr()[0]
         for mb in micro_batches:
             out = self.forward(mb)
             loss, m = loss_fn(out, mb)
@@ -249,9 +284,8 @@ class Trainer:
                 self.engine.step()
             else:
                 loss.backward()
-            self.counters["micro_steps"] += 1
+            self.counters["micro_steps"] += self.world_size  # of all ranks: same for any split
         metrics = self._reduce(parts)
-        lr = self.scheduler.get_last_lr()[0]
         if self.engine is not None:
             gn = self.engine.get_global_grad_norm()
             grad_norm = float(gn) if gn is not None else float("nan")
@@ -392,9 +426,17 @@ class Trainer:
             log.info("not resuming %s trainer from a %s state in %s", self.kind,
                      state.get("kind"), in_dir)
             return False
+        ds_dir = Path(in_dir) / "deepspeed"
+        if (self.engine is not None) != ("optimizer" not in state):
+            saved = "DeepSpeed ZeRO" if "optimizer" not in state else "one plain process"
+            raise ValueError(
+                f"trainer state in {in_dir} was saved by {saved} training; this trainer "
+                f"runs {'DeepSpeed ZeRO' if self.engine is not None else 'plain torch'}: "
+                f"optimizer states do not carry over between the two (keep zero_stage and "
+                f"ranks for the whole run, or start from a checkpoint without its state)")
         try:
             if self.engine is not None:
-                self.engine.load_checkpoint(str(Path(in_dir) / "deepspeed"), tag="state",
+                self.engine.load_checkpoint(str(ds_dir), tag="state",
                                             load_module_strict=False,
                                             load_lr_scheduler_states=False)
             else:
