@@ -8,7 +8,10 @@
 comes from the scored records (what the rollout decoded with), not from params. Resumes the
 optimizer, LR schedule, counters and RNG saved next to the input policy (when they are a
 policy trainer's), and writes ``checkpoint/`` (the updated policy), ``trainer_state/`` and
-the update's metrics.
+the update's metrics. With ``policy.lora.rank > 0`` the update trains fresh LoRA adapters
+on the input policy, writes the merged policy to ``checkpoint/`` and this update's adapter
+to ``adapter/``; the optimizer's moments are not carried over (the previous adapters are
+merged), the schedule, counters and RNG are.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from tracerl.models import load_model, save_model
+from tracerl.models import load_model
+from tracerl.models.lora import apply_lora, parameter_report, save_trained
 from tracerl.pipeline.artifacts import stage_output
 from tracerl.pipeline.resolve import device_and_dtype
 from tracerl.pipeline.stage_cli import bind_inputs, load_stage_params, stage_argparser
@@ -55,8 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(p.seed + (a.iteration or 0))
     # no block size from params: the update trains at the block size of the records
     model, tok = load_model(checkpoint_dir(a.policy), family=m.family, dtype=dtype, device=device)
+    lora = p.lora.spec()
+    if lora.enabled:  # fresh adapters (B = 0) on the input policy's merged weights
+        apply_lora(model, lora, "policy.lora")
     trainer = Trainer(TokenScorer(model), pick(TrainConfig, p), kind="policy")
-    resumed = trainer.load(trainer_state_dir(a.policy))
+    # with LoRA the saved moments belong to the previous (merged) adapters: not restored
+    resumed = trainer.load(trainer_state_dir(a.policy), restore_optimizer=not lora.enabled)
     adv = None
     if p.use_value:
         if a.value_advantages is None:
@@ -76,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         metrics = policy_update(trainer, samples, pick(PolicyConfig, p), ref_model=ref,
                                 progress=True)
     with stage_output(a.out, stage="policy") as o:
-        save_model(model, tok, o.dir / "checkpoint")
+        o.metrics.update(parameter_report(trainer.module, trainer.optimizer))
+        save_trained(model, tok, o.dir, lora)  # merged weights (+ adapter/ with LoRA)
         trainer.save(o.dir / "trainer_state")
         o.metrics.update(counts)
         o.metrics.update(metrics)

@@ -8,7 +8,8 @@ The initial model is the embedded default built from ``model.*`` sizes (seeded b
 SFT data: a parquet (or a folder holding ``sft.parquet``) with ``prompt_ids`` +
 ``response_ids`` (response ending with EOS; optional ``decode_steps`` for trace SFT), or
 text ``prompt`` + ``response``/``reference_solution``. Writes ``checkpoint/``,
-``trainer_state/`` and metrics.
+``trainer_state/`` and metrics; with ``sft.lora.rank > 0`` only LoRA adapters train,
+``checkpoint/`` holds the merged weights and ``adapter/`` the adapter (peft's layout).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from tracerl.models import save_model
+from tracerl.limits import is_hub_id
+from tracerl.models.lora import apply_lora, parameter_report, save_trained
 from tracerl.pipeline.artifacts import sha256_file, stage_output
 from tracerl.pipeline.layout import fingerprint
 from tracerl.pipeline.resolve import policy_from_params
@@ -52,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     s, m = params.sft, params.model
     torch.manual_seed(s.seed)
     model, tok = policy_from_params(m.init, params, cached=False)  # trained: not the cache
+    lora = s.lora.spec()
+    if lora.enabled:  # only the adapters train (and hold optimizer state)
+        apply_lora(model, lora, "sft.lora")
     samples = read_sft_samples(a.data, tok, eos_id=model.tokens.eos_id, pad_id=model.tokens.pad_id,
                                block_size=model.block_size)
     cfg = pick(TrainConfig, s, micro_batch=s.batch_size // s.grad_accum, total_steps=max(s.steps, 1))
@@ -69,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
                             resume=resume, checkpoint_every=s.checkpoint_every,
                             on_checkpoint=lambda state: ckpts.save(trainer, state))
     with stage_output(a.out, stage="sft") as o:
-        save_model(model, tok, o.dir / "checkpoint")
+        o.metrics.update(parameter_report(trainer.module, trainer.optimizer))
+        # merged weights in checkpoint/ (+ adapter/ with LoRA)
+        save_trained(model, tok, o.dir, lora, base_model=m.init if is_hub_id(m.init) else None)
         trainer.save(o.dir / "trainer_state")
         o.metrics.update(metrics)
         o.metrics["examples"] = float(len(samples))

@@ -215,6 +215,43 @@ class DataParams:
 
 
 @dataclass(frozen=True)
+class LoraParams:
+    """LoRA adapters of a training stage (``sft.lora``, ``policy.lora``; tracerl.models.lora).
+
+    rank 0 = off (full fine-tuning). Only the adapters train (optimizer state only for
+    them); the stage writes merged weights (what rollout/evaluate load) plus ``adapter/``.
+    """
+
+    rank: int = 0
+    alpha: float = 16.0  # the update is (alpha / rank) * B @ A
+    dropout: float = 0.0
+    # leaf names of the backbone's linear layers (checked against the model at load)
+    target_modules: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+    def spec(self):
+        """The library's :class:`tracerl.models.lora.LoraSpec`."""
+        from tracerl.models.lora import LoraSpec
+
+        return LoraSpec(rank=self.rank, alpha=self.alpha, dropout=self.dropout,
+                        target_modules=tuple(self.target_modules))
+
+    def stage_problems(self, where: str, zero_stage: int) -> list[str]:
+        from tracerl.models.lora import spec_problems
+
+        p = spec_problems(self.spec(), where)
+        if self.rank > 0 and zero_stage == 3:
+            section = where.split(".")[0]
+            p.append(f"{where}.rank > 0 with {section}.zero_stage 3 is not supported (ZeRO-3 "
+                     "partitions the base weights the adapters are merged into): use "
+                     f"{section}.zero_stage 0 or 2, or {where}.rank: 0")
+        return p
+
+    def problems(self) -> list[str]:
+        return []  # checked by the stage section that holds it (stage_problems)
+
+
+@dataclass(frozen=True)
 class SFTParams:
     # semi_ar: block SFT (block models); trace: TraceRL rounds from step maps (or left to
     # right); random_masking: full-attention SFT (LLaDA/Dream)
@@ -241,9 +278,11 @@ class SFTParams:
     # save model, optimizer, schedule, RNG and data order every N steps (0 = never); a
     # killed SFT resumes there with the same result as an uninterrupted run
     checkpoint_every: int = 200
+    lora: LoraParams = field(default_factory=LoraParams)  # rank 0 = full fine-tuning
 
     def problems(self) -> list[str]:
         p = registry_problems("tracerl.rl.builders", "SFT_ROW_BUILDERS", self.method, "sft.method")
+        p += self.lora.stage_problems("sft.lora", self.zero_stage)
         if self.checkpoint_every < 0:
             p.append("sft.checkpoint_every must be >= 0 (0 = no mid-run checkpoints)")
         if not 0.0 <= self.lower_p <= self.upper_p <= 1.0:
@@ -370,9 +409,11 @@ class PolicyParams:
     gradient_checkpointing: bool = False
     zero_stage: int = 0  # 0 = off; 2/3 = DeepSpeed ZeRO (multi-process launch)
     seed: int = 0
+    lora: LoraParams = field(default_factory=LoraParams)  # rank 0 = full fine-tuning
 
     def problems(self) -> list[str]:
         p = registry_problems("tracerl.rl.builders", "ROW_BUILDERS", self.method, "policy.method")
+        p += self.lora.stage_problems("policy.lora", self.zero_stage)
         if self.lr <= 0:
             p.append("policy.lr must be > 0")
         if self.schedule == "cosine" and self.total_steps < 1:

@@ -375,11 +375,15 @@ class Trainer:
             torch.save(state, out / STATE_FILE)
         return out / STATE_FILE
 
-    def load(self, in_dir: str | Path, *, strict_kind: bool = True) -> bool:
+    def load(self, in_dir: str | Path, *, strict_kind: bool = True,
+             restore_optimizer: bool = True) -> bool:
         """Restore a state saved by :meth:`save`; returns False when ``in_dir`` has none.
 
         The LR of the current config wins over the saved one (the schedule position,
-        moments and counters are restored).
+        moments and counters are restored). ``restore_optimizer=False`` keeps this
+        trainer's fresh optimizer (moments, master weights) and restores the rest: for
+        parameters that are new though the run goes on (fresh LoRA adapters of an update
+        whose previous adapters were merged into the weights).
 
         Raises:
             ValueError: the state belongs to another kind of trainer, or does not fit.
@@ -393,7 +397,9 @@ class Trainer:
                      state.get("kind"), in_dir)
             return False
         try:
-            if self.engine is not None:
+            if not restore_optimizer:
+                pass
+            elif self.engine is not None:
                 self.engine.load_checkpoint(str(Path(in_dir) / "deepspeed"), tag="state",
                                             load_module_strict=False,
                                             load_lr_scheduler_states=False)
