@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     gen = torch.Generator().manual_seed(seed * 1_000_003 + it)
     t0 = time.perf_counter()
     with tqdm(total=len(prompts), desc=f"rollout[{it}]", unit="seq") as bar:
-        trajs = generate(model, prompts, cfg, gen, progress=bar.update)
+        trajs = generate(model, prompts, cfg, gen, progress=bar.update, compile=r.compile)
     seconds = time.perf_counter() - t0
 
     # 4. Write rollouts.parquet and metrics.

@@ -314,6 +314,9 @@ class RolloutParams:
     top_k: int = 0
     top_p: float = 1.0
     batch_size: int = 64  # sequences decoded together
+    # torch.compile the denoising forward (same trajectories; pays compile time once per
+    # process: bench/bench_compile.py, docs/benchmarks.md)
+    compile: bool = False
 
     def problems(self) -> list[str]:
         p = registry_problems("tracerl.sampling.strategies", "STRATEGIES", self.strategy,

@@ -228,6 +228,7 @@ def generate(
     generator: torch.Generator | None = None,
     *,
     progress: Callable[[int], None] | None = None,
+    compile: bool = False,
 ) -> list[Trajectory]:
     """Sample one response per prompt with its decoding trace.
 
@@ -242,6 +243,8 @@ def generate(
         generator: the caller's random source (None: a fresh ``torch.Generator()``,
             whose default seed is fixed).
         progress: called with the number of sequences finished after each batch.
+        compile: run the model's forwards through ``torch.compile``
+            (:func:`compiled_forward`); the same trajectories up to float reassociation.
 
     Returns:
         One :class:`Trajectory` per prompt, in order.
@@ -269,7 +272,8 @@ def generate(
     out: list[Trajectory | None] = [None] * len(prompts)
     for start in range(0, len(order), cfg.batch_size):
         chunk = order[start:start + cfg.batch_size]
-        trajs = decode_batch(model, [prompts[i] for i in chunk], [seeds[i] for i in chunk], cfg)
+        trajs = decode_batch(model, [prompts[i] for i in chunk], [seeds[i] for i in chunk], cfg,
+                             compile=compile)
         for i, t in zip(chunk, trajs):
             out[i] = t
         if progress is not None:
@@ -277,13 +281,36 @@ def generate(
     return out  # type: ignore[return-value]
 
 
+def compiled_forward(model) -> Callable:
+    """``torch.compile`` of ``model``'s forward (inductor, dynamic shapes), made once per
+    model and kept on it. Tensor arguments are passed contiguous: the sampler hands over
+    column slices of its canvas, whose strides would otherwise be guarded on and recompile
+    the graph at every block. Graphs are still specialised on the Python values of a call
+    (``keep``, ``return_logits``), so a decode compiles a few graphs: prefill, denoise,
+    denoise-with-commit (``bench/bench_compile.py`` counts them). Weights are graph
+    inputs, not constants: training the model in place needs no recompilation."""
+    fn = model.__dict__.get("_tracerl_compiled")
+    if fn is None:
+        graph = torch.compile(model, dynamic=True)
+
+        def fn(*args, **kwargs):
+            args = tuple(a.contiguous() if torch.is_tensor(a) else a for a in args)
+            kwargs = {k: v.contiguous() if torch.is_tensor(v) else v for k, v in kwargs.items()}
+            return graph(*args, **kwargs)
+
+        model.__dict__["_tracerl_compiled"] = fn
+    return fn
+
+
 @torch.inference_mode()
 def decode_batch(model, prompts: list[list[int]], seeds: list[int],
-                 cfg: SamplingConfig) -> list[Trajectory]:
+                 cfg: SamplingConfig, *, compile: bool = False) -> list[Trajectory]:
     """Decode one batch (prompts already checked); sequence ``i`` samples from ``seeds[i]``.
 
-    The whole sampler, step by step (reference 2.3-2.6).
+    The whole sampler, step by step (reference 2.3-2.6). ``compile``: the forwards run
+    through :func:`compiled_forward`.
     """
+    run = compiled_forward(model) if compile else model
     dev = model.device
     tokens = model.tokens
     b, T, M = cfg.block_size, cfg.steps_per_block, cfg.max_tokens
@@ -325,8 +352,8 @@ def decode_batch(model, prompts: list[list[int]], seeds: list[int],
         cache = BlockKVCache.for_model(model.config, B, W, model.compute_dtype(), dev)
         if C:
             vis = _visibility(blk, valid, q=(0, C), keys=C, noisy_from=None)
-            model(ids[:, :C], visible=vis, position_ids=pos[:, :C], cache=cache.begin(True),
-                  return_logits=False)
+            run(ids[:, :C], visible=vis, position_ids=pos[:, :C], cache=cache.begin(True),
+                return_logits=False)
             cache.end()
             nfwd += torch.tensor([a > 0 for a in A], device=dev)
 
@@ -342,7 +369,7 @@ def decode_batch(model, prompts: list[list[int]], seeds: list[int],
             if act.numel() == 0:
                 break
             commit = cached and s == 0 and j > 0
-            logits = _denoise_logits(model, ids, pos, blk, valid, s0, s1, act, cache, full,
+            logits = _denoise_logits(run, ids, pos, blk, valid, s0, s1, act, cache, full,
                                      commit)
             probs = process_logits(logits, tokens.mask_id, cfg.temperature, cfg.top_k,
                                    cfg.top_p)  # [R, b, V]
