@@ -9,7 +9,9 @@ Without a value checkpoint the value model starts
 from the policy's backbone with a zero head (spec 6.1). Advantages use the pre-update
 values (spec 6.5); the value model trains every ``value.train_every`` iterations. Writes
 ``checkpoint/`` (value model), ``trainer_state/``, ``advantages.parquet`` (per-token
-advantages and returns for the policy stage) and metrics.
+advantages and returns for the policy stage) and metrics. With ``value.lora.rank > 0``
+fresh LoRA adapters train on the backbone (the head in full), are merged into
+``checkpoint/`` and written alone to ``adapter/``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 
 from tracerl.models import ValueModel, load_model, load_tokenizer
+from tracerl.models.lora import apply_lora, has_lora, merge_lora, parameter_report, save_adapter
 from tracerl.pipeline.artifacts import stage_output
 from tracerl.pipeline.resolve import device_and_dtype
 from tracerl.pipeline.stage_cli import bind_inputs, load_stage_params, stage_argparser
@@ -63,8 +66,13 @@ def main(argv: list[str] | None = None) -> int:
         vm = ValueModel.load(checkpoint_dir(a.value), dtype=dtype, device=device)
         state = trainer_state_dir(a.value)
         tok = load_tokenizer(checkpoint_dir(a.value))
+    lora = v.lora.spec()
+    if lora.enabled:  # fresh adapters on the backbone; the head stays fully trainable
+        apply_lora(vm.lm, lora, "value.lora")
     trainer = Trainer(ValueScorer(vm), pick(TrainConfig, v), kind="value")
-    resumed = trainer.load(state) if state is not None else False
+    # with LoRA the saved moments belong to the previous (merged) adapters: not restored
+    resumed = (trainer.load(state, restore_optimizer=not lora.enabled) if state is not None
+               else False)
     scored = Path(a.scored)
     samples, keys, counts = read_scored(scored / "scored.parquet" if scored.is_dir() else scored)
     train = (a.iteration or 0) % v.train_every == 0
@@ -73,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         advs, rets, metrics = value_update(trainer, samples, pick(ValueConfig, v), train=train,
                                            progress=True)
     with stage_output(a.out, stage="value") as o:
+        o.metrics.update(parameter_report(trainer.module, trainer.optimizer))
+        if has_lora(vm.lm):  # the adapter alone, then the merged backbone in checkpoint/
+            save_adapter(vm.lm, o.dir / "adapter", lora)
+            merge_lora(vm.lm)
         vm.save(o.dir / "checkpoint", tok)
         trainer.save(o.dir / "trainer_state")
         write_token_advantages(o.dir / "advantages.parquet", keys, advs, rets)

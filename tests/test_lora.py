@@ -174,3 +174,36 @@ def test_policy_update_with_lora_changes_the_merged_weights(tmp_path):
     assert p1["resumed"] == 1.0
     assert p1["trainer/optimizer_steps"] == 2 * pm["trainer/optimizer_steps"]
     assert p1["optimizer/state_bytes"] == pm["optimizer/state_bytes"]
+
+
+def test_value_stage_with_lora_trains_adapters_and_head(tmp_path):
+    from stages import sft as sft_stage
+    from stages import value as value_stage
+
+    from tracerl.models import ValueModel
+
+    # the head starts at zero, so the first step trains it alone (no gradient reaches the
+    # backbone through a zero head): three epochs, so the adapters train too
+    params = _params(tmp_path, sft={"steps": 1}, value={"lora": {"rank": 2, "alpha": 4.0},
+                                                        "lr": 1e-2, "epochs": 3})
+    assert sft_stage.main(["--params", str(params), "--input", f"data={_sft_data(tmp_path)}",
+                           "--out", str(tmp_path / "sft")]) == 0
+    scored = _scored(tmp_path, tmp_path / "sft" / "checkpoint")
+    assert value_stage.main(["--params", str(params), "--value", "none", "--policy",
+                             str(tmp_path / "sft"), "--scored", str(scored),
+                             "--out", str(tmp_path / "v0")]) == 0
+    vm = read_metrics(tmp_path / "v0")
+    assert vm["trained"] == 1.0
+    assert vm["params/trainable"] == 2 * LORA_PER_RANK + TINY["hidden_size"]  # + the head
+    assert (tmp_path / "v0" / "adapter" / "adapter_config.json").is_file()
+    v = ValueModel.load(tmp_path / "v0" / "checkpoint")
+    sft_w = load_model(tmp_path / "sft" / "checkpoint")[0].state_dict()
+    changed = {n for n, p in v.lm.state_dict().items() if not torch.equal(p, sft_w[n])}
+    assert changed and all(n.rsplit(".", 2)[-2] in DEFAULT_TARGETS for n in changed)
+    assert v.head.weight.abs().sum() > 0
+    # the next iteration resumes the value trainer (schedule, counters), fresh adapters
+    assert value_stage.main(["--params", str(params), "--input", f"value={tmp_path / 'v0'}",
+                             "--input", f"policy={tmp_path / 'sft'}", "--input",
+                             f"scored={scored}", "--out", str(tmp_path / "v1"),
+                             "--iteration", "1"]) == 0
+    assert read_metrics(tmp_path / "v1")["resumed"] == 1.0

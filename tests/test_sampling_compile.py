@@ -3,10 +3,11 @@ gives the eager sampler's trajectories.
 
 Token ids and step maps must be identical. Log-probs may differ by float reassociation:
 inductor fuses and reorders the fp32 reductions (matmul blocking, RMSNorm, logsumexp over
-the vocabulary), a relative error of order 1e-7 per op; 1e-5 is the bound the project
-holds the sampler and the trainer to for the same weights (tests/test_sampling_model.py),
-so compiled records stay usable as old log-probs. Compiling takes tens of seconds on 2
-CPU cores, hence one small case.
+the vocabulary), a few ulp of the logits' scale: fp32's 6e-8 relative times logits of
+order 100 (a sharpened model) is ~1e-5, and bench/bench_compile.py measured 1.3e-5 on the
+embedded default with gain 40. The bound 1e-4 leaves room for that and is still far
+below what matters for a PPO ratio (exp(1e-4) - 1 = 1e-4 against a clip range of 0.2).
+Compiling takes minutes on 2 shared CPU cores, hence one small case.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def test_compiled_decode_gives_the_eager_trajectories():
         assert c.response_ids == e.response_ids
         assert c.decode_steps == e.decode_steps
         assert c.num_forward == e.num_forward
-        assert max(abs(x - y) for x, y in zip(e.logprobs, c.logprobs)) <= 1e-5
+        assert max(abs(x - y) for x, y in zip(e.logprobs, c.logprobs)) <= 1e-4
     assert len({s for t in eager for s in t.decode_steps}) > 1
     # a second decode reuses the graphs: compiled once per process and model
     again = generate(model, prompts, cfg, torch.Generator().manual_seed(0), compile=True)

@@ -459,9 +459,11 @@ class ValueParams:
     gradient_checkpointing: bool = False
     zero_stage: int = 0
     seed: int = 0
+    # LoRA on the value model's backbone (the scalar head trains in full), as policy.lora
+    lora: LoraParams = field(default_factory=LoraParams)
 
     def problems(self) -> list[str]:
-        p = []
+        p = self.lora.stage_problems("value.lora", self.zero_stage)
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
             p.append("value.gamma and value.lam must be in [0, 1]")
         if self.lr <= 0:
