@@ -21,6 +21,7 @@ checkpoint (and, with fresh adapters, ``B = 0``, the digest of the weights it st
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,7 +104,7 @@ def target_problems(backbone: nn.Module, targets: Sequence[str], where: str = "l
 
 def lora_layers(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """``(name, layer)`` of every peft LoRA layer inside ``module`` (none without peft)."""
-    if not peft_available():
+    if "peft" not in sys.modules:  # a model with adapters has imported it; don't pay the import
         return iter(())
     from peft.tuners.lora import LoraLayer
 
