@@ -222,8 +222,11 @@ def parameter_report(module: nn.Module, optimizer: torch.optim.Optimizer | None 
     out = {"params/total": float(total), "params/trainable": float(trainable),
            "params/trainable_fraction": trainable / total if total else 0.0}
     if optimizer is not None:
+        # DeepSpeed's ZeRO optimizer wraps the torch one (its state: this rank's partition)
+        inner = getattr(optimizer, "optimizer", None)
+        opt = inner if isinstance(inner, torch.optim.Optimizer) else optimizer
         size = 0
-        for st in optimizer.state.values():
+        for st in getattr(opt, "state", {}).values():
             for v in st.values():
                 if torch.is_tensor(v):
                     size += v.numel() * v.element_size()
