@@ -284,11 +284,11 @@ def generate(
 def compiled_forward(model) -> Callable:
     """``torch.compile`` of ``model``'s forward (inductor, dynamic shapes), made once per
     model and kept on it. Tensor arguments are passed contiguous: the sampler hands over
-    column slices of its canvas, whose strides would otherwise be guarded on and recompile
-    the graph at every block. Graphs are still specialised on the Python values of a call
-    (``keep``, ``return_logits``), so a decode compiles a few graphs: prefill, denoise,
-    denoise-with-commit (``bench/bench_compile.py`` counts them). Weights are graph
-    inputs, not constants: training the model in place needs no recompilation."""
+    column slices of its canvas, whose strides Dynamo otherwise guards on (recompiling as
+    the cached prefix grows). Graphs are still specialised on the Python values of a call
+    (``keep``, ``return_logits``) and on some shapes, so a decode compiles a few graphs:
+    prefill, denoise, denoise-with-commit, and a few recompilations
+    (``bench/bench_compile.py`` counts them: 5 on the embedded default)."""
     fn = model.__dict__.get("_tracerl_compiled")
     if fn is None:
         graph = torch.compile(model, dynamic=True)
