@@ -138,6 +138,9 @@ def test_bad_lora_params_list_every_problem():
     assert any("policy.lora.alpha must be > 0" in p for p in probs)
     assert any("policy.lora.dropout must be in [0, 1)" in p for p in probs)
     assert any("policy.lora.target_modules is empty" in p for p in probs)
+    with pytest.raises(ConfigError, match=r"sft.lora.target_modules \['qkv'\] are not linear "
+                       r"layers .* choose among \['q_proj'"):
+        load_params(ROOT / "params.yaml", {"sft": {"lora": {"target_modules": ["q_proj", "qkv"]}}})
     with pytest.raises(ConfigError, match="unknown key 'policy.lora.ranks'"):
         load_params(ROOT / "params.yaml", {"policy": {"lora": {"ranks": 4}}})
 

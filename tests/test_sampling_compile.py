@@ -30,7 +30,9 @@ def test_compiled_decode_gives_the_eager_trajectories():
     model.eval()
     with torch.no_grad():  # sharper confidences: low-confidence choices that mean something
         model.backbone.model.norm.weight.mul_(20.0)
-    prompts = [tok.encode(f"{a}+{a * 7}=") for a in (3, 41, 5, 977)]  # tails of 0-3 tokens
+    # prompts inside the first block (no prefill graph to compile), tails of 2 and 3 tokens;
+    # three blocks: a first denoise, then denoise + commit of the previous block
+    prompts = [tok.encode(x) for x in ("3=", "41=", "5=", "97=")]
     cfg = SamplingConfig(block_size=4, steps_per_block=4, max_tokens=12, batch_size=4,
                          ignore_eos=True)
     eager = generate(model, prompts, cfg, torch.Generator().manual_seed(0))

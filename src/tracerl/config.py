@@ -237,9 +237,16 @@ class LoraParams:
                         target_modules=tuple(self.target_modules))
 
     def stage_problems(self, where: str, zero_stage: int) -> list[str]:
-        from tracerl.models.lora import spec_problems
+        from tracerl.models.lora import DEFAULT_TARGETS, spec_problems
 
         p = spec_problems(self.spec(), where)
+        # every backbone tracerl builds (Qwen3, Qwen2, Llama) names its linear layers so;
+        # the loaded model's own names are checked again when the adapters are applied
+        unknown = [t for t in self.target_modules if t not in DEFAULT_TARGETS]
+        if unknown:
+            p.append(f"{where}.target_modules {unknown} are not linear layers of the "
+                     f"backbones tracerl builds (Qwen3, Qwen2, Llama); choose among "
+                     f"{list(DEFAULT_TARGETS)}")
         if self.rank > 0 and zero_stage == 3:
             section = where.split(".")[0]
             p.append(f"{where}.rank > 0 with {section}.zero_stage 3 is not supported (ZeRO-3 "
