@@ -10,6 +10,10 @@ optimizer, LR schedule, counters and RNG saved next to the input policy (when th
 policy trainer's), and writes ``checkpoint/`` (the updated policy), ``trainer_state/`` and
 the update's metrics. With ``policy.ranks`` > 1 the runners start it through torchrun:
 every rank reads the inputs and runs its share of each optimizer step, rank 0 writes.
+With ``policy.lora.rank > 0`` the update trains fresh LoRA adapters on the input policy,
+writes the merged policy to ``checkpoint/`` and this update's adapter to ``adapter/``;
+the optimizer's moments are not carried over (the previous adapters are merged), the
+schedule, counters and RNG are.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from pathlib import Path
 import torch
 
 from tracerl.distributed import stage_ranks
-from tracerl.models import load_model, save_model
+from tracerl.models import load_model
+from tracerl.models.lora import apply_lora, parameter_report, save_trained
 from tracerl.pipeline.resolve import device_and_dtype
 from tracerl.pipeline.stage_cli import (
     bind_inputs,
@@ -68,10 +73,14 @@ def _update(a, params, ranks, device, dtype) -> int:
     torch.manual_seed(p.seed + (a.iteration or 0))
     # no block size from params: the update trains at the block size of the records
     model, tok = load_model(checkpoint_dir(a.policy), family=m.family, dtype=dtype, device=device)
+    lora = p.lora.spec()
+    if lora.enabled:  # fresh adapters (B = 0) on the input policy's merged weights
+        apply_lora(model, lora, "policy.lora")
     # params' grad_accum: micro-batches of the whole step, split across the ranks
     trainer = Trainer(TokenScorer(model), per_rank(pick(TrainConfig, p), ranks.world),
                       kind="policy")
-    resumed = trainer.load(trainer_state_dir(a.policy))
+    # with LoRA the saved moments belong to the previous (merged) adapters: not restored
+    resumed = trainer.load(trainer_state_dir(a.policy), restore_optimizer=not lora.enabled)
     adv = None
     if p.use_value:
         if a.value_advantages is None:
@@ -91,9 +100,10 @@ def _update(a, params, ranks, device, dtype) -> int:
         metrics = policy_update(trainer, samples, pick(PolicyConfig, p), ref_model=ref,
                                 progress=ranks.main)
     with rank_output(a.out, stage="policy", ranks=ranks) as o:
+        o.metrics.update(parameter_report(trainer.module, trainer.optimizer))
         with trainer.gathered():  # ZeRO-3: full weights on every rank (collective)
-            if o.main:
-                save_model(model, tok, o.dir / "checkpoint")
+            if o.main:  # merged weights (+ adapter/ with LoRA)
+                save_trained(model, tok, o.dir, lora)
         trainer.save(o.dir / "trainer_state")  # every rank: DeepSpeed saves its partition
         o.metrics.update(counts)
         o.metrics.update(metrics)

@@ -156,7 +156,8 @@ def sample(p, args, inputs: dict[str, str], ap) -> int:
     t0 = time.perf_counter()
     desc = f"rollout[{it}]" + (f".shard{shard + 1}of{shards}" if args.shard else "")
     with tqdm(total=len(todo), desc=desc, unit="seq") as bar:
-        done = generate_batches(model, plan.prompts, cfg, gen, mine, progress=bar.update)
+        done = generate_batches(model, plan.prompts, cfg, gen, mine, progress=bar.update,
+                                compile=p.rollout.compile)
     seconds = time.perf_counter() - t0
     if not args.shard:  # prompt order (a shard keeps its batches' order: shard.json rows)
         todo = sorted(todo)

@@ -10,7 +10,9 @@ SFT data: a parquet (or a folder holding ``sft.parquet``) with ``prompt_ids`` +
 text ``prompt`` + ``response``/``reference_solution``. Writes ``checkpoint/``,
 ``trainer_state/`` and metrics. With ``sft.ranks`` > 1 the runners start it through
 torchrun: every rank reads the data and runs its share of each optimizer step, rank 0
-writes (mid-run checkpoints: every rank saves its DeepSpeed partition).
+writes (mid-run checkpoints: every rank saves its DeepSpeed partition). With
+``sft.lora.rank > 0`` only LoRA adapters train, ``checkpoint/`` holds the merged weights
+and ``adapter/`` the adapter (peft's layout).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from pathlib import Path
 import torch
 
 from tracerl.distributed import stage_ranks
-from tracerl.models import save_model
+from tracerl.limits import is_hub_id
+from tracerl.models.lora import apply_lora, parameter_report, save_trained
 from tracerl.pipeline.artifacts import sha256_file
 from tracerl.pipeline.layout import fingerprint
 from tracerl.pipeline.resolve import device_and_dtype, policy_from_params
@@ -69,6 +72,9 @@ def _train(a, params, ranks) -> int:
     torch.manual_seed(s.seed)
     model, tok = policy_from_params(m.init, params, cached=False)  # trained: not the cache
     model = model.to(ranks.device(model.device))  # CUDA: this rank's GPU
+    lora = s.lora.spec()
+    if lora.enabled:  # only the adapters train (and hold optimizer state)
+        apply_lora(model, lora, "sft.lora")
     samples = read_sft_samples(a.data, tok, eos_id=model.tokens.eos_id, pad_id=model.tokens.pad_id,
                                block_size=model.block_size)
     # batch_size examples per step: grad_accum micro-batches, split across the ranks
@@ -87,9 +93,11 @@ def _train(a, params, ranks) -> int:
                             resume=resume, checkpoint_every=s.checkpoint_every,
                             on_checkpoint=lambda state: ckpts.save(trainer, state))
     with rank_output(a.out, stage="sft", ranks=ranks) as o:
+        o.metrics.update(parameter_report(trainer.module, trainer.optimizer))
         with trainer.gathered():  # ZeRO-3: full weights on every rank (collective)
-            if o.main:
-                save_model(model, tok, o.dir / "checkpoint")
+            if o.main:  # merged weights in checkpoint/ (+ adapter/ with LoRA)
+                save_trained(model, tok, o.dir, lora,
+                             base_model=m.init if is_hub_id(m.init) else None)
         trainer.save(o.dir / "trainer_state")  # every rank: DeepSpeed saves its partition
         o.metrics.update(metrics)
         o.metrics.update(examples=float(len(samples)), ranks=float(ranks.world))

@@ -9,8 +9,11 @@ Without a value checkpoint the value model starts
 from the policy's backbone with a zero head (spec 6.1). Advantages use the pre-update
 values (spec 6.5); the value model trains every ``value.train_every`` iterations. Writes
 ``checkpoint/`` (value model), ``trainer_state/``, ``advantages.parquet`` (per-token
-advantages and returns for the policy stage) and metrics. With ``value.ranks`` > 1 the runners start it through torchrun: every rank
-reads the inputs and runs its share of each optimizer step, rank 0 writes.
+advantages and returns for the policy stage) and metrics. With ``value.ranks`` > 1 the
+runners start it through torchrun: every rank reads the inputs and runs its share of each
+optimizer step, rank 0 writes. With ``value.lora.rank > 0`` fresh LoRA adapters train on
+the backbone (the head in full), are merged into ``checkpoint/`` and written alone to
+``adapter/``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 
 from tracerl.distributed import stage_ranks
 from tracerl.models import ValueModel, load_model, load_tokenizer
+from tracerl.models.lora import apply_lora, has_lora, merge_lora, parameter_report, save_adapter
 from tracerl.pipeline.resolve import device_and_dtype
 from tracerl.pipeline.stage_cli import (
     bind_inputs,
@@ -76,9 +80,14 @@ def _update(a, params, ranks, device, dtype) -> int:
         vm = ValueModel.load(checkpoint_dir(a.value), dtype=dtype, device=device)
         state = trainer_state_dir(a.value)
         tok = load_tokenizer(checkpoint_dir(a.value))
+    lora = v.lora.spec()
+    if lora.enabled:  # fresh adapters on the backbone; the head stays fully trainable
+        apply_lora(vm.lm, lora, "value.lora")
     # params' grad_accum: micro-batches of the whole step, split across the ranks
     trainer = Trainer(ValueScorer(vm), per_rank(pick(TrainConfig, v), ranks.world), kind="value")
-    resumed = trainer.load(state) if state is not None else False
+    # with LoRA the saved moments belong to the previous (merged) adapters: not restored
+    resumed = (trainer.load(state, restore_optimizer=not lora.enabled) if state is not None
+               else False)
     scored = Path(a.scored)
     samples, keys, counts = read_scored(scored / "scored.parquet" if scored.is_dir() else scored)
     train = (a.iteration or 0) % v.train_every == 0
@@ -87,7 +96,12 @@ def _update(a, params, ranks, device, dtype) -> int:
         advs, rets, metrics = value_update(trainer, samples, pick(ValueConfig, v), train=train,
                                            progress=ranks.main)
     with rank_output(a.out, stage="value", ranks=ranks) as o:
+        o.metrics.update(parameter_report(trainer.module, trainer.optimizer))
         with trainer.gathered():  # ZeRO-3: full weights on every rank (collective)
+            if has_lora(vm.lm):  # the adapter alone, then the merged backbone (every rank)
+                if o.main:
+                    save_adapter(vm.lm, o.dir / "adapter", lora)
+                merge_lora(vm.lm)
             if o.main:
                 vm.save(o.dir / "checkpoint", tok)
         trainer.save(o.dir / "trainer_state")  # every rank: DeepSpeed saves its partition

@@ -3,6 +3,7 @@ parameters as one process with the same global batch."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 
@@ -35,8 +36,6 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_SIZE=str(world))
     torch.set_num_threads(1)
-    import importlib
-
     import deepspeed
     import torch.distributed as dist
 
@@ -58,11 +57,34 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             with deepspeed.zero.GatheredParameters(params, enabled=stage == 3):
                 state = {n: p.detach().clone() for n, p in trainer.module.named_parameters()}
             results[stage] = {"params": state, "metrics": metrics}
+        if importlib.util.find_spec("peft") is not None:  # LoRA under ZeRO-2
+            from tracerl.models.lora import LoraSpec, apply_lora, parameter_report
+
+            model, _ = tiny_model(seed=0)
+            torch.manual_seed(7)  # peft draws A from torch's global RNG
+            apply_lora(model, LoraSpec(rank=4, alpha=8.0))
+            _randomize_b(model)
+            trainer = Trainer(TokenScorer(model), TrainConfig(lr=1e-3, micro_batch=2,
+                                                              grad_accum=1, zero_stage=2))
+            metrics = _update(trainer, seed=5)
+            results["lora"] = {"params": {n: p.detach().clone() for n, p in
+                                          trainer.module.named_parameters()},
+                               "metrics": metrics,
+                               "report": parameter_report(trainer.module, trainer.optimizer)}
         if rank == 0:
             torch.save(results, out)
     finally:
         dist.barrier()
         dist.destroy_process_group()
+
+
+def _randomize_b(model) -> None:
+    """Nonzero LoRA B (fresh B = 0 would leave A without gradient in the first step)."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 
 
 def test_two_rank_zero_equals_single_process(tmp_path):
@@ -93,3 +115,28 @@ def test_two_rank_zero_equals_single_process(tmp_path):
             diff = (p - ref[name]).abs().max().item()
             assert diff <= 2e-5, (stage, name, diff)
             assert (p - init[name]).abs().max().item() > 1e-3  # it did train
+    if "lora" not in results:
+        return
+    # LoRA under ZeRO-2: the frozen base stays put, the adapters match one process
+    from tracerl.models.lora import LoraSpec, apply_lora
+
+    model, _ = tiny_model(seed=0)
+    torch.manual_seed(7)  # peft draws A from torch's global RNG
+    apply_lora(model, LoraSpec(rank=4, alpha=8.0))
+    _randomize_b(model)
+    single = Trainer(TokenScorer(model), TrainConfig(lr=1e-3, micro_batch=2, grad_accum=2))
+    m1 = _update(single, seed=5)
+    ref = dict(single.module.named_parameters())
+    got = results["lora"]
+    assert got["metrics"]["loss"] == pytest.approx(m1["loss"], abs=1e-5)
+    trained = 0
+    for name, p in got["params"].items():
+        if ".lora_" in name:
+            trained += 1
+            assert (p - ref[name]).abs().max().item() <= 2e-5, name
+        else:
+            plain = name.removeprefix("lm.").replace(".base_layer.", ".")
+            assert torch.equal(p, init[plain]), name  # frozen
+    assert trained == 2 * 2 * 7  # A and B of the 7 projections of 2 layers
+    assert 0 < got["report"]["optimizer/state_bytes"]
+    assert got["report"]["params/trainable"] < got["report"]["params/total"]

@@ -4,6 +4,7 @@ asserting each stage's output contract (files, metrics, resumed trainer state)."
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 from pathlib import Path
 
@@ -245,15 +246,23 @@ def test_policy_stage_trains_at_the_records_training_block(tmp_path):
     assert read_metrics(tmp_path / "pa")["old_logprobs_recorded"] == 0.0
 
 
-def test_sft_killed_mid_run_resumes_to_the_same_model(tmp_path, monkeypatch):
+_NO_PEFT = pytest.mark.skipif(importlib.util.find_spec("peft") is None,
+                              reason="peft (a pinned dependency) is not installed")
+
+
+@pytest.mark.parametrize("lora", [None, pytest.param(
+    {"rank": 4, "alpha": 8.0, "dropout": 0.1}, marks=_NO_PEFT, id="lora")])
+def test_sft_killed_mid_run_resumes_to_the_same_model(tmp_path, monkeypatch, lora):
     """SFT checkpoints every 2 steps (weights, optimizer, schedule, RNG, data order); a
     crash at step 5 of 7 resumes at step 4, and the final weights and trainer state equal
-    an uninterrupted run's, bit for bit."""
+    an uninterrupted run's, bit for bit. Also with LoRA adapters (dropout draws from the
+    torch RNG the checkpoint saves)."""
     from stages import sft as sft_stage
 
     from tracerl.rl import Trainer
 
-    params = _params(tmp_path, sft={"steps": 7, "checkpoint_every": 2, "batch_size": 2})
+    params = _params(tmp_path, sft={"steps": 7, "checkpoint_every": 2, "batch_size": 2,
+                                    **({"lora": lora} if lora else {})})
     data = _sft_data(tmp_path)
 
     def run(out: str) -> Path:
@@ -290,3 +299,8 @@ def test_sft_killed_mid_run_resumes_to_the_same_model(tmp_path, monkeypatch):
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert read_metrics(resumed)["steps"] == read_metrics(clean)["steps"]
+    if lora:  # only the adapters trained; the merged weights moved off the initial model
+        m = read_metrics(clean)
+        assert 0 < m["params/trainable"] < m["params/total"]
+        assert (clean / "adapter" / "adapter_config.json").is_file()
+        assert len(a["optimizer"]["state"]) == 2 * 2 * 7  # A and B of 7 targets, 2 layers

@@ -252,6 +252,50 @@ def ranks_problems(section: str, ranks: int, zero_stage: int, grad_accum: int) -
 
 
 @dataclass(frozen=True)
+class LoraParams:
+    """LoRA adapters of a training stage (``sft.lora``, ``policy.lora``; tracerl.models.lora).
+
+    rank 0 = off (full fine-tuning). Only the adapters train (optimizer state only for
+    them); the stage writes merged weights (what rollout/evaluate load) plus ``adapter/``.
+    """
+
+    rank: int = 0
+    alpha: float = 16.0  # the update is (alpha / rank) * B @ A
+    dropout: float = 0.0
+    # leaf names of the backbone's linear layers (checked against the model at load)
+    target_modules: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+    def spec(self):
+        """The library's :class:`tracerl.models.lora.LoraSpec`."""
+        from tracerl.models.lora import LoraSpec
+
+        return LoraSpec(rank=self.rank, alpha=self.alpha, dropout=self.dropout,
+                        target_modules=tuple(self.target_modules))
+
+    def stage_problems(self, where: str, zero_stage: int) -> list[str]:
+        from tracerl.models.lora import DEFAULT_TARGETS, spec_problems
+
+        p = spec_problems(self.spec(), where)
+        # every backbone tracerl builds (Qwen3, Qwen2, Llama) names its linear layers so;
+        # the loaded model's own names are checked again when the adapters are applied
+        unknown = [t for t in self.target_modules if t not in DEFAULT_TARGETS]
+        if unknown:
+            p.append(f"{where}.target_modules {unknown} are not linear layers of the "
+                     f"backbones tracerl builds (Qwen3, Qwen2, Llama); choose among "
+                     f"{list(DEFAULT_TARGETS)}")
+        if self.rank > 0 and zero_stage == 3:
+            section = where.split(".")[0]
+            p.append(f"{where}.rank > 0 with {section}.zero_stage 3 is not supported (ZeRO-3 "
+                     "partitions the base weights the adapters are merged into): use "
+                     f"{section}.zero_stage 0 or 2, or {where}.rank: 0")
+        return p
+
+    def problems(self) -> list[str]:
+        return []  # checked by the stage section that holds it (stage_problems)
+
+
+@dataclass(frozen=True)
 class SFTParams:
     # semi_ar: block SFT (block models); trace: TraceRL rounds from step maps (or left to
     # right); random_masking: full-attention SFT (LLaDA/Dream)
@@ -280,9 +324,11 @@ class SFTParams:
     # save model, optimizer, schedule, RNG and data order every N steps (0 = never); a
     # killed SFT resumes there with the same result as an uninterrupted run
     checkpoint_every: int = 200
+    lora: LoraParams = field(default_factory=LoraParams)  # rank 0 = full fine-tuning
 
     def problems(self) -> list[str]:
         p = registry_problems("tracerl.rl.builders", "SFT_ROW_BUILDERS", self.method, "sft.method")
+        p += self.lora.stage_problems("sft.lora", self.zero_stage)
         if self.checkpoint_every < 0:
             p.append("sft.checkpoint_every must be >= 0 (0 = no mid-run checkpoints)")
         if not 0.0 <= self.lower_p <= self.upper_p <= 1.0:
@@ -321,6 +367,9 @@ class RolloutParams:
     # shards run side by side and merged bit-identical (where it runs, not what: no cache key)
     shards: int = 1
     shard_retries: int = 1  # Prefect retries of a failed shard
+    # torch.compile the denoising forward (same trajectories; pays compile time once per
+    # process: bench/bench_compile.py, docs/benchmarks.md)
+    compile: bool = False
 
     def problems(self) -> list[str]:
         p = registry_problems("tracerl.sampling.strategies", "STRATEGIES", self.strategy,
@@ -429,9 +478,11 @@ class PolicyParams:
     # processes per node (torchrun); they split each step's grad_accum micro-batches
     ranks: int = 1
     seed: int = 0
+    lora: LoraParams = field(default_factory=LoraParams)  # rank 0 = full fine-tuning
 
     def problems(self) -> list[str]:
         p = registry_problems("tracerl.rl.builders", "ROW_BUILDERS", self.method, "policy.method")
+        p += self.lora.stage_problems("policy.lora", self.zero_stage)
         if self.lr <= 0:
             p.append("policy.lr must be > 0")
         if self.schedule == "cosine" and self.total_steps < 1:
@@ -477,9 +528,11 @@ class ValueParams:
     # processes per node (torchrun); they split each step's grad_accum micro-batches
     ranks: int = 1
     seed: int = 0
+    # LoRA on the value model's backbone (the scalar head trains in full), as policy.lora
+    lora: LoraParams = field(default_factory=LoraParams)
 
     def problems(self) -> list[str]:
-        p = []
+        p = self.lora.stage_problems("value.lora", self.zero_stage)
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
             p.append("value.gamma and value.lam must be in [0, 1]")
         if self.lr <= 0:

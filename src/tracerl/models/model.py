@@ -497,8 +497,11 @@ def weights_digest(module: nn.Module) -> str:
     so the trainer knows when recorded log-probs can stand in for a recomputation."""
     import hashlib
 
+    from tracerl.models.lora import effective_state_dict
+
     h = hashlib.sha256()
-    for name, p in sorted(module.state_dict().items()):
+    # an adapted model is digested as its merged weights (what its checkpoint holds)
+    for name, p in sorted(effective_state_dict(module).items()):
         h.update(name.encode())
         h.update(p.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]

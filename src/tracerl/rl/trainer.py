@@ -409,11 +409,15 @@ class Trainer:
             torch.save(state, out / STATE_FILE)
         return out / STATE_FILE
 
-    def load(self, in_dir: str | Path, *, strict_kind: bool = True) -> bool:
+    def load(self, in_dir: str | Path, *, strict_kind: bool = True,
+             restore_optimizer: bool = True) -> bool:
         """Restore a state saved by :meth:`save`; returns False when ``in_dir`` has none.
 
         The LR of the current config wins over the saved one (the schedule position,
-        moments and counters are restored).
+        moments and counters are restored). ``restore_optimizer=False`` keeps this
+        trainer's fresh optimizer (moments, master weights) and restores the rest: for
+        parameters that are new though the run goes on (fresh LoRA adapters of an update
+        whose previous adapters were merged into the weights).
 
         Raises:
             ValueError: the state belongs to another kind of trainer, or does not fit.
@@ -427,7 +431,7 @@ class Trainer:
                      state.get("kind"), in_dir)
             return False
         ds_dir = Path(in_dir) / "deepspeed"
-        if (self.engine is not None) != ("optimizer" not in state):
+        if restore_optimizer and (self.engine is not None) != ("optimizer" not in state):
             saved = "DeepSpeed ZeRO" if "optimizer" not in state else "one plain process"
             raise ValueError(
                 f"trainer state in {in_dir} was saved by {saved} training; this trainer "
@@ -435,7 +439,9 @@ class Trainer:
                 f"optimizer states do not carry over between the two (keep zero_stage and "
                 f"ranks for the whole run, or start from a checkpoint without its state)")
         try:
-            if self.engine is not None:
+            if not restore_optimizer:
+                pass
+            elif self.engine is not None:
                 self.engine.load_checkpoint(str(ds_dir), tag="state",
                                             load_module_strict=False,
                                             load_lr_scheduler_states=False)

@@ -241,6 +241,7 @@ def generate(
     generator: torch.Generator | None = None,
     *,
     progress: Callable[[int], None] | None = None,
+    compile: bool = False,
 ) -> list[Trajectory]:
     """Sample one response per prompt with its decoding trace.
 
@@ -255,6 +256,8 @@ def generate(
         generator: the caller's random source (None: a fresh ``torch.Generator()``,
             whose default seed is fixed).
         progress: called with the number of sequences finished after each batch.
+        compile: run the model's forwards through ``torch.compile``
+            (:func:`compiled_forward`); the same trajectories up to float reassociation.
 
     Returns:
         One :class:`Trajectory` per prompt, in order.
@@ -270,7 +273,7 @@ def generate(
         >>> len(t.response_ids), sorted(set(t.decode_steps)) == list(range(1, t.num_steps + 1))
         (8, True)
     """
-    done = generate_batches(model, prompts, cfg, generator, progress=progress)
+    done = generate_batches(model, prompts, cfg, generator, progress=progress, compile=compile)
     return [done[i] for i in range(len(prompts))]
 
 
@@ -304,6 +307,7 @@ def generate_batches(
     batches: Sequence[int] | None = None,
     *,
     progress: Callable[[int], None] | None = None,
+    compile: bool = False,
 ) -> dict[int, Trajectory]:
     """Decode only the batches ``batches`` (indices into :func:`plan_batches`; None: all)
     of the same plan :func:`generate` runs, with the same per-prompt seeds: a shard of a
@@ -324,20 +328,44 @@ def generate_batches(
     out: dict[int, Trajectory] = {}
     for j in todo:
         chunk = plan[j]
-        trajs = decode_batch(model, [prompts[i] for i in chunk], [seeds[i] for i in chunk], cfg)
+        trajs = decode_batch(model, [prompts[i] for i in chunk], [seeds[i] for i in chunk], cfg,
+                             compile=compile)
         out.update(zip(chunk, trajs))
         if progress is not None:
             progress(len(chunk))
     return out
 
 
+def compiled_forward(model) -> Callable:
+    """``torch.compile`` of ``model``'s forward (inductor, dynamic shapes), made once per
+    model and kept on it. Tensor arguments are passed contiguous: the sampler hands over
+    column slices of its canvas, whose strides Dynamo otherwise guards on (recompiling as
+    the cached prefix grows). Graphs are still specialised on the Python values of a call
+    (``keep``, ``return_logits``) and on some shapes, so a decode compiles a few graphs:
+    prefill, denoise, denoise-with-commit, and a few recompilations
+    (``bench/bench_compile.py`` counts them: 5 on the embedded default)."""
+    fn = model.__dict__.get("_tracerl_compiled")
+    if fn is None:
+        graph = torch.compile(model, dynamic=True)
+
+        def fn(*args, **kwargs):
+            args = tuple(a.contiguous() if torch.is_tensor(a) else a for a in args)
+            kwargs = {k: v.contiguous() if torch.is_tensor(v) else v for k, v in kwargs.items()}
+            return graph(*args, **kwargs)
+
+        model.__dict__["_tracerl_compiled"] = fn
+    return fn
+
+
 @torch.inference_mode()
 def decode_batch(model, prompts: list[list[int]], seeds: list[int],
-                 cfg: SamplingConfig) -> list[Trajectory]:
+                 cfg: SamplingConfig, *, compile: bool = False) -> list[Trajectory]:
     """Decode one batch (prompts already checked); sequence ``i`` samples from ``seeds[i]``.
 
-    The whole sampler, step by step (reference 2.3-2.6).
+    The whole sampler, step by step (reference 2.3-2.6). ``compile``: the forwards run
+    through :func:`compiled_forward`.
     """
+    run = compiled_forward(model) if compile else model
     dev = model.device
     tokens = model.tokens
     b, T, M = cfg.block_size, cfg.steps_per_block, cfg.max_tokens
@@ -382,8 +410,8 @@ def decode_batch(model, prompts: list[list[int]], seeds: list[int],
         cache = BlockKVCache.for_model(model.config, B, W, model.compute_dtype(), dev)
         if C:
             vis = _visibility(blk, valid, q=(0, C), keys=C, noisy_from=None)
-            model(ids[:, :C], visible=vis, position_ids=pos[:, :C], cache=cache.begin(True),
-                  return_logits=False)
+            run(ids[:, :C], visible=vis, position_ids=pos[:, :C], cache=cache.begin(True),
+                return_logits=False)
             cache.end()
             nfwd += torch.tensor([a > 0 for a in A], device=dev)
 
@@ -399,11 +427,11 @@ def decode_batch(model, prompts: list[list[int]], seeds: list[int],
             if act.numel() == 0:
                 break
             if prefix:
-                logits = _full_prefix_logits(model, ids, pos, valid, s0, s1, act, cache,
+                logits = _full_prefix_logits(run, ids, pos, valid, s0, s1, act, cache,
                                              refresh=s == 0)
             else:
                 commit = cached and s == 0 and j > 0
-                logits = _denoise_logits(model, ids, pos, blk, valid, s0, s1, act, cache, full,
+                logits = _denoise_logits(run, ids, pos, blk, valid, s0, s1, act, cache, full,
                                          commit)
             probs = process_logits(logits, tokens.mask_id, cfg.temperature, cfg.top_k,
                                    cfg.top_p)  # [R, b, V]
