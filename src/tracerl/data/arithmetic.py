@@ -33,7 +33,7 @@ import hashlib
 import random
 import re
 
-from tracerl.data.records import TaskRecord
+from tracerl.data.records import TaskRecord, draw_distinct
 
 LEVELS = range(9)
 LONG_TIER = range(6, 9)
@@ -122,35 +122,15 @@ def generate(n: int, difficulty: int | list[int] = 0, seed: int = 0,
         >>> all(split_of(x.prompt) == "train" for x in generate(50, [0, 5], seed=1))
         True
     """
-    if split not in ("train", "heldout"):
-        raise ValueError(f"arithmetic split must be 'train' or 'heldout', got {split!r}")
-    levels = [difficulty] if isinstance(difficulty, int) else list(difficulty)
-    bad = [lv for lv in levels if lv not in LEVELS]
-    if not levels or bad:
-        raise ValueError(f"arithmetic difficulty must be in {LEVELS[0]}..{LEVELS[-1]} "
-                         f"(got {difficulty!r})")
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
-    rng = random.Random(f"arithmetic|{seed}|{split}|{levels}")
-    out: list[TaskRecord] = []
-    seen: dict[str, int] = {}
-    tries = 0
-    while len(out) < n:
-        level = rng.choice(levels)
+    def draw(level, rng):
         expr = _draw(level, rng)
-        prompt = _PROMPT.format(expr)
-        if split_of(prompt) != split:
-            continue
-        tries += 1
-        if prompt in seen and tries < 50 * n + 1000:  # distinct while the level allows
-            continue
-        k = seen.get(prompt, 0)
-        seen[prompt] = k + 1
-        digest = hashlib.sha256(prompt.encode()).hexdigest()[:10]
-        tid = f"arithmetic-{level}-{digest}" + (f"-{k}" if k else "")
-        out.append(TaskRecord(task_id=tid, prompt=prompt, source="arithmetic",
-                              answer=str(_steps(expr)[1]), difficulty=level, split=split))
-    return out
+        return _PROMPT.format(expr), expr
+
+    return draw_distinct(
+        "arithmetic", n, difficulty, LEVELS, seed, split, draw, split_of,
+        lambda tid, prompt, expr, level: TaskRecord(
+            task_id=tid, prompt=prompt, source="arithmetic", answer=str(_steps(expr)[1]),
+            difficulty=level, split=split))
 
 
 def _column_add(a: int, b: int) -> list[str]:

@@ -25,7 +25,7 @@ import hashlib
 import random
 import re
 
-from tracerl.data.records import TaskRecord
+from tracerl.data.records import TaskRecord, draw_distinct
 
 LEVELS = range(5)
 HELDOUT_PERCENT = 20
@@ -169,37 +169,16 @@ def generate(n: int, difficulty: int | list[int] = 0, seed: int = 0,
     >>> all(x.tests["entry_point"] == "f" and len(x.tests["tests"]) == 5 for x in t)
     True
     """
-    if split not in ("train", "heldout"):
-        raise ValueError(f"code split must be 'train' or 'heldout', got {split!r}")
-    levels = [difficulty] if isinstance(difficulty, int) else list(difficulty)
-    bad = [lv for lv in levels if lv not in LEVELS]
-    if not levels or bad:
-        raise ValueError(f"code difficulty must be in {LEVELS[0]}..{LEVELS[-1]} "
-                         f"(got {difficulty!r})")
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
-    rng = random.Random(f"code|{seed}|{split}|{levels}")
-    out: list[TaskRecord] = []
-    seen: dict[str, int] = {}
-    tries = 0
-    while len(out) < n:
-        level = rng.choice(levels)
+    def draw(level, rng):
         arg, what, _ = _draw(level, rng)
-        prompt = _HEAD.format(arg=arg, what=what)
-        if split_of(prompt) != split:
-            continue
-        tries += 1
-        if prompt in seen and tries < 50 * n + 1000:
-            continue
-        k = seen.get(prompt, 0)
-        seen[prompt] = k + 1
-        digest = hashlib.sha256(prompt.encode()).hexdigest()[:10]
-        out.append(TaskRecord(
-            task_id=f"code-{level}-{digest}" + (f"-{k}" if k else ""), prompt=prompt,
-            source="code", tests={"method": "function", "tests": hidden_tests(prompt),
-                                  "entry_point": "f"},
+        return _HEAD.format(arg=arg, what=what), None
+
+    return draw_distinct(
+        "code", n, difficulty, LEVELS, seed, split, draw, split_of,
+        lambda tid, prompt, _, level: TaskRecord(
+            task_id=tid, prompt=prompt, source="code",
+            tests={"method": "function", "tests": hidden_tests(prompt), "entry_point": "f"},
             difficulty=level, split=split))
-    return out
 
 
 def longest_prompt(levels: int | list[int]) -> str:

@@ -141,3 +141,49 @@ def tasks_from_frame(df: pl.DataFrame) -> list[TaskRecord]:
                               difficulty=int(r["difficulty"]) if r.get("difficulty") is not None
                               else -1, split=r.get("split") or "train"))
     return out
+
+
+def draw_distinct(name: str, n: int, difficulty: int | list[int], levels: range, seed: int,
+                  split: str, draw, split_of, make) -> list[TaskRecord]:
+    """``n`` tasks of a procedural generator, distinct while its levels allow.
+
+    The shared loop of the offline generators (``arithmetic``, ``code``): levels drawn
+    uniformly per task from a ``random.Random`` seeded by ``(name, seed, split, levels)``;
+    ``draw(level, rng) -> (prompt, payload)``; a prompt outside ``split`` (by
+    ``split_of(prompt)``, a hash) is drawn again; a repeated prompt is drawn again until
+    ``50 n + 1000`` tries, then kept under a new id (``<name>-<level>-<digest>-<k>``);
+    ``make(task_id, prompt, payload, level)`` builds the record.
+
+    Raises:
+        ValueError: an unknown split, a level outside ``levels``, ``n < 0``.
+    """
+    import hashlib
+    import random
+
+    if split not in ("train", "heldout"):
+        raise ValueError(f"{name} split must be 'train' or 'heldout', got {split!r}")
+    chosen = [difficulty] if isinstance(difficulty, int) else list(difficulty)
+    bad = [lv for lv in chosen if lv not in levels]
+    if not chosen or bad:
+        raise ValueError(f"{name} difficulty must be in {levels[0]}..{levels[-1]} "
+                         f"(got {difficulty!r})")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    rng = random.Random(f"{name}|{seed}|{split}|{chosen}")
+    out: list[TaskRecord] = []
+    seen: dict[str, int] = {}
+    tries = 0
+    while len(out) < n:
+        level = rng.choice(chosen)
+        prompt, payload = draw(level, rng)
+        if split_of(prompt) != split:
+            continue
+        tries += 1
+        if prompt in seen and tries < 50 * n + 1000:  # distinct while the level allows
+            continue
+        k = seen.get(prompt, 0)
+        seen[prompt] = k + 1
+        digest = hashlib.sha256(prompt.encode()).hexdigest()[:10]
+        out.append(make(f"{name}-{level}-{digest}" + (f"-{k}" if k else ""), prompt, payload,
+                        level))
+    return out
