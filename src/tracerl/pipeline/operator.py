@@ -72,20 +72,32 @@ def missed_heartbeats_automation(heartbeat_s: int) -> Any:
     (heartbeat or state change) for ``MISSED_HEARTBEATS`` periods -> the run goes to
     ``Scheduled``/``AwaitingRetry``. A run that finished, was cancelled or crashed sent a
     state-change event after its last heartbeat, so it is never touched."""
+
+    within = MISSED_HEARTBEATS * heartbeat_s
+    return _restart_automation(
+        AUTOMATION_NAME,
+        f"A tracerl flow run that sent no event for {within} s after a heartbeat (its "
+        "process was killed) is scheduled again: a worker resumes it at the first "
+        "unfinished stage, and its deployment concurrency slot is released.",
+        "prefect.flow-run.heartbeat", within,
+        f"no heartbeat for {within} s (the flow process died)")
+
+
+def _restart_automation(name: str, description: str, after: str, within: int,
+                        why: str) -> Any:
+    """An automation that sends a tracerl flow run (tagged ``TAG``) back to ``Scheduled``
+    (``RESTART_STATE``) when no other event of it follows ``after`` within ``within``
+    seconds: a worker of the pool then resumes it at the first unfinished stage."""
     from prefect.events.actions import ChangeFlowRunState
     from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
 
-    within = MISSED_HEARTBEATS * heartbeat_s
     return AutomationCore(
-        name=AUTOMATION_NAME,
-        description=(
-            f"A tracerl flow run that sent no event for {within} s after a heartbeat "
-            "(its process was killed) is scheduled again: a worker resumes it at the first "
-            "unfinished stage, and its deployment concurrency slot is released."),
+        name=name,
+        description=description,
         trigger=EventTrigger(
             match={"prefect.resource.id": "prefect.flow-run.*"},
             match_related={"prefect.resource.id": f"prefect.tag.{TAG}"},
-            after={"prefect.flow-run.heartbeat"},
+            after={after},
             expect={"prefect.flow-run.*"},
             for_each={"prefect.resource.id"},
             posture=Posture.Proactive,
@@ -94,8 +106,8 @@ def missed_heartbeats_automation(heartbeat_s: int) -> Any:
         ),
         actions=[ChangeFlowRunState(
             state="SCHEDULED", name=RESTART_STATE, force=True,
-            message=f"{RESTART_MESSAGE}: no heartbeat for {within} s (the flow process "
-                    "died); a worker resumes it at the first unfinished stage")],
+            message=f"{RESTART_MESSAGE}: {why}; a worker resumes it at the first "
+                    "unfinished stage")],
     )
 
 
@@ -111,29 +123,11 @@ def crashed_automation(quiet_s: int) -> Any:
     ``_submit_run_and_capture_errors``); restarted in between, the second report would
     mark the new attempt ``Crashed`` while its process runs, and it would be started a
     third time. Each report re-arms the wait."""
-    from prefect.events.actions import ChangeFlowRunState
-    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
-
-    return AutomationCore(
-        name=CRASHED_AUTOMATION_NAME,
-        description=(f"A tracerl flow run that stayed Crashed for {quiet_s} s is scheduled "
-                     "again: a worker resumes it at the first unfinished stage (at most "
-                     "max_restarts times)."),
-        trigger=EventTrigger(
-            match={"prefect.resource.id": "prefect.flow-run.*"},
-            match_related={"prefect.resource.id": f"prefect.tag.{TAG}"},
-            after={"prefect.flow-run.Crashed"},
-            expect={"prefect.flow-run.*"},
-            for_each={"prefect.resource.id"},
-            posture=Posture.Proactive,
-            threshold=1,
-            within=timedelta(seconds=quiet_s),
-        ),
-        actions=[ChangeFlowRunState(
-            state="SCHEDULED", name=RESTART_STATE, force=True,
-            message=f"{RESTART_MESSAGE}: the run crashed; a worker resumes it at the "
-                    "first unfinished stage")],
-    )
+    return _restart_automation(
+        CRASHED_AUTOMATION_NAME,
+        f"A tracerl flow run that stayed Crashed for {quiet_s} s is scheduled again: a "
+        "worker resumes it at the first unfinished stage (at most max_restarts times).",
+        "prefect.flow-run.Crashed", quiet_s, "the run crashed")
 
 
 def automations(prefect_yaml: str | os.PathLike = "prefect.yaml") -> list[Any]:
