@@ -215,8 +215,9 @@ def save_adapter(lm, out_dir: str | os.PathLike, spec: LoraSpec,
 
 def parameter_report(module: nn.Module, optimizer: torch.optim.Optimizer | None = None
                      ) -> dict[str, float]:
-    """Trainable and total parameter counts, and the bytes of the optimizer's state
-    (AdamW: two moments per trainable parameter, plus step counters): what LoRA saves."""
+    """Trainable and total parameter counts, and the bytes of the optimizer's state in
+    this process (AdamW: two moments per trainable parameter, plus step counters): what
+    LoRA saves. Under ZeRO each rank reports its own partition (about 1/ranks of it)."""
     total = sum(p.numel() for p in module.parameters())
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     out = {"params/total": float(total), "params/trainable": float(trainable),
