@@ -33,19 +33,14 @@ from pathlib import Path
 
 import yaml
 
+from tracerl.recipes import merge, seeded
+
 METHODS = {
     "trace_rl": {"policy": {"method": "trace_rl", "use_value": False}},
     "trace_rl_value": {"policy": {"method": "trace_rl", "use_value": True}},
     "random_masking": {"policy": {"method": "random_masking", "use_value": False}},
     "coupled": {"policy": {"method": "coupled", "use_value": False}},
 }
-
-
-def merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def parse_set(items: list[str]) -> dict:
@@ -111,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"params": base, "seeds": {}}
     for seed in a.seeds:
         t0 = time.time()
-        seeded = {s: {"seed": seed} for s in ("run", "sft", "policy", "value")}
-        sft_p = merge(merge(base, seeded), {"run": {"name": f"learn-s{seed}-sft",
+        seeds = seeded(seed)
+        sft_p = merge(merge(base, seeds), {"run": {"name": f"learn-s{seed}-sft",
                                                     "iterations": 1}})
         for part in ("prepare", "sft"):
             run_flow(sft_p, work, part)
@@ -121,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         per: dict = {"sft_seconds": time.time() - t0}
         for m in a.methods:
             t1 = time.time()
-            p = merge(merge(base, seeded), merge(arms[m], {
+            p = merge(merge(base, seeds), merge(arms[m], {
                 "run": {"name": f"learn-s{seed}-{m}", "seed": seed},
                 "model": {"init": str(ckpt.resolve())},
                 "sft": {"steps": 0},

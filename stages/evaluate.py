@@ -87,12 +87,10 @@ def main(argv: list[str] | None = None) -> int:
             # the block in force first (its keys carry no block tag), then the extra sizes
             for b in [None, *(x for x in e.block_sizes if x != dec.schedule.block_size)]:
                 tag = "" if b is None else f"b{b}"
-                shape = {} if b is None else {"block_size": b,
-                                              "steps_per_block": min(p.rollout.steps_per_block, b)}
                 for strategy in e.strategies:
-                    cfg = sampling_config(p, dec, strategy=strategy, temperature=e.temperature,
-                                          top_k=e.top_k, top_p=e.top_p, max_tokens=max_tokens,
-                                          **shape)
+                    cfg = sampling_config(p, dec, block_size=b, strategy=strategy,
+                                          temperature=e.temperature, top_k=e.top_k,
+                                          top_p=e.top_p, max_tokens=max_tokens)
                     res, scored = evaluate_tasks(
                         model, tok, tasks, cfg, k=e.responses_per_task, pass_ks=e.pass_k,
                         score=lambda f, t=tasks: score(f, t), seed=p.run.seed, policy_id=pid)

@@ -186,17 +186,16 @@ class DataParams:
                 x.partition(":")[0] not in ("arithmetic", "code", "rg") for x in members)):
             return [f"data.generator {g!r}: mix joins two or more of arithmetic, code, "
                     "rg:<name> with '+', e.g. mix:arithmetic+code"]
+        from tracerl.data.sources import generator_levels
+
         p = []
         for name in members:
-            if name in ("arithmetic", "code"):
-                import importlib
-
-                LEVELS = importlib.import_module(  # noqa: N806
-                    f"tracerl.data.{'codegen' if name == 'code' else name}").LEVELS
-                if self.min_difficulty < LEVELS[0] or self.max_difficulty > LEVELS[-1]:
-                    p.append(f"data.min_difficulty..max_difficulty must lie in {LEVELS[0]}.."
-                             f"{LEVELS[-1]} for the {name} generator (got {self.min_difficulty}"
-                             f"..{self.max_difficulty})")
+            levels = generator_levels(name)
+            if levels is not None and (self.min_difficulty < levels[0]
+                                       or self.max_difficulty > levels[-1]):
+                p.append(f"data.min_difficulty..max_difficulty must lie in {levels[0]}.."
+                         f"{levels[-1]} for the {name} generator (got {self.min_difficulty}"
+                         f"..{self.max_difficulty})")
         if g.startswith("mix:") or g in ("arithmetic", "code"):
             return p
         if g.startswith("rg:"):

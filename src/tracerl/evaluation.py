@@ -63,6 +63,16 @@ def summarize(scored: pl.DataFrame, pass_ks: Sequence[int]) -> dict[str, float]:
     return out
 
 
+def _accuracy_by(scored: pl.DataFrame, label: dict[str, str]) -> dict[str, float]:
+    """avg@k per group of tasks: ``{label: accuracy}`` over the rows whose task has one."""
+    if not label or scored.height == 0:
+        return {}
+    df = scored.select("task_id", pl.col("correct").fill_null(False)).with_columns(
+        label=pl.col("task_id").replace_strict(label, default=None, return_dtype=pl.String))
+    per = df.filter(pl.col("label").is_not_null()).group_by("label").agg(pl.col("correct").mean())
+    return {k: float(a) for k, a in sorted(per.iter_rows())}
+
+
 def accuracy_by_level(scored: pl.DataFrame, tasks: Sequence[TaskRecord]) -> dict[str, float]:
     """avg@k per task difficulty level: ``{"level<d>_accuracy": ...}`` (levels >= 0 only).
 
@@ -71,14 +81,8 @@ def accuracy_by_level(scored: pl.DataFrame, tasks: Sequence[TaskRecord]) -> dict
     ...                        TaskRecord("b", "q", "s", "2", difficulty=7)])
     {'level6_accuracy': 0.5, 'level7_accuracy': 1.0}
     """
-    level = {t.task_id: t.difficulty for t in tasks if t.difficulty is not None
-             and t.difficulty >= 0}
-    if not level or scored.height == 0:
-        return {}
-    df = scored.select("task_id", pl.col("correct").fill_null(False)).with_columns(
-        level=pl.col("task_id").replace_strict(level, default=-1, return_dtype=pl.Int64))
-    per = df.filter(pl.col("level") >= 0).group_by("level").agg(pl.col("correct").mean())
-    return {f"level{lv}_accuracy": float(acc) for lv, acc in sorted(per.iter_rows())}
+    return _accuracy_by(scored, {t.task_id: f"level{t.difficulty}_accuracy" for t in tasks
+                                 if t.difficulty is not None and t.difficulty >= 0})
 
 
 def accuracy_by_source(scored: pl.DataFrame, tasks: Sequence[TaskRecord]) -> dict[str, float]:
@@ -92,13 +96,9 @@ def accuracy_by_source(scored: pl.DataFrame, tasks: Sequence[TaskRecord]) -> dic
     """
     from tracerl.rewards.scoring import source_key
 
-    source = {t.task_id: t.source for t in tasks}
-    if len(set(source.values())) < 2 or scored.height == 0:
+    if len({t.source for t in tasks}) < 2:
         return {}
-    df = scored.select("task_id", pl.col("correct").fill_null(False)).with_columns(
-        source=pl.col("task_id").replace_strict(source, default=""))
-    per = df.filter(pl.col("source") != "").group_by("source").agg(pl.col("correct").mean())
-    return {f"accuracy_{source_key(s)}": float(a) for s, a in sorted(per.iter_rows())}
+    return _accuracy_by(scored, {t.task_id: f"accuracy_{source_key(t.source)}" for t in tasks})
 
 
 def evaluate_tasks(

@@ -94,18 +94,6 @@ def seeded(seed: int) -> dict[str, Any]:
     return {s: {"seed": seed} for s in ("run", "sft", "policy", "value")}
 
 
-def flatten(over: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
-    out: dict[str, Any] = {}
-    for k, v in over.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def dvc_set_params(over: dict[str, Any]) -> list[str]:
     """``dvc exp run`` arguments for ``over``: ``-S section.key=value`` (values in
     YAML/JSON flow syntax, which DVC parses).
@@ -114,7 +102,9 @@ def dvc_set_params(over: dict[str, Any]) -> list[str]:
     ['-S', 'curriculum.block_size_schedule=[[5, 8]]', '-S', 'run.seed=1']
     """
     out = []
-    for k, v in flatten(over).items():
+    from tracerl.tracking import flatten_params
+
+    for k, v in flatten_params(over).items():
         val = "null" if v is None else json.dumps(v) if not isinstance(v, str) else v
         out += ["-S", f"{k}={val}"]
     return out

@@ -149,6 +149,12 @@ def generate_tasks(name: str, n: int, difficulty: int | Sequence[int] | None = 0
     return GENERATORS.get(kind)(arg, n, difficulty, seed, split)
 
 
+def generator_levels(name: str) -> range | None:
+    """The difficulty levels of an offline generator (``arithmetic``, ``code``); None for
+    generators whose levels are not fixed here (``rg:<name>``)."""
+    return {"arithmetic": arithmetic.LEVELS, "code": codegen.LEVELS}.get(name)
+
+
 def longest_prompt(name: str, difficulty: int | Sequence[int]) -> str | None:
     """The longest prompt a generator writes at these levels, where cheaply knowable
     (``arithmetic``); ``None`` otherwise (then the prepare stage measures the tasks)."""

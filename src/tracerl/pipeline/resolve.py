@@ -79,14 +79,16 @@ def curriculum_decision(p: Params, folder: Path | None) -> CurriculumDecision:
                             policy=curriculum_policy(p), **schedule_shape(p))
 
 
-def sampling_config(p: Params, decision: CurriculumDecision, **overrides):
+def sampling_config(p: Params, decision: CurriculumDecision, block_size: int | None = None,
+                    **overrides):
     """The one :class:`~tracerl.sampling.SamplingConfig` of rollout and evaluation:
     ``params.rollout`` with the block size and token budget the curriculum decision puts
-    in force (steps per block capped at the block size, for a scheduled smaller block),
-    then ``overrides`` (evaluation's strategy, temperature, top-k, top-p)."""
+    in force, or ``block_size`` when given (evaluation at more block sizes); steps per
+    block are capped at that block size. Then ``overrides`` (evaluation's strategy,
+    temperature, top-k, top-p, budget)."""
     from tracerl.sampling import SamplingConfig
 
-    r, b = p.rollout, decision.schedule.block_size
+    r, b = p.rollout, block_size or decision.schedule.block_size
     cfg = dict(block_size=b, steps_per_block=min(r.steps_per_block, b),
                max_tokens=decision.schedule.max_tokens, strategy=r.strategy,
                dynamic_threshold=r.dynamic_threshold, entropy_bound=r.entropy_bound,
