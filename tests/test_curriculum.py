@@ -241,3 +241,11 @@ def test_token_budget_follows_the_pool_top_level():
                           "curriculum": {"start_level": 6,
                                          "max_tokens_by_level": [[6, 80], [7, 130]]},
                           "model": {"max_position_embeddings": 512}})
+
+
+@pytest.mark.parametrize("key,name", [("block_size_schedule", "from_iteration"),
+                                      ("train_block_size_schedule", "from_iteration"),
+                                      ("max_tokens_by_level", "level")])
+def test_a_malformed_schedule_entry_is_listed_not_a_crash(key, name):
+    with pytest.raises(ConfigError, match=rf"curriculum.{key}: entry \[6\] must be \[{name}, value\]"):
+        params_from_dict({"curriculum": {key: [[6]]}})

@@ -735,21 +735,16 @@ class Params:
         """Decoding runs whole blocks: each budget must be a multiple of each block size it
         is decoded with (budgets by level and evaluation's; the schedules are checked by
         :meth:`CurriculumParams.cross_problems`)."""
-        from tracerl.limits import run_budgets
-
-        c, e, p = self.curriculum, self.evaluate, []
-        sched = run_budgets(self.model.block_size, self.rollout.max_tokens,
-                            c.block_size_schedule, c.max_tokens_schedule)
-        blocks = list(dict.fromkeys(b for b, _ in sched))
-        for level, m in (x for x in c.max_tokens_by_level if len(x) == 2):
+        sched, blocks, by_level, evals, eval_blocks = _budget_parts(self)
+        p = []
+        for level, m in by_level:
             bad = [b for b in blocks if b >= 1 and m % b]
             if bad:
                 p.append(f"curriculum.max_tokens_by_level: level {level}'s budget {m} is not a "
                          f"multiple of the rollout block size {bad[0]}; use a multiple of "
                          f"{', '.join(map(str, blocks))}")
-        evals = [e.max_tokens] if e.max_tokens else list(dict.fromkeys(
-            [m for _, m in sched] + [m for _, m in (x for x in c.max_tokens_by_level if len(x) == 2)]))
-        for b in [*blocks, *e.block_sizes] if e.max_tokens else e.block_sizes:
+        # a fixed evaluation budget meets every block; else only the extra sizes are new
+        for b in eval_blocks if self.evaluate.max_tokens else self.evaluate.block_sizes:
             bad = [m for m in evals if b >= 1 and m % b]
             if bad:
                 p.append(f"evaluate: the token budget {bad[0]} is not a multiple of block size "
@@ -785,6 +780,22 @@ class Params:
         return dataclasses.asdict(self)
 
 
+def _budget_parts(p: Params):
+    """``(schedule pairs, their block sizes, [(level, budget)], evaluation budgets,
+    evaluation block sizes)`` of a run; entries that are not pairs are left out (params
+    validation names them)."""
+    from tracerl.limits import run_budgets
+
+    c, e = p.curriculum, p.evaluate
+    sched = run_budgets(p.model.block_size, p.rollout.max_tokens,
+                        c.block_size_schedule, c.max_tokens_schedule)
+    blocks = list(dict.fromkeys(b for b, _ in sched))
+    by_level = [(x[0], x[1]) for x in c.max_tokens_by_level if len(x) == 2]
+    evals = [e.max_tokens] if e.max_tokens else list(dict.fromkeys(
+        [m for _, m in sched] + [m for _, m in by_level]))
+    return sched, blocks, by_level, evals, [*blocks, *e.block_sizes]
+
+
 def decoding_budgets(p: Params) -> list[tuple[int, int]]:
     """Every ``(block_size, max_tokens)`` a run decodes with: rollouts (the block and
     token schedules, the budgets by level) and evaluation (its block sizes and budget).
@@ -795,15 +806,9 @@ def decoding_budgets(p: Params) -> list[tuple[int, int]]:
     ...                  "evaluate": {"block_sizes": [8], "max_tokens": 80}}))
     [(4, 40), (4, 80), (8, 80)]
     """
-    from tracerl.limits import run_budgets
-
-    c, e = p.curriculum, p.evaluate
-    out = run_budgets(p.model.block_size, p.rollout.max_tokens,
-                      c.block_size_schedule, c.max_tokens_schedule)
-    blocks = list(dict.fromkeys(b for b, _ in out))
-    out += [(b, m) for b in blocks for _, m in c.max_tokens_by_level]
-    evals = [e.max_tokens] if e.max_tokens else list(dict.fromkeys(m for _, m in out))
-    out += [(b, m) for b in [*blocks, *e.block_sizes] for m in evals]
+    sched, blocks, by_level, evals, eval_blocks = _budget_parts(p)
+    out = [*sched, *((b, m) for b in blocks for _, m in by_level),
+           *((b, m) for b in eval_blocks for m in evals)]
     return list(dict.fromkeys(out))
 
 

@@ -167,7 +167,8 @@ def value_at(schedule: Sequence[Sequence[int]], iteration: int, default: int) ->
     16
     """
     value = default
-    for start, v in sorted(schedule, key=lambda e: e[0]):
+    # entries that are not pairs are skipped: params validation names them (schedule_problems)
+    for start, v in sorted((e for e in schedule if len(e) == 2), key=lambda e: e[0]):
         if start <= iteration:
             value = v
     return value
