@@ -21,7 +21,7 @@ from test_stage_train import _params, _scored, _sft_data
 from tracerl.config import ConfigError, load_params
 from tracerl.models import load_model
 from tracerl.pipeline.artifacts import is_complete, read_metrics
-from tracerl.pipeline.launch import rendezvous_args, stage_ranks, torchrun_command
+from tracerl.pipeline.launch import ranks_of, rendezvous_args, torchrun_command
 from tracerl.pipeline.layout import StageCall
 from tracerl.pipeline.registry import STAGES
 from tracerl.pipeline.runners import ContainerRunner, InProcessRunner, SubprocessRunner
@@ -49,7 +49,7 @@ def test_registry_names_the_ranks_keys():
     keys = {n: s.resources.ranks for n, s in STAGES.items() if s.resources.ranks}
     assert keys == {"sft": "sft.ranks", "value": "value.ranks", "policy": "policy.ranks"}
     p = load_params(ROOT / "params.yaml")
-    assert {n: stage_ranks(n, p) for n in STAGES.names()} == dict.fromkeys(STAGES.names(), 1)
+    assert {n: ranks_of(n, p) for n in STAGES.names()} == dict.fromkeys(STAGES.names(), 1)
 
 
 def test_bad_ranks_settings_are_listed_with_their_fix(tmp_path):
@@ -67,7 +67,7 @@ def test_bad_ranks_settings_are_listed_with_their_fix(tmp_path):
                and "set value.grad_accum: 4" in m for m in msgs)
     assert not any(m.startswith("value.ranks") for m in msgs)  # zero_stage 2 is fine
     good = _yaml(tmp_path, "good.yaml", policy={"ranks": 2, "zero_stage": 2, "grad_accum": 2})
-    assert stage_ranks("policy", load_params(good)) == 2
+    assert ranks_of("policy", load_params(good)) == 2
 
 
 # ---------------------------------------------------------------------- commands

@@ -34,7 +34,7 @@ from tracerl.pipeline.registry import STAGES
 LAUNCHER = ("-m", "torch.distributed.run")
 
 
-def stage_ranks(stage: str, params: Any) -> int:
+def ranks_of(stage: str, params: Any) -> int:
     """Processes per node of ``stage`` under ``params`` (1 for a stage that names no ranks
     key in its registry entry)."""
     key = STAGES.get(stage).resources.ranks
@@ -45,13 +45,13 @@ def stage_ranks(stage: str, params: Any) -> int:
 
 
 def call_ranks(stage: str, params_path: str | os.PathLike) -> int:
-    """:func:`stage_ranks` of the params file a stage call reads (loaded only for stages
+    """:func:`ranks_of` the params file a stage call reads (loaded only for stages
     that may run multi-rank)."""
     if not STAGES.get(stage).resources.ranks:
         return 1
     from tracerl.config import load_params
 
-    return stage_ranks(stage, load_params(Path(params_path)))
+    return ranks_of(stage, load_params(Path(params_path)))
 
 
 def rendezvous_args(env: Mapping[str, str] | None = None) -> list[str]:
