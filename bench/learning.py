@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.iterations:
         base["run"]["iterations"] = a.iterations
     arms = METHODS
+    sft_tag = ""
     if a.recipes:
         from tracerl.recipes import load_recipe
 
@@ -101,14 +102,29 @@ def main(argv: list[str] | None = None) -> int:
         if len({json.dumps(v, sort_keys=True) for v in sft_of.values()}) > 1:
             ap.error("the recipes differ in model/sft/data: they cannot share an SFT model; "
                      "compare them in separate invocations")
-        base = merge(base, {k: v for k, v in next(iter(sft_of.values())).items()})
+        shared = next(iter(sft_of.values()))
+        if any(shared.get(k) != base.get(k) for k in shared):
+            # an SFT model of its own (other data or model): its own run folder, so the
+            # default SFT model of the same seed is neither overwritten nor re-trained
+            sft_tag = f"-{a.recipes[0]}"
+        base = merge(base, dict(shared))
     work = Path(base["run"]["runs_dir"]) / "learning-params"
     results: dict = {"params": base, "seeds": {}}
+    prior = a.out / "learning.json"
+    if prior.exists():  # seeds of an earlier invocation with the same params are kept
+        old = json.loads(prior.read_text())
+        if json.dumps(old.get("params"), sort_keys=True) == json.dumps(
+                json.loads(json.dumps(base)), sort_keys=True):
+            results["seeds"] = {k: v for k, v in old.get("seeds", {}).items()
+                                if k not in {str(s) for s in a.seeds}}
     for seed in a.seeds:
         t0 = time.time()
         seeds = seeded(seed)
-        sft_p = merge(merge(base, seeds), {"run": {"name": f"learn-s{seed}-sft",
-                                                    "iterations": 1}})
+        # the first arm's params whole (they are valid together: e.g. a curriculum start
+        # level inside the recipe's difficulty range); the arms share what the SFT part reads
+        first = arms[a.methods[0]] if a.recipes else {}
+        sft_p = merge(merge(merge(base, seeds), first),
+                      {"run": {"name": f"learn-s{seed}-sft{sft_tag}", "iterations": 1}})
         for part in ("prepare", "sft"):
             run_flow(sft_p, work, part)
         sft_dir = Path(base["run"]["runs_dir"]) / sft_p["run"]["name"]

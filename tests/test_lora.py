@@ -156,9 +156,11 @@ def test_policy_update_with_lora_changes_the_merged_weights(tmp_path):
     sm = read_metrics(tmp_path / "sft")  # full fine-tuning: every parameter trains
     assert sm["params/trainable"] == sm["params/total"]
     scored = _scored(tmp_path, tmp_path / "sft" / "checkpoint")
+    # no reference given: fresh adapters on the input policy's weights
     assert policy_stage.main(["--params", str(params), "--policy", str(tmp_path / "sft"),
                               "--scored", str(scored), "--out", str(tmp_path / "p0")]) == 0
     pm = read_metrics(tmp_path / "p0")
+    assert pm["lora/continued"] == 0.0 and pm["lora/base_is_reference"] == 0.0
     # the adapted policy digests as the weights the rollout recorded: log-probs reused
     assert pm["old_logprobs_recorded"] == 1.0
     assert pm["params/trainable"] == 4 * LORA_PER_RANK
@@ -210,3 +212,95 @@ def test_value_stage_with_lora_trains_adapters_and_head(tmp_path):
                              f"scored={scored}", "--out", str(tmp_path / "v1"),
                              "--iteration", "1"]) == 0
     assert read_metrics(tmp_path / "v1")["resumed"] == 1.0
+
+
+def _ref_logprobs(lm, samples, beta_cfg, **kw):
+    from tracerl.rl import PolicyConfig
+    from tracerl.rl.policy import prepare_policy_rows
+
+    trainer = Trainer(TokenScorer(lm), TrainConfig(lr=1e-3, micro_batch=2), kind="policy")
+    # random masking: rows need no decoding trajectory (the reference is method-blind)
+    cfg = PolicyConfig(method="random_masking", beta=beta_cfg, kl_target="reference")
+    rows, _ = prepare_policy_rows(trainer, samples, cfg, **kw)
+    return [r.tokens["ref_logprobs"] for r in rows], [r.tokens["old_logprobs"] for r in rows]
+
+
+def test_kl_reference_is_the_model_with_adapters_off():
+    """The reference log-probs of an adapted model with its adapters switched off equal
+    those of a separate copy of the base weights; the adapters are back on afterwards."""
+    base, _ = _model()
+    lm, _ = _model()
+    apply_lora(lm, LoraSpec(rank=4, alpha=8.0))
+    _randomize_adapters(lm)
+    samples = [TraceSample(prompt_ids=s.prompt_ids, response_ids=s.response_ids,
+                           decode_steps=None, response_len=4, attention="block", block_size=4,
+                           advantage=1.0) for s in _samples()]
+    off, old = _ref_logprobs(lm, samples, 0.1, ref_adapters_off=True)
+    copy, _ = _ref_logprobs(lm, samples, 0.1, ref_model=base)
+    for a, b in zip(off, copy):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    # the adapted policy (old log-probs, scored with adapters on) differs from the reference
+    assert max(float((a - b).abs().max()) for a, b in zip(old, off)) > 1e-3
+    assert all(p.requires_grad for n, p in lm.named_parameters() if "lora_" in n)
+    ids = _tokens(lm)
+    with torch.no_grad():
+        on = lm.backbone(input_ids=ids).logits
+        ref = base.backbone(input_ids=ids).logits
+    assert not torch.allclose(on, ref, atol=1e-4)  # adapters on again
+
+
+def test_lora_policy_trains_one_adapter_on_the_reference(tmp_path):
+    """With the reference given, iteration 0 puts fresh adapters on it, iteration 1 loads
+    that adapter back onto the same weights with its optimizer moments and trains on; the
+    merged checkpoint equals reference + the saved adapter; KL to the reference needs no
+    second copy (the base with adapters off), and is zero at the first step."""
+    from stages import policy as policy_stage
+    from stages import sft as sft_stage
+
+    from tracerl.models.lora import adapter_base_digest, load_adapter
+
+    lora = {"rank": 4, "alpha": 8.0}
+    params = _params(tmp_path, sft={"steps": 1},
+                     policy={"lora": lora, "beta": 0.5, "kl_target": "reference"})
+    assert sft_stage.main(["--params", str(params), "--input", f"data={_sft_data(tmp_path)}",
+                           "--out", str(tmp_path / "sft")]) == 0
+    scored = _scored(tmp_path, tmp_path / "sft" / "checkpoint")
+    ref = ["--reference", str(tmp_path / "sft")]
+    assert policy_stage.main(["--params", str(params), "--policy", str(tmp_path / "sft"),
+                              "--scored", str(scored), "--out", str(tmp_path / "p0"), *ref]) == 0
+    p0 = read_metrics(tmp_path / "p0")
+    assert p0["lora/continued"] == 0.0 and p0["lora/base_is_reference"] == 1.0
+    assert p0["kl"] == pytest.approx(0.0, abs=1e-7)  # fresh adapters: the policy is the reference
+    sft_w = load_model(tmp_path / "sft" / "checkpoint")[0]
+    assert adapter_base_digest(tmp_path / "p0" / "adapter") == weights_digest(sft_w)
+    scored1 = _scored(tmp_path, tmp_path / "p0" / "checkpoint", name="reward1")
+    assert policy_stage.main(["--params", str(params), "--input", f"policy={tmp_path / 'p0'}",
+                              "--input", f"scored={scored1}", "--out", str(tmp_path / "p1"),
+                              "--iteration", "1", *ref]) == 0
+    p1 = read_metrics(tmp_path / "p1")
+    assert p1["lora/continued"] == 1.0 and p1["lora/base_is_reference"] == 1.0
+    assert p1["resumed"] == 1.0
+    assert p1["old_logprobs_recorded"] == 1.0  # the continued model digests as p0's checkpoint
+    assert p1["kl"] > 0  # the policy has moved away from the reference
+    # p1's merged weights are the reference plus p1's adapter (one adapter, trained on)
+    rebuilt = load_model(tmp_path / "sft" / "checkpoint")[0]
+    apply_lora(rebuilt, LoraSpec(rank=4, alpha=8.0))
+    load_adapter(rebuilt, tmp_path / "p1" / "adapter")
+    p1_w = load_model(tmp_path / "p1" / "checkpoint")[0]
+    assert weights_digest(rebuilt) == weights_digest(p1_w)
+    p0_ad = load_model(tmp_path / "sft" / "checkpoint")[0]
+    apply_lora(p0_ad, LoraSpec(rank=4, alpha=8.0))
+    load_adapter(p0_ad, tmp_path / "p0" / "adapter")
+    assert weights_digest(p0_ad) == weights_digest(load_model(tmp_path / "p0" / "checkpoint")[0])
+    assert weights_digest(p0_ad) != weights_digest(p1_w)
+    # AdamW's moments of iteration 0 were restored (continued), not started afresh: the
+    # per-parameter step count goes on from p0's
+    from tracerl.rl.trainer import STATE_FILE
+
+    def adam_steps(d):
+        opt = torch.load(d / "trainer_state" / STATE_FILE, weights_only=False)["optimizer"]
+        return {float(v["step"]) for v in opt["state"].values()}
+
+    assert adam_steps(tmp_path / "p0") == {p0["trainer/optimizer_steps"]}
+    assert adam_steps(tmp_path / "p1") == {p1["trainer/optimizer_steps"]}
+    assert p1["trainer/optimizer_steps"] > p0["trainer/optimizer_steps"]

@@ -16,13 +16,21 @@ and the hub take. :func:`effective_state_dict` gives the weights the adapted mod
 computes with, under the plain names and bit-equal to what :func:`merge_lora` writes, so
 :func:`~tracerl.models.weights_digest` of an adapted model equals the digest of its merged
 checkpoint (and, with fresh adapters, ``B = 0``, the digest of the weights it started from).
+
+An adapter folder also records the digest of the base weights it was trained on
+(``tracerl_base.json``): :func:`load_adapted` puts a saved adapter back on the same base
+and trains on, so an RL run keeps one adapter on the frozen reference model, and the KL
+reference is that model with the adapters switched off (:func:`adapters_disabled`): no
+second copy of the weights in memory.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +38,8 @@ import torch
 from torch import nn
 
 ADAPTER = "default"  # peft's adapter name; one adapter per model here
+BASE_FILE = "tracerl_base.json"  # in an adapter folder: the digest of its base weights
+PEFT_PREFIX = "base_model.model."  # PeftModel's key prefix in adapter_model.safetensors
 PEFT_PIN = "peft==0.21.2"  # the version pinned in pyproject.toml (install hint only)
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -192,11 +202,13 @@ def merge_lora(lm):
 
 
 def save_adapter(lm, out_dir: str | os.PathLike, spec: LoraSpec,
-                 base_model: str | None = None) -> Path:
+                 base_model: str | None = None, base_digest: str | None = None) -> Path:
     """Write the adapters in peft's layout (``adapter_config.json``,
     ``adapter_model.safetensors``): ``PeftModel.from_pretrained(<base backbone>, out_dir)``
     loads them onto the base weights they were trained from (``base_model``: its hub id or
-    folder, recorded as ``base_model_name_or_path``; None when it has no stable name)."""
+    folder, recorded as ``base_model_name_or_path``; None when it has no stable name).
+    ``base_digest`` (:func:`~tracerl.models.weights_digest` of those base weights) goes to
+    ``tracerl_base.json``, which :func:`load_adapted` checks before it trains on."""
     from peft import LoraConfig, get_peft_model_state_dict
     from safetensors.torch import save_file
 
@@ -207,10 +219,108 @@ def save_adapter(lm, out_dir: str | os.PathLike, spec: LoraSpec,
                      base_model_name_or_path=base_model, task_type="CAUSAL_LM")
     cfg.save_pretrained(str(out))
     # PeftModel keys carry its wrappers' prefix (PeftModel.base_model -> LoraModel.model)
-    sd = {f"base_model.model.{k}": v.detach().to("cpu").contiguous()
+    sd = {f"{PEFT_PREFIX}{k}": v.detach().to("cpu").contiguous()
           for k, v in get_peft_model_state_dict(lm.backbone, adapter_name=ADAPTER).items()}
     save_file(sd, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    if base_digest is not None:
+        (out / BASE_FILE).write_text(json.dumps({"base_digest": base_digest}) + "\n")
     return out
+
+
+def adapter_base_digest(adapter_dir: str | os.PathLike) -> str | None:
+    """The base-weights digest an adapter folder records (None: not recorded, or no folder)."""
+    f = Path(adapter_dir) / BASE_FILE
+    return json.loads(f.read_text()).get("base_digest") if f.is_file() else None
+
+
+def adapter_matches(adapter_dir: str | os.PathLike, spec: LoraSpec) -> bool:
+    """Whether the saved adapter has ``spec``'s shape and scale (rank, alpha, targets)."""
+    f = Path(adapter_dir) / "adapter_config.json"
+    if not f.is_file():
+        return False
+    cfg = json.loads(f.read_text())
+    return (cfg.get("r") == spec.rank and float(cfg.get("lora_alpha", -1)) == spec.alpha
+            and sorted(cfg.get("target_modules") or []) == sorted(spec.target_modules))
+
+
+@torch.no_grad()
+def load_adapter(lm, adapter_dir: str | os.PathLike) -> None:
+    """Copy a saved adapter (:func:`save_adapter`) into ``lm``'s injected adapters.
+
+    Raises:
+        ValueError: the folder's tensors and the model's adapters do not correspond.
+    """
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    sd = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+    sd = {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in sd.items()}
+    want = get_peft_model_state_dict(lm.backbone, adapter_name=ADAPTER)
+    if set(sd) != set(want) or any(sd[k].shape != want[k].shape for k in want):
+        raise ValueError(f"LoRA: the adapter in {adapter_dir} does not fit this model's "
+                         f"adapters ({len(sd)} tensors saved, {len(want)} expected)")
+    set_peft_model_state_dict(lm.backbone, sd, adapter_name=ADAPTER)
+
+
+@contextmanager
+def adapters_disabled(lm) -> Iterator[None]:
+    """Inside, ``lm`` computes with its base weights alone (every adapter switched off):
+    the frozen reference model of a LoRA run, without a second copy in memory."""
+    layers = [layer for _, layer in lora_layers(lm)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:  # peft's enable also makes the active adapter trainable again
+            layer.enable_adapters(True)
+
+
+@dataclass
+class Adapted:
+    """What :func:`load_adapted` built: the adapted model, and how."""
+
+    model: object
+    tokenizer: object
+    continued: bool  # a saved adapter was loaded onto its base (not fresh adapters)
+    base_is_reference: bool  # the base weights are the reference model's
+    base_digest: str
+
+
+def load_adapted(policy_dir: str | os.PathLike, reference_dir: str | os.PathLike | None,
+                 spec: LoraSpec, where: str = "lora", **load_kw) -> Adapted:
+    """The model a LoRA update trains: adapters on frozen base weights.
+
+    - ``policy_dir`` has an ``adapter/`` of ``spec``'s shape trained on the reference's
+      weights (``tracerl_base.json``): the reference plus that adapter, trained on
+      (the previous update's optimizer moments belong to it);
+    - ``policy_dir`` is the reference's checkpoint itself (an RL run's first update):
+      fresh adapters on it;
+    - otherwise: fresh adapters on ``policy_dir``'s (merged) weights; the reference, if
+      any, is then not the base.
+
+    ``load_kw`` go to :func:`~tracerl.models.load_model` (family, dtype, device).
+    """
+    from tracerl.models.model import checkpoint_dir, load_model, weights_digest
+
+    pol = checkpoint_dir(policy_dir)
+    adapter = Path(policy_dir) / "adapter"
+    if reference_dir is not None:
+        ref = checkpoint_dir(reference_dir)
+        saved = adapter_base_digest(adapter) if adapter_matches(adapter, spec) else None
+        if saved is not None or pol.resolve() == ref.resolve():
+            model, tok = load_model(ref, **load_kw)
+            digest = weights_digest(model)
+            if saved == digest or pol.resolve() == ref.resolve():
+                apply_lora(model, spec, where)
+                if saved == digest:
+                    load_adapter(model, adapter)
+                return Adapted(model, tok, saved == digest, True, digest)
+            del model  # the adapter was trained on other weights: start from the policy's
+    model, tok = load_model(pol, **load_kw)
+    digest = weights_digest(model)
+    apply_lora(model, spec, where)
+    return Adapted(model, tok, False, False, digest)
 
 
 def parameter_report(module: nn.Module, optimizer: torch.optim.Optimizer | None = None
@@ -236,7 +346,7 @@ def parameter_report(module: nn.Module, optimizer: torch.optim.Optimizer | None 
 
 
 def save_trained(lm, tokenizer, out_dir: str | os.PathLike, spec: LoraSpec,
-                 base_model: str | None = None) -> Path:
+                 base_model: str | None = None, base_digest: str | None = None) -> Path:
     """A training stage's model outputs in ``out_dir``: ``checkpoint/`` (the plain model, with
     any adapters merged: what rollout and evaluate load) and, with LoRA, ``adapter/``
     (:func:`save_adapter`). Merging leaves ``lm`` a plain model. Returns ``checkpoint/``."""
@@ -244,6 +354,6 @@ def save_trained(lm, tokenizer, out_dir: str | os.PathLike, spec: LoraSpec,
 
     out = Path(out_dir)
     if has_lora(lm):
-        save_adapter(lm, out / "adapter", spec, base_model)
+        save_adapter(lm, out / "adapter", spec, base_model, base_digest)
         merge_lora(lm)
     return save_model(lm, tokenizer, out / "checkpoint")

@@ -17,6 +17,7 @@ import torch
 
 from tracerl.devices import HOST
 from tracerl.models import DiffusionLM, weights_digest
+from tracerl.models.lora import adapters_disabled
 from tracerl.rl.builders import ROW_BUILDERS
 from tracerl.rl.configs import PolicyConfig
 from tracerl.rl.engine import (
@@ -80,9 +81,13 @@ def _recorded_usable(trainer: Trainer, lm: DiffusionLM, samples: Sequence[TraceS
 
 
 def prepare_policy_rows(trainer: Trainer, samples: Sequence[TraceSample], cfg: PolicyConfig, *,
-                        ref_model: DiffusionLM | None = None, progress: bool = False
-                        ) -> tuple[list[Row], dict[str, float]]:
+                        ref_model: DiffusionLM | None = None, ref_adapters_off: bool = False,
+                        progress: bool = False) -> tuple[list[Row], dict[str, float]]:
     """Rows with ``advantages``, ``old_logprobs``, ``mask`` (and ``ref_logprobs``) attached.
+
+    The KL reference (``beta > 0``, ``kl_target: reference``) is ``ref_model``, or, with
+    ``ref_adapters_off``, the trained model itself with its LoRA adapters switched off
+    (its base weights are the reference: no second copy).
 
     Old log-probs come from the rollout record when :func:`_recorded_usable` (then they
     are exactly the states the sampler scored, saving a forward pass); otherwise they are
@@ -118,11 +123,17 @@ def prepare_policy_rows(trainer: Trainer, samples: Sequence[TraceSample], cfg: P
             info["old_logprob_drift_max"] = max(drift)
     info["old_logprobs_recorded"] = float(recorded)
     if cfg.beta > 0 and cfg.kl_target == "reference":
-        if ref_model is None:
+        if ref_adapters_off:
+            with adapters_disabled(lm):
+                ref_lp = [lp for lp, _ in score_rows(trainer, rows, lm.tokens.pad_id,
+                                                     trainer.cfg.micro_batch, progress)]
+        elif ref_model is not None:
+            ref = Trainer(TokenScorer(ref_model), replace(trainer.cfg, zero_stage=0), kind="ref")
+            ref_lp = [lp for lp, _ in score_rows(ref, rows, lm.tokens.pad_id,
+                                                 trainer.cfg.micro_batch, progress)]
+        else:
             raise ValueError("policy kl_target='reference' with beta > 0 needs a reference model")
-        ref = Trainer(TokenScorer(ref_model), replace(trainer.cfg, zero_stage=0), kind="ref")
-        for r, (lp, _) in zip(rows, score_rows(ref, rows, lm.tokens.pad_id,
-                                               trainer.cfg.micro_batch, progress)):
+        for r, lp in zip(rows, ref_lp):
             r.tokens["ref_logprobs"] = lp.float()
     for r in rows:
         s = samples[r.sample]
@@ -162,8 +173,8 @@ def policy_loss_factory(cfg: PolicyConfig, padded: int) -> Callable[[list[Row]],
 
 
 def policy_update(trainer: Trainer, samples: Sequence[TraceSample], cfg: PolicyConfig, *,
-                  ref_model: DiffusionLM | None = None, progress: bool = False
-                  ) -> dict[str, float]:
+                  ref_model: DiffusionLM | None = None, ref_adapters_off: bool = False,
+                  progress: bool = False) -> dict[str, float]:
     """One TraceRL (or baseline) policy update over an iteration's samples.
 
     An empty batch (every group filtered) makes no step and says so in the metrics
@@ -175,7 +186,7 @@ def policy_update(trainer: Trainer, samples: Sequence[TraceSample], cfg: PolicyC
         ``rows/block_size`` (the records' block size the rows were built with).
     """
     rows, info = prepare_policy_rows(trainer, samples, cfg, ref_model=ref_model,
-                                     progress=progress)
+                                     ref_adapters_off=ref_adapters_off, progress=progress)
     if not rows:
         log.warning("policy update skipped: no trainable rows (%d samples)", len(samples))
         return {**info, "empty_batch": 1.0, "steps": 0.0}
