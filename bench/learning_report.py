@@ -1,0 +1,149 @@
+"""Tables and plots of a ``bench/learning.py`` comparison, across its seeds.
+
+    source scripts/env.sh && python bench/learning_report.py docs/results/blocks
+        [--runs runs] [--keys b4.low_confidence_static b16.low_confidence_static ...]
+        [--levels 6 7 8]
+
+Reads ``<folder>/learning.json`` (written by ``bench/learning.py``) and each arm's run
+folder (``<runs>/learn-s<seed>-<arm>/plots/rl_curves.json``: the per-iteration metrics),
+prints markdown tables and writes ``<folder>/train_curves.png``:
+
+- held-out accuracy, SFT model -> final policy, per arm: mean over seeds, the gain with
+  its spread (min .. max, and the sample standard deviation), and per seed;
+- ``--keys``: the final and SFT evaluations' ``heldout.<key>.accuracy`` (and, where the
+  evaluation records it, ``forward_per_token``) per arm, mean and min .. max over seeds;
+- ``--levels``: accuracy per task level (greedy static), SFT and final, mean over seeds;
+- the curriculum level each iteration sampled at, per arm and seed (one digit each);
+- the plot: per arm and seed, the rollouts' accuracy and mean response length per
+  iteration, and the token budget in force.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+
+def spread(xs: list[float], scale: float = 100.0, signed: bool = False) -> str:
+    """``mean (min .. max)`` of ``xs`` in points."""
+    f = "+.1f" if signed else ".1f"
+    xs = [scale * x for x in xs]
+    rng = f" ({min(xs):{f}} .. {max(xs):{f}})" if len(xs) > 1 else ""
+    return f"{statistics.mean(xs):{f}}{rng}"
+
+
+def curves(runs: Path, seed: str, arm: str) -> list[dict]:
+    f = runs / f"learn-s{seed}-{arm}" / "plots" / "rl_curves.json"
+    return json.loads(f.read_text()) if f.is_file() else []
+
+
+def report(folder: Path, runs: Path, keys: list[str], levels: list[int]) -> str:
+    res = json.loads((folder / "learning.json").read_text())
+    seeds = res["seeds"]
+    arms = [a for a in next(iter(seeds.values())) if a != "sft_seconds"]
+    out = [f"Seeds: {', '.join(seeds)}.", "",
+           "| arm | SFT held-out | final held-out | gain (points) | sd of gain | per seed (SFT -> final) |",
+           "|---|---:|---:|---:|---:|---|"]
+    for a in arms:
+        rs = [s[a] for s in seeds.values() if a in s]
+        gains = [r["final_accuracy"] - r["sft_accuracy"] for r in rs]
+        sd = f"{100 * statistics.stdev(gains):.1f}" if len(gains) > 1 else "-"
+        per = ", ".join(f"{100 * r['sft_accuracy']:.1f} -> {100 * r['final_accuracy']:.1f}"
+                        for r in rs)
+        out.append(f"| {a} | {spread([r['sft_accuracy'] for r in rs])} | "
+                   f"{spread([r['final_accuracy'] for r in rs])} | "
+                   f"{spread(gains, signed=True)} | {sd} | {per} |")
+    if keys:
+        out += ["", "Held-out accuracy (%) per decoding, mean (min .. max) over seeds; "
+                "forward passes per generated token in brackets (mean):", "",
+                "| policy | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
+        first = arms[0]
+        rows = [("SFT", [s[first]["sft_metrics"] for s in seeds.values() if first in s])]
+        rows += [(a, [s[a]["final_metrics"] for s in seeds.values() if a in s]) for a in arms]
+        for name, ms in rows:
+            cells = []
+            for k in keys:
+                acc = [m.get(f"heldout.{k}.accuracy") for m in ms]
+                if any(v is None for v in acc):
+                    cells.append("-")
+                    continue
+                fwd = [m.get(f"heldout.{k}.forward_per_token") for m in ms]
+                fw = f" [{statistics.mean(fwd):.2f}]" if all(v is not None for v in fwd) else ""
+                cells.append(spread(acc) + fw)
+            out.append(f"| {name} | " + " | ".join(cells) + " |")
+    if levels:
+        out += ["", "Accuracy per level (%, greedy static), mean over seeds, SFT -> final:", "",
+                "| arm | " + " | ".join(f"level {lv}" for lv in levels) + " |",
+                "|---|" + "---:|" * len(levels)]
+        for a in arms:
+            rs = [s[a] for s in seeds.values() if a in s]
+            cells = []
+            for lv in levels:
+                k = f"heldout.low_confidence_static.level{lv}_accuracy"
+                sft = [r["sft_metrics"].get(k) for r in rs]
+                fin = [r["final_metrics"].get(k) for r in rs]
+                cells.append("-" if None in sft + fin else
+                             f"{100 * statistics.mean(sft):.1f} -> {100 * statistics.mean(fin):.1f}")
+            out.append(f"| {a} | " + " | ".join(cells) + " |")
+    out += ["", "Curriculum level of each iteration (one digit per iteration):", "",
+            "| arm | seed | levels |", "|---|---:|---|"]
+    for a in arms:
+        for seed, s in seeds.items():
+            if a in s:
+                out.append(f"| {a} | {seed} | `{''.join(str(v) for v in s[a]['levels'])}` |")
+    plot(folder, runs, seeds, arms)
+    return "\n".join(out)
+
+
+def plot(folder: Path, runs: Path, seeds: dict, arms: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, a in enumerate(arms):
+        for j, seed in enumerate(seeds):
+            rows = curves(runs, seed, a)
+            if not rows:
+                continue
+            it = [r["iteration"] for r in rows]
+            kw = dict(color=colors[i % len(colors)], alpha=0.8,
+                      label=f"{a}" if j == 0 else None, linestyle=["-", "--", ":"][j % 3])
+            ax1.plot(it, [r.get("reward.accuracy", float("nan")) for r in rows], **kw)
+            ax2.plot(it, [r.get("reward.mean_response_tokens", float("nan")) for r in rows], **kw)
+            if "rollout.max_tokens" in rows[0]:
+                ax2.plot(it, [r["rollout.max_tokens"] for r in rows], color=kw["color"],
+                         alpha=0.3, linewidth=1)
+    ax1.set(xlabel="RL iteration", ylabel="rollout accuracy (temperature 1)",
+            title="accuracy of the iteration's rollouts")
+    ax2.set(xlabel="RL iteration", ylabel="tokens",
+            title="mean response length (thin: token budget)")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    ax1.legend(title="arm (seeds: - -- :)")
+    fig.tight_layout()
+    fig.savefig(folder / "train_curves.png", dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folder", type=Path, help="the --out folder of bench/learning.py")
+    ap.add_argument("--runs", type=Path, default=Path("runs"))
+    ap.add_argument("--keys", nargs="*", default=[],
+                    help="evaluation keys, e.g. b16.low_confidence_static")
+    ap.add_argument("--levels", nargs="*", type=int, default=[])
+    a = ap.parse_args(argv)
+    if not (a.folder / "learning.json").is_file():
+        ap.error(f"{a.folder}/learning.json not found: run bench/learning.py --out {a.folder}")
+    print(report(a.folder, a.runs, a.keys, a.levels))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
