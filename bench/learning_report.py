@@ -13,6 +13,9 @@ prints markdown tables and writes ``<folder>/train_curves.png``:
 - ``--keys``: the final and SFT evaluations' ``heldout.<key>.accuracy`` (and, where the
   evaluation records it, ``forward_per_token``) per arm, mean and min .. max over seeds;
 - ``--levels``: accuracy per task level (greedy static), SFT and final, mean over seeds;
+- ``--paired ARM``: the difference in held-out gain between ARM and each other arm,
+  paired by seed (every arm of a seed starts from the same SFT model), with a 95%
+  Student-t confidence interval over the seeds;
 - the curriculum level each iteration sampled at, per arm and seed (one digit each);
 - the plot: per arm and seed, the rollouts' accuracy and mean response length per
   iteration, and the token budget in force.
@@ -35,12 +38,46 @@ def spread(xs: list[float], scale: float = 100.0, signed: bool = False) -> str:
     return f"{statistics.mean(xs):{f}}{rng}"
 
 
+# two-sided 95% quantiles of Student's t for 1..30 degrees of freedom
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+        2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_interval(xs: list[float]) -> tuple[float, float, float]:
+    """Mean and the 95% Student-t confidence interval of the mean of ``xs`` (n >= 2)."""
+    n = len(xs)
+    m = statistics.mean(xs)
+    half = (T975[n - 2] if n - 1 <= len(T975) else 1.96) * statistics.stdev(xs) / n ** 0.5
+    return m, m - half, m + half
+
+
+def paired(seeds: dict, arms: list[str], base: str) -> list[str]:
+    out = ["", f"Difference in held-out gain, {base} minus each arm, paired by seed "
+           "(points; 95% Student-t interval over seeds):", "",
+           "| arm | seeds | mean difference | 95% interval | per seed |", "|---|---:|---:|---|---|"]
+    for a in arms:
+        if a == base:
+            continue
+        both = [s for s in seeds.values() if a in s and base in s]
+        d = [100 * ((s[base]["final_accuracy"] - s[base]["sft_accuracy"])
+                    - (s[a]["final_accuracy"] - s[a]["sft_accuracy"])) for s in both]
+        if len(d) < 2:
+            out.append(f"| {a} | {len(d)} | - | - | - |")
+            continue
+        m, lo, hi = t_interval(d)
+        out.append(f"| {a} | {len(d)} | {m:+.1f} | [{lo:+.1f}, {hi:+.1f}] | "
+                   + ", ".join(f"{x:+.1f}" for x in d) + " |")
+    return out
+
+
 def curves(runs: Path, seed: str, arm: str) -> list[dict]:
     f = runs / f"learn-s{seed}-{arm}" / "plots" / "rl_curves.json"
     return json.loads(f.read_text()) if f.is_file() else []
 
 
-def report(folder: Path, runs: Path, keys: list[str], levels: list[int]) -> str:
+def report(folder: Path, runs: Path, keys: list[str], levels: list[int],
+           base: str | None = None) -> str:
     res = json.loads((folder / "learning.json").read_text())
     seeds = res["seeds"]
     arms = [a for a in next(iter(seeds.values())) if a != "sft_seconds"]
@@ -56,6 +93,8 @@ def report(folder: Path, runs: Path, keys: list[str], levels: list[int]) -> str:
         out.append(f"| {a} | {spread([r['sft_accuracy'] for r in rs])} | "
                    f"{spread([r['final_accuracy'] for r in rs])} | "
                    f"{spread(gains, signed=True)} | {sd} | {per} |")
+    if base:
+        out += paired(seeds, arms, base)
     if keys:
         out += ["", "Held-out accuracy (%) per decoding, mean (min .. max) over seeds; "
                 "forward passes per generated token in brackets (mean):", "",
@@ -93,7 +132,7 @@ def report(folder: Path, runs: Path, keys: list[str], levels: list[int]) -> str:
     for a in arms:
         for seed, s in seeds.items():
             if a in s:
-                out.append(f"| {a} | {seed} | `{''.join(str(v) for v in s[a]['levels'])}` |")
+                out.append(f"| {a} | {seed} | `{''.join(str(v) for v in s[a].get('levels', []))}` |")
     plot(folder, runs, seeds, arms)
     return "\n".join(out)
 
@@ -104,6 +143,8 @@ def plot(folder: Path, runs: Path, seeds: dict, arms: list[str]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if not any(curves(runs, seed, a) for a in arms for seed in seeds):
+        return  # the runs are not on this machine: tables only
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, a in enumerate(arms):
@@ -138,10 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keys", nargs="*", default=[],
                     help="evaluation keys, e.g. b16.low_confidence_static")
     ap.add_argument("--levels", nargs="*", type=int, default=[])
+    ap.add_argument("--paired", default=None, metavar="ARM",
+                    help="differences in gain against ARM, paired by seed, with 95%% intervals")
     a = ap.parse_args(argv)
     if not (a.folder / "learning.json").is_file():
         ap.error(f"{a.folder}/learning.json not found: run bench/learning.py --out {a.folder}")
-    print(report(a.folder, a.runs, a.keys, a.levels))
+    print(report(a.folder, a.runs, a.keys, a.levels, a.paired))
     return 0
 
 
