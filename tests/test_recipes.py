@@ -20,7 +20,7 @@ RECIPES = sorted(available(ROOT))
 
 
 def test_the_project_ships_the_experiment_recipes():
-    assert {"block4", "block_ref", "block_tstar", "long_tier", "default", "patience"} <= set(RECIPES)
+    assert {"block4", "block_ref", "block_tstar", "long_tier", "default", "no_patience"} <= set(RECIPES)
     assert all(available(ROOT).values()), "every recipe says what it shows (about:)"
 
 
@@ -77,8 +77,8 @@ def test_cli(capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     assert cli(["recipes", "list"]) == 0
     assert "block_tstar" in capsys.readouterr().out
-    assert main(["dvc", "patience", "--seed", "1"]) == 0
-    assert capsys.readouterr().out.split() == ["-S", "curriculum.patience=3", "-S", "run.seed=1",
+    assert main(["dvc", "no_patience", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.split() == ["-S", "curriculum.patience=null", "-S", "run.seed=1",
                                                "-S", "sft.seed=1", "-S", "policy.seed=1",
                                                "-S", "value.seed=1"]
     assert main(["show", "nope"]) == 1
