@@ -86,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iterations", type=int, default=None, help="default: run.iterations")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     ap.add_argument("--out", type=Path, default=Path("docs/results"))
+    ap.add_argument("--sft-init-from", default=None, metavar="RECIPE",
+                    help="start each seed's SFT from the SFT model another invocation trained "
+                         "for RECIPE ('default': the default data's), e.g. the long tier from "
+                         "the default SFT model with --set sft.steps=500")
     a = ap.parse_args(argv)
     base = merge(yaml.safe_load(Path("params.yaml").read_text()), parse_set(a.set))
     if a.iterations:
@@ -125,6 +129,13 @@ def main(argv: list[str] | None = None) -> int:
         first = arms[a.methods[0]] if a.recipes else {}
         sft_p = merge(merge(merge(base, seeds), first),
                       {"run": {"name": f"learn-s{seed}-sft{sft_tag}", "iterations": 1}})
+        if a.sft_init_from:  # continue from another SFT model of the same seed
+            tag = "" if a.sft_init_from == "default" else f"-{a.sft_init_from}"
+            init = Path(base["run"]["runs_dir"]) / f"learn-s{seed}-sft{tag}" / "sft" / "checkpoint"
+            if not (init / "config.json").is_file():
+                ap.error(f"--sft-init-from {a.sft_init_from}: no SFT model at {init}; train it "
+                         f"first (bench/learning.py --recipes {a.sft_init_from} --seeds {seed})")
+            sft_p = merge(sft_p, {"model": {"init": str(init.resolve())}})
         for part in ("prepare", "sft"):
             run_flow(sft_p, work, part)
         sft_dir = Path(base["run"]["runs_dir"]) / sft_p["run"]["name"]
