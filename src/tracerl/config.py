@@ -561,7 +561,7 @@ class CurriculumParams:
     retire_above: float | None = None  # drop tasks whose pass rate >= this (null = keep all)
     # level up after this many decisions in a row inside the band (null = only above
     # raise_above): a plateau just under raise_above no longer holds the run at one level
-    patience: int | None = None
+    patience: int | None = 3
     # [[from_iteration, value], ...]; empty = model.block_size / rollout.max_tokens throughout
     block_size_schedule: list[list[int]] = field(default_factory=list)
     max_tokens_schedule: list[list[int]] = field(default_factory=list)
