@@ -284,7 +284,7 @@ class Adapted:
     tokenizer: object
     continued: bool  # a saved adapter was loaded onto its base (not fresh adapters)
     base_is_reference: bool  # the base weights are the reference model's
-    base_digest: str
+    base_digest: str  # digest of the base weights (recorded with the adapter)
 
 
 def load_adapted(policy_dir: str | os.PathLike, reference_dir: str | os.PathLike | None,
@@ -305,18 +305,19 @@ def load_adapted(policy_dir: str | os.PathLike, reference_dir: str | os.PathLike
 
     pol = checkpoint_dir(policy_dir)
     adapter = Path(policy_dir) / "adapter"
-    if reference_dir is not None:
-        ref = checkpoint_dir(reference_dir)
-        saved = adapter_base_digest(adapter) if adapter_matches(adapter, spec) else None
-        if saved is not None or pol.resolve() == ref.resolve():
-            model, tok = load_model(ref, **load_kw)
-            digest = weights_digest(model)
-            if saved == digest or pol.resolve() == ref.resolve():
-                apply_lora(model, spec, where)
-                if saved == digest:
-                    load_adapter(model, adapter)
-                return Adapted(model, tok, saved == digest, True, digest)
-            del model  # the adapter was trained on other weights: start from the policy's
+    ref = checkpoint_dir(reference_dir) if reference_dir is not None else None
+    is_ref = ref is not None and pol.resolve() == ref.resolve()
+    saved = (adapter_base_digest(adapter) if ref is not None and adapter_matches(adapter, spec)
+             else None)
+    if is_ref or saved is not None:
+        model, tok = load_model(ref, **load_kw)
+        digest = weights_digest(model)  # recorded with the adapter, checked next time
+        if is_ref or saved == digest:
+            apply_lora(model, spec, where)
+            if saved == digest:
+                load_adapter(model, adapter)
+            return Adapted(model, tok, saved == digest, True, digest)
+        del model  # the adapter was trained on other weights: start from the policy's
     model, tok = load_model(pol, **load_kw)
     digest = weights_digest(model)
     apply_lora(model, spec, where)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import replace
 
 import torch
@@ -123,18 +124,18 @@ def prepare_policy_rows(trainer: Trainer, samples: Sequence[TraceSample], cfg: P
             info["old_logprob_drift_max"] = max(drift)
     info["old_logprobs_recorded"] = float(recorded)
     if cfg.beta > 0 and cfg.kl_target == "reference":
-        if ref_adapters_off:
-            with adapters_disabled(lm):
-                ref_lp = [lp for lp, _ in score_rows(trainer, rows, lm.tokens.pad_id,
-                                                     trainer.cfg.micro_batch, progress)]
+        if ref_adapters_off:  # the policy's own base weights
+            scorer, ctx = trainer, adapters_disabled(lm)
         elif ref_model is not None:
-            ref = Trainer(TokenScorer(ref_model), replace(trainer.cfg, zero_stage=0), kind="ref")
-            ref_lp = [lp for lp, _ in score_rows(ref, rows, lm.tokens.pad_id,
-                                                 trainer.cfg.micro_batch, progress)]
+            scorer = Trainer(TokenScorer(ref_model), replace(trainer.cfg, zero_stage=0),
+                             kind="ref")
+            ctx = nullcontext()
         else:
             raise ValueError("policy kl_target='reference' with beta > 0 needs a reference model")
-        for r, lp in zip(rows, ref_lp):
-            r.tokens["ref_logprobs"] = lp.float()
+        with ctx:
+            for r, (lp, _) in zip(rows, score_rows(scorer, rows, lm.tokens.pad_id,
+                                                   trainer.cfg.micro_batch, progress)):
+                r.tokens["ref_logprobs"] = lp.float()
     for r in rows:
         s = samples[r.sample]
         if s.token_advantages is not None:
