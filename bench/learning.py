@@ -55,6 +55,11 @@ def parse_set(items: list[str]) -> dict:
     return over
 
 
+def sft_run(seed: int, recipe: str | None) -> str:
+    """The run name of a seed's SFT model: the default data's, or a recipe's own."""
+    return f"learn-s{seed}-sft" + (f"-{recipe}" if recipe else "")
+
+
 def run_flow(params: dict, folder: Path, part: str = "all") -> None:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{params['run']['name']}.yaml"
@@ -95,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.iterations:
         base["run"]["iterations"] = a.iterations
     arms = METHODS
-    sft_tag = ""
+    sft_of_recipe = None  # the SFT model's run is learn-s<seed>-sft[-<recipe>]
     if a.recipes:
         from tracerl.recipes import load_recipe
 
@@ -110,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         if any(shared.get(k) != base.get(k) for k in shared):
             # an SFT model of its own (other data or model): its own run folder, so the
             # default SFT model of the same seed is neither overwritten nor re-trained
-            sft_tag = f"-{a.recipes[0]}"
+            sft_of_recipe = a.recipes[0]
         base = merge(base, dict(shared))
     work = Path(base["run"]["runs_dir"]) / "learning-params"
     results: dict = {"params": base, "seeds": {}}
@@ -128,10 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         # level inside the recipe's difficulty range); the arms share what the SFT part reads
         first = arms[a.methods[0]] if a.recipes else {}
         sft_p = merge(merge(merge(base, seeds), first),
-                      {"run": {"name": f"learn-s{seed}-sft{sft_tag}", "iterations": 1}})
+                      {"run": {"name": sft_run(seed, sft_of_recipe), "iterations": 1}})
         if a.sft_init_from:  # continue from another SFT model of the same seed
-            tag = "" if a.sft_init_from == "default" else f"-{a.sft_init_from}"
-            init = Path(base["run"]["runs_dir"]) / f"learn-s{seed}-sft{tag}" / "sft" / "checkpoint"
+            other = None if a.sft_init_from == "default" else a.sft_init_from
+            init = Path(base["run"]["runs_dir"]) / sft_run(seed, other) / "sft" / "checkpoint"
             if not (init / "config.json").is_file():
                 ap.error(f"--sft-init-from {a.sft_init_from}: no SFT model at {init}; train it "
                          f"first (bench/learning.py --recipes {a.sft_init_from} --seeds {seed})")
