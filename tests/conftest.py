@@ -71,3 +71,19 @@ def params_file(path: Path, **sections) -> Path:
         raw[name].update(values)
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
+
+
+def stage_package(tmp_path: Path, monkeypatch, package: str, rollout_source: str):
+    """A package of fake stages importable as ``package`` (its ``rollout`` module is
+    ``rollout_source``), for runner tests; yields ``tmp_path`` (the package's parent) and
+    forgets the package's modules afterwards. Use with ``yield from`` in a fixture."""
+    import sys
+
+    d = tmp_path / package
+    d.mkdir()
+    (d / "__init__.py").write_text("")
+    (d / "rollout.py").write_text(rollout_source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path
+    for m in [m for m in sys.modules if m.startswith(package)]:
+        del sys.modules[m]

@@ -27,25 +27,17 @@ import pytest
 import yaml
 
 from conftest import params_file
+from test_flow_real import TINY
 from tracerl.pipeline.compare import DIFFERS, IDENTICAL, SAME_CONTENT, compare_runs, summary_table
 
 pytestmark = [pytest.mark.container, pytest.mark.filterwarnings("ignore")]
 
 REPO = Path(__file__).resolve().parents[1]
 # one RL iteration (prepare, sft, evaluate[sft], rollout, reward, policy, curriculum,
-# evaluate[final]) on the tiny model of tests/test_flow_real.py
-ONE_ITERATION = {
-    "run": {"name": "eq", "iterations": 1, "eval_every": 1, "registered_model": "tiny-policy"},
-    "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1,
-              "intermediate_size": 64, "max_position_embeddings": 128},
-    "data": {"train_size": 40, "heldout_size": 6, "sft_size": 32, "max_difficulty": 1},
-    "sft": {"steps": 4, "batch_size": 8, "warmup_steps": 1},
-    "rollout": {"tasks_per_iter": 4, "responses_per_task": 2, "max_tokens": 16,
-                "batch_size": 8},
-    "reward": {"group_filter": "none"},
-    "policy": {"micro_batch": 4},
-    "evaluate": {"heldout_size": 3},
-}
+# evaluate[final]) on the tiny model of tests/test_flow_real.py, without the value model
+ONE_ITERATION = {**{k: v for k, v in TINY.items() if k != "value"},
+                 "run": {**TINY["run"], "name": "eq", "iterations": 1},
+                 "policy": {"micro_batch": 4}}
 # JSON keys that measure the machine, not the computation (wall seconds, throughputs,
 # start times), and the identity of the MLflow store (each run has its own backend)
 TIMING_KEY = re.compile(r"(^|[._])(\w*seconds|\w*per_s|overhead_fraction|started)$")

@@ -86,6 +86,18 @@ def worker_for(lp: LivePrefect, name: str, log) -> None:
     lp.start_worker(name)
 
 
+def held_run(lp: LivePrefect, worker: str, name: str, run_name: str):
+    """A deployment run on a new worker ``worker``, held at policy[0] (the fake stages wait
+    there while ``<name>.log.hold`` exists): ``(run id, its stage log, the hold file)``."""
+    log = lp.project / f"{name}.log"
+    hold = lp.project / f"{name}.log.hold"
+    hold.touch()
+    worker_for(lp, worker, log)
+    run = lp.run_deployment(run_name=run_name)
+    wait_for("policy[0] to start", (lp.project / f"{name}.log.held").exists, 300)
+    return run, log, hold
+
+
 def manifests(run_dir) -> dict[str, int]:
     return {str(m.parent.relative_to(run_dir)): m.stat().st_mtime_ns
             for m in run_dir.rglob("manifest.json") if "/." not in str(m)}
@@ -106,12 +118,7 @@ def test_killed_worker_and_flow_resume_on_a_new_worker(live, clean):
     proj = live.project
 
     # the same pipeline, killed at policy[0]: SIGKILL the flow process and the worker
-    log = proj / "crash.log"
-    hold = proj / "crash.log.hold"
-    hold.touch()
-    worker_for(live, "w-1", log)
-    crash = live.run_deployment(run_name="crash")
-    wait_for("policy[0] to start", (proj / "crash.log.held").exists, 300)
+    crash, log, hold = held_run(live, "w-1", "crash", "crash")
     done_before = manifests(proj / "runs" / "crash")
     assert "rl/iter_0/value" in done_before and "rl/iter_0/policy" not in done_before
     os.kill(live.flow_process(crash), signal.SIGKILL)
@@ -151,13 +158,9 @@ def test_killed_worker_alone_does_not_end_the_run(live, clean):
     """The flow process outlives its worker (whose pipes it wrote its console to) and
     finishes the run itself, every stage once."""
     proj = live.project
-    log = proj / "orphan.log"
-    (proj / "orphan.log.hold").touch()
-    worker_for(live, "w-o", log)
-    run = live.run_deployment(run_name="orphan")
-    wait_for("policy[0] to start", (proj / "orphan.log.held").exists, 300)
+    run, log, hold = held_run(live, "w-o", "orphan", "orphan")
     live.kill("w-o")
-    (proj / "orphan.log.hold").unlink()
+    hold.unlink()
     assert wait_final(live, run, 300) == ("COMPLETED", "Completed")
     states = live.request("GET", f"/flow_run_states/?flow_run_id={run}")
     assert not [s for s in states if s["name"] in ("AwaitingRetry", "Crashed")]
@@ -170,14 +173,10 @@ def test_killed_worker_alone_does_not_end_the_run(live, clean):
 @pytest.mark.slow
 def test_killed_flow_process_restarts_on_its_worker(live, clean):
     proj = live.project
-    log = proj / "flowkill.log"
-    (proj / "flowkill.log.hold").touch()
-    worker_for(live, "w-f", log)
-    run = live.run_deployment(run_name="flowkill")
-    wait_for("policy[0] to start", (proj / "flowkill.log.held").exists, 300)
+    run, log, hold = held_run(live, "w-f", "flowkill", "flowkill")
     done_before = manifests(proj / "runs" / "flowkill")
     os.kill(live.flow_process(run), signal.SIGKILL)  # the worker sees it die: Crashed
-    (proj / "flowkill.log.hold").unlink()
+    hold.unlink()
     assert wait_final(live, run, 300, DONE) == ("COMPLETED", "Completed")
     states = live.request("GET", f"/flow_run_states/?flow_run_id={run}")
     history = [(s["timestamp"][11:19], s["name"], (s["message"] or "")[:80])
@@ -193,12 +192,7 @@ def test_killed_flow_process_restarts_on_its_worker(live, clean):
 
 @pytest.mark.slow
 def test_cancel_completes_when_the_worker_is_gone(live):
-    proj = live.project
-    log = proj / "cancel.log"
-    (proj / "cancel.log.hold").touch()
-    worker_for(live, "w-c", log)
-    run = live.run_deployment(run_name="cancelled")
-    wait_for("policy[0] to start", (proj / "cancel.log.held").exists, 300)
+    run, _, hold = held_run(live, "w-c", "cancel", "cancelled")
     pid = live.flow_process(run)
     live.kill("w-c")  # the flow process stays, nobody owns it
     t0 = time.monotonic()
@@ -210,6 +204,6 @@ def test_cancel_completes_when_the_worker_is_gone(live):
     assert not [s for s in states if s["type"] == "CRASHED"]  # nothing to restart
     wait_for("the flow process to exit", lambda: not os.path.exists(f"/proc/{pid}")
              or open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z", 30)
-    (proj / "cancel.log.hold").unlink()
+    hold.unlink()
     time.sleep(45)  # longer than the crash automation's quiet period: still Cancelled
     assert live.state(run) == ("CANCELLED", "Cancelled")

@@ -36,6 +36,19 @@ TINY = {
 }
 
 
+def run_real(tmp_path, monkeypatch, params: dict) -> RunLayout:
+    """The whole pipeline with the real stages in-process (no Prefect) on ``params``
+    written to ``tmp_path/params.yaml``; returns the run's layout."""
+    from flows.tracerl_flow import build, run_pipeline
+
+    params_file(tmp_path / "params.yaml", **params)
+    monkeypatch.chdir(tmp_path)
+    _, orch, planner, key = build("params.yaml", project_root=tmp_path)
+    with orch.parent_run(key, part="all"):
+        run_pipeline(orch, planner, "all", orch.run_call)
+    return RunLayout.from_params(load_params(tmp_path / "params.yaml"), base=tmp_path)
+
+
 def test_real_stages_two_iterations(tmp_path, monkeypatch):
     from flows.tracerl_flow import tracerl
     from prefect.testing.utilities import prefect_test_harness
@@ -117,8 +130,6 @@ def test_block_size_curriculum_through_the_real_stages(tmp_path, monkeypatch):
     iteration 2 rolls out at 8 and trains at 16. The trajectories record it and the
     trainer's rows follow the records, never model.block_size (4 throughout); the
     evaluations decode at blocks 4, 8 and 16 under the same keys every time."""
-    from flows.tracerl_flow import build, run_pipeline
-
     tiny = {**TINY, "run": {**TINY["run"], "name": "blocks", "iterations": 3, "eval_every": 3,
                             "tracker": "null"},
             "policy": {"use_value": False, "micro_batch": 4},
@@ -127,12 +138,7 @@ def test_block_size_curriculum_through_the_real_stages(tmp_path, monkeypatch):
             "rollout": {**TINY["rollout"], "steps_per_block": 16},
             "evaluate": {"heldout_size": 3, "block_sizes": [4, 8, 16],
                          "strategies": ["low_confidence_dynamic"]}}
-    params_file(tmp_path / "params.yaml", **tiny)
-    monkeypatch.chdir(tmp_path)
-    _, orch, planner, key = build("params.yaml", project_root=tmp_path)
-    with orch.parent_run(key, part="all"):
-        run_pipeline(orch, planner, "all", orch.run_call)
-    L = RunLayout.from_params(load_params(tmp_path / "params.yaml"), base=tmp_path)
+    L = run_real(tmp_path, monkeypatch, tiny)
     want = [(4, 8, 8), (8, None, 8), (8, 16, 16)]  # (decoded at, recorded train block, rows)
     for i, (b, train, rows) in enumerate(want):
         roll = read_parquet(L.stage_dir("rollout", i) / "rollouts.parquet", "rollout")
@@ -156,18 +162,11 @@ def test_full_attention_family_with_value_model_through_the_real_stages(tmp_path
     full-attention rows and the value model on, evaluation. The records say full
     attention; the trainer recomputes the old log-probs (the sampler's cache is
     approximate) and the value stage writes token advantages."""
-    from flows.tracerl_flow import build, run_pipeline
-
     tiny = {**TINY, "run": {**TINY["run"], "name": "llada", "iterations": 2, "tracker": "null"},
             "model": {**TINY["model"], "family": "llada"},
             "sft": {**TINY["sft"], "method": "random_masking"},
             "rollout": {**TINY["rollout"], "full_cache": "prefix"}}
-    params_file(tmp_path / "params.yaml", **tiny)
-    monkeypatch.chdir(tmp_path)
-    _, orch, planner, key = build("params.yaml", project_root=tmp_path)
-    with orch.parent_run(key, part="all"):
-        run_pipeline(orch, planner, "all", orch.run_call)
-    L = RunLayout.from_params(load_params(tmp_path / "params.yaml"), base=tmp_path)
+    L = run_real(tmp_path, monkeypatch, tiny)
     for i in range(2):
         roll = read_parquet(L.stage_dir("rollout", i) / "rollouts.parquet", "rollout")
         assert set(roll["attention"]) == {"full"} and set(roll["full_cache"]) == {"prefix"}
@@ -185,7 +184,6 @@ def test_lora_policy_update_through_the_real_stages(tmp_path, monkeypatch):
     decode with differ from the SFT model only in the adapted layers."""
     pytest.importorskip("peft")
     import torch
-    from flows.tracerl_flow import build, run_pipeline
 
     from tracerl.models import load_model, weights_digest
     from tracerl.models.lora import DEFAULT_TARGETS
@@ -193,8 +191,6 @@ def test_lora_policy_update_through_the_real_stages(tmp_path, monkeypatch):
     tiny = {**TINY, "run": {**TINY["run"], "name": "lora", "eval_every": 2, "tracker": "null"},
             "policy": {"use_value": False, "micro_batch": 4, "beta": 0.1,
                        "kl_target": "reference", "lora": {"rank": 4, "alpha": 8.0}}}
-    params_file(tmp_path / "params.yaml", **tiny)
-    monkeypatch.chdir(tmp_path)
     # the untrained tiny model never answers right, and all-zero rewards give the adapters
     # no gradient: here (in-process stages) a response counts as right by its text's parity
     import tracerl.rewards.scoring as scoring
@@ -202,10 +198,7 @@ def test_lora_policy_update_through_the_real_stages(tmp_path, monkeypatch):
 
     monkeypatch.setattr(scoring, "score_math", lambda text, answer, **kw: MathScore(
         sum(map(ord, text or "")) % 2 == 0, None, "parity"))
-    _, orch, planner, key = build("params.yaml", project_root=tmp_path)
-    with orch.parent_run(key, part="all"):
-        run_pipeline(orch, planner, "all", orch.run_call)
-    L = RunLayout.from_params(load_params(tmp_path / "params.yaml"), base=tmp_path)
+    L = run_real(tmp_path, monkeypatch, tiny)
     rewards = read_parquet(L.stage_dir("reward", 0) / "scored.parquet", "scored")["reward"]
     assert 0 < rewards.sum() < rewards.len()  # the stub gave a signal
     pm = [json.loads((L.stage_dir("policy", i) / "metrics.json").read_text()) for i in (0, 1)]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import stage_package
 from tracerl.pipeline.layout import StageCall
 from tracerl.pipeline.operator import (
     AUTOMATION_NAME,
@@ -98,14 +99,7 @@ STAGE = textwrap.dedent('''
 
 @pytest.fixture
 def failing_pkg(tmp_path, monkeypatch):
-    d = tmp_path / "failing_stages"
-    d.mkdir()
-    (d / "__init__.py").write_text("")
-    (d / "rollout.py").write_text(STAGE)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield tmp_path
-    for m in [m for m in sys.modules if m.startswith("failing_stages")]:
-        del sys.modules[m]
+    yield from stage_package(tmp_path, monkeypatch, "failing_stages", STAGE)
 
 
 def test_inprocess_failures_say_why(failing_pkg, monkeypatch, capsys):

@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 from docker.types import DeviceRequest
 
+from conftest import stage_package
 from tracerl.pipeline.layout import StageCall
 from tracerl.pipeline.runners import (
     ContainerRunner,
@@ -38,14 +38,7 @@ ECHO = textwrap.dedent('''
 
 @pytest.fixture
 def pkg(tmp_path, monkeypatch):
-    d = tmp_path / "echo_stages"
-    d.mkdir()
-    (d / "__init__.py").write_text("")
-    (d / "rollout.py").write_text(ECHO)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield tmp_path
-    for m in [m for m in sys.modules if m.startswith("echo_stages")]:
-        del sys.modules[m]
+    yield from stage_package(tmp_path, monkeypatch, "echo_stages", ECHO)
 
 
 def call(tmp_path: Path) -> StageCall:
