@@ -203,6 +203,13 @@ class LivePrefect:
             "logs": {"flow_run_id": {"any_": [run_id]}}, "sort": "TIMESTAMP_ASC", "limit": 200})
         return [r["message"] for r in rows]
 
+    def task_runs(self, run_id: str) -> list[tuple[str, str]]:
+        """``(name, state type)`` of each task run of flow run ``run_id``. Task run states
+        reach the server as events, so they may trail the flow run's final state."""
+        rows = self.request("POST", "/task_runs/filter", {
+            "flow_runs": {"id": {"any_": [run_id]}}, "limit": 200})
+        return sorted((r["name"], (r.get("state") or {}).get("type", "")) for r in rows)
+
     def flow_process(self, run_id: str) -> int | None:
         """The pid of the process running flow run ``run_id`` (``prefect.engine``)."""
         for d in Path("/proc").iterdir():

@@ -140,7 +140,8 @@ def test_killed_worker_and_flow_resume_on_a_new_worker(live, clean):
     restarted = [s for s in states if s["name"] == "AwaitingRetry"]
     assert len(restarted) == 1, json.dumps(states)[:3000]  # the same flow run, once more
     assert "no heartbeat" in restarted[0]["message"]
-    assert "prepare skipped (done)" in "\n".join(live.run_logs(crash))
+    wait_for("the restarted run to log its skipped stages",  # logs trail the state
+             lambda: "prepare skipped (done)" in "\n".join(live.run_logs(crash)), 60)
 
     # finished stages were skipped (their outputs untouched), the rest ran; the results
     # equal the uninterrupted run's
@@ -165,8 +166,15 @@ def test_killed_worker_alone_does_not_end_the_run(live, clean):
     states = live.request("GET", f"/flow_run_states/?flow_run_id={run}")
     assert not [s for s in states if s["name"] in ("AwaitingRetry", "Crashed")]
     assert log.read_text().split() == (proj / "clean.log").read_text().split()
-    logs = "\n".join(live.run_logs(run))
-    assert "policy[0] ran" in logs and "runs again" not in logs  # a fresh run says nothing
+    # every stage's task ran once and completed. (Checked on task runs, not on log lines:
+    # the API log handler drops a batch the server does not answer in time, and under
+    # CI load one did, losing "policy[0] ran".)
+    tasks = wait_for("the task runs to be recorded", lambda: (
+        t := live.task_runs(run)) and len(t) == len(live.task_runs(clean)) and t, 60)
+    names = [name for name, _ in tasks]
+    assert "policy[0]" in names and len(names) == len(set(names)), tasks
+    assert {state for _, state in tasks} == {"COMPLETED"}, tasks
+    assert "runs again" not in "\n".join(live.run_logs(run))  # a fresh run says nothing
     assert final_numbers(proj, "orphan") == final_numbers(proj, "clean")
 
 
