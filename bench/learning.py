@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import statistics
 import subprocess
 import sys
@@ -65,7 +66,18 @@ def run_flow(params: dict, folder: Path, part: str = "all") -> None:
     path = folder / f"{params['run']['name']}.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     cmd = [sys.executable, "-m", "flows.tracerl_flow", "--params", str(path), "--stage", part]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    with subprocess.Popen(cmd, stdout=subprocess.DEVNULL) as proc:
+        try:
+            rc = proc.wait()
+        except BaseException:  # Ctrl-C or SIGTERM here: the flow (and its stage) stops too
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
+    if rc:
+        raise subprocess.CalledProcessError(rc, cmd)
 
 
 def levels(run_dir: Path) -> list[int]:
@@ -96,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
                          "for RECIPE ('default': the default data's), e.g. the long tier from "
                          "the default SFT model with --set sft.steps=500")
     a = ap.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so a killed comparison does not leave its flow running
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     base = merge(yaml.safe_load(Path("params.yaml").read_text()), parse_set(a.set))
     if a.iterations:
         base["run"]["iterations"] = a.iterations
