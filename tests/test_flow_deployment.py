@@ -169,8 +169,9 @@ def test_killed_worker_alone_does_not_end_the_run(live, clean):
     # every stage's task ran once and completed. (Checked on task runs, not on log lines:
     # the API log handler drops a batch the server does not answer in time, and under
     # CI load one did, losing "policy[0] ran".)
-    tasks = wait_for("the task runs to be recorded", lambda: (
-        t := live.task_runs(run)) and len(t) == len(live.task_runs(clean)) and t, 60)
+    expected = len(live.task_runs(clean))
+    tasks = wait_for("the task runs to be recorded",
+                     lambda: (t := live.task_runs(run)) and len(t) == expected and t, 60)
     names = [name for name, _ in tasks]
     assert "policy[0]" in names and len(names) == len(set(names)), tasks
     assert {state for _, state in tasks} == {"COMPLETED"}, tasks
