@@ -2,7 +2,7 @@
 
     source scripts/env.sh && python bench/learning_report.py docs/results/blocks
         [--runs runs] [--keys b4.low_confidence_static b16.low_confidence_static ...]
-        [--levels 6 7 8]
+        [--levels 6 7 8] [--paired trace_rl] [--domains arithmetic code]
 
 Reads ``<folder>/learning.json`` (written by ``bench/learning.py``) and each arm's run
 folder (``<runs>/learn-s<seed>-<arm>/plots/rl_curves.json``: the per-iteration metrics),
@@ -16,6 +16,12 @@ prints markdown tables and writes ``<folder>/train_curves.png``:
 - ``--paired ARM``: the difference in held-out gain between ARM and each other arm,
   paired by seed (every arm of a seed starts from the same SFT model), with a 95%
   Student-t confidence interval over the seeds;
+- where an iteration's time goes, per arm: the mean wall time of an iteration and the
+  shares of rollout, reward (and of it, grading: ``reward.grade_seconds``, the sandbox for
+  code tasks) and the policy update;
+- ``--domains``: per task domain (``accuracy_<domain>``, e.g. arithmetic and code of a
+  mixed pool), held-out accuracy SFT -> final, and a plot of the rollouts' accuracy per
+  domain per iteration (``<folder>/domain_curves.png``);
 - the curriculum level each iteration sampled at, per arm and seed (one digit each);
 - the plot: per arm and seed, the rollouts' accuracy and mean response length per
   iteration, and the token budget in force.
@@ -76,8 +82,80 @@ def curves(runs: Path, seed: str, arm: str) -> list[dict]:
     return json.loads(f.read_text()) if f.is_file() else []
 
 
+def time_shares(runs: Path, seeds: dict, arms: list[str]) -> list[str]:
+    """Where an iteration's wall time goes, per arm, over all its seeds' iterations."""
+    parts = ("rollout", "reward", "policy")
+    out = ["", "Where an iteration's time goes (mean over seeds and iterations; shares of the "
+           "iteration's wall time, grading is part of reward):", "",
+           "| arm | iterations | s / iteration | " + " | ".join(parts) + " | grading |",
+           "|---|---:|---:|" + "---:|" * (len(parts) + 1)]
+    for a in arms:
+        rows = [r for seed in seeds for r in curves(runs, seed, a)
+                if r.get("iteration.wall_seconds")]
+        if not rows:
+            continue
+        wall = sum(r["iteration.wall_seconds"] for r in rows)
+        share = [f"{100 * sum(r.get(k, 0.0) for r in rows) / wall:.1f}%"
+                 for k in (*(f"{p}.seconds" for p in parts), "reward.grade_seconds")]
+        out.append(f"| {a} | {len(rows)} | {wall / len(rows):.1f} | " + " | ".join(share) + " |")
+    return out if len(out) > 5 else []
+
+
+def domains_table(seeds: dict, arms: list[str], domains: list[str]) -> list[str]:
+    """Held-out accuracy per domain (greedy static), SFT -> final, mean and per seed."""
+    out = ["", "Held-out accuracy per domain (%, greedy static), SFT -> final, mean over "
+           "seeds (per seed):", "", "| arm | " + " | ".join(domains) + " |",
+           "|---|" + "---|" * len(domains)]
+    for a in arms:
+        rs = [s[a] for s in seeds.values() if a in s]
+        cells = []
+        for d in domains:
+            k = f"heldout.low_confidence_static.accuracy_{d}"
+            sft = [r["sft_metrics"].get(k) for r in rs]
+            fin = [r["final_metrics"].get(k) for r in rs]
+            if None in sft + fin:
+                cells.append("-")
+                continue
+            per = ", ".join(f"{100 * x:.1f} -> {100 * y:.1f}" for x, y in zip(sft, fin))
+            cells.append(f"{100 * statistics.mean(sft):.1f} -> {100 * statistics.mean(fin):.1f}"
+                         + (f" ({per})" if len(rs) > 1 else ""))
+        out.append(f"| {a} | " + " | ".join(cells) + " |")
+    return out
+
+
+def domain_plot(folder: Path, runs: Path, seeds: dict, arms: list[str],
+                domains: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not any(curves(runs, seed, a) for a in arms for seed in seeds):
+        return
+    fig, axes = plt.subplots(1, len(domains), figsize=(5.5 * len(domains), 4), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, d in zip(axes[0], domains):
+        for i, a in enumerate(arms):
+            for j, seed in enumerate(seeds):
+                rows = curves(runs, seed, a)
+                ax.plot([r["iteration"] for r in rows],
+                        [r.get(f"reward.accuracy_{d}", float("nan")) for r in rows],
+                        color=colors[i % len(colors)], linestyle=["-", "--", ":"][j % 3],
+                        label=f"{a} s{seed}")
+                ev = [(r["iteration"], r[f"evaluate.accuracy_{d}"]) for r in rows
+                      if f"evaluate.accuracy_{d}" in r]
+                if ev:
+                    ax.plot(*zip(*ev), marker="o", color=colors[i % len(colors)],
+                            linestyle="none", alpha=0.7)
+        ax.set(xlabel="RL iteration", ylabel="accuracy", title=f"{d}: rollouts (lines)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(folder / "domain_curves.png", dpi=110)
+
+
 def report(folder: Path, runs: Path, keys: list[str], levels: list[int],
-           base: str | None = None) -> str:
+           base: str | None = None, domains: list[str] | None = None) -> str:
     res = json.loads((folder / "learning.json").read_text())
     seeds = res["seeds"]
     arms = [a for a in next(iter(seeds.values())) if a != "sft_seconds"]
@@ -127,6 +205,10 @@ def report(folder: Path, runs: Path, keys: list[str], levels: list[int],
                 cells.append("-" if None in sft + fin else
                              f"{100 * statistics.mean(sft):.1f} -> {100 * statistics.mean(fin):.1f}")
             out.append(f"| {a} | " + " | ".join(cells) + " |")
+    if domains:
+        out += domains_table(seeds, arms, domains)
+        domain_plot(folder, runs, seeds, arms, domains)
+    out += time_shares(runs, seeds, arms)
     out += ["", "Curriculum level of each iteration (one digit per iteration):", "",
             "| arm | seed | levels |", "|---|---:|---|"]
     for a in arms:
@@ -181,10 +263,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--levels", nargs="*", type=int, default=[])
     ap.add_argument("--paired", default=None, metavar="ARM",
                     help="differences in gain against ARM, paired by seed, with 95%% intervals")
+    ap.add_argument("--domains", nargs="*", default=[],
+                    help="task domains (accuracy_<domain> keys), e.g. arithmetic code")
     a = ap.parse_args(argv)
     if not (a.folder / "learning.json").is_file():
         ap.error(f"{a.folder}/learning.json not found: run bench/learning.py --out {a.folder}")
-    print(report(a.folder, a.runs, a.keys, a.levels, a.paired))
+    print(report(a.folder, a.runs, a.keys, a.levels, a.paired, a.domains))
     return 0
 
 
