@@ -19,6 +19,10 @@ prints markdown tables and writes ``<folder>/train_curves.png``:
 - where an iteration's time goes, per arm: the mean wall time of an iteration and the
   shares of rollout, reward (and of it, grading: ``reward.grade_seconds``, the sandbox for
   code tasks) and the policy update;
+- ``--equal-time``: the arms on the same training wall-clock budget: per seed the budget
+  is the fastest arm's total iteration time (rollout + reward + updates; evaluations are
+  not counted), and each arm is read at its last held-out evaluation within it; with
+  ``--paired ARM`` the paired differences in gain at that budget;
 - ``--domains``: per task domain (``accuracy_<domain>``, e.g. arithmetic and code of a
   mixed pool), held-out accuracy SFT -> final, and a plot of the rollouts' accuracy per
   domain per iteration (``<folder>/domain_curves.png``);
@@ -101,6 +105,56 @@ def time_shares(runs: Path, seeds: dict, arms: list[str]) -> list[str]:
     return out if len(out) > 5 else []
 
 
+def at_budget(runs: Path, seed: str, s: dict, arms: list[str]) -> dict[str, tuple] | None:
+    """Per arm of one seed: (budget s, iterations within it, held-out accuracy there) at
+    the fastest arm's total iteration wall time; None if a run folder is missing."""
+    cum = {}
+    for a in arms:
+        rows = curves(runs, seed, a)
+        if not rows:
+            return None
+        t, acc = 0.0, []
+        for r in rows:
+            t += r.get("iteration.wall_seconds", 0.0)
+            acc.append(t)
+        cum[a] = acc
+    budget = min(c[-1] for c in cum.values())
+    out = {}
+    for a in arms:  # the curve's points are (iterations done, held-out accuracy)
+        within = [(n, x) for n, x in s[a]["curve"] if cum[a][n - 1] <= budget * 1.02]
+        n, x = within[-1] if within else (0, s[a]["sft_accuracy"])
+        out[a] = (budget, n, x)
+    return out
+
+
+def equal_time(runs: Path, seeds: dict, arms: list[str], base: str | None) -> list[str]:
+    per = {seed: at_budget(runs, seed, s, arms) for seed, s in seeds.items()
+           if all(a in s for a in arms)}
+    per = {k: v for k, v in per.items() if v is not None}
+    if not per:
+        return []
+    out = ["", "On the same training wall-clock budget (per seed: the fastest arm's total "
+           "iteration time, evaluations not counted; each arm read at its last held-out "
+           "evaluation within it):", "",
+           "| arm | budget (s, mean) | iterations within (per seed) | held-out at budget | "
+           "gain at budget (points) |", "|---|---:|---|---:|---:|"]
+    gain = {a: {k: v[a][2] - seeds[k][a]["sft_accuracy"] for k, v in per.items()} for a in arms}
+    for a in arms:
+        out.append(f"| {a} | {statistics.mean(v[a][0] for v in per.values()):.0f} | "
+                   f"{', '.join(str(v[a][1]) for v in per.values())} | "
+                   f"{spread([v[a][2] for v in per.values()])} | "
+                   f"{spread(list(gain[a].values()), signed=True)} |")
+    if base and len(per) > 1:
+        out += ["", f"Difference in gain at the budget, {base} minus each arm, paired by seed:",
+                "", "| arm | seeds | mean difference | 95% interval |", "|---|---:|---:|---|"]
+        for a in arms:
+            if a != base:
+                d = [100 * (gain[base][k] - gain[a][k]) for k in per]
+                m, lo, hi = t_interval(d)
+                out.append(f"| {a} | {len(d)} | {m:+.1f} | [{lo:+.1f}, {hi:+.1f}] |")
+    return out
+
+
 def domains_table(seeds: dict, arms: list[str], domains: list[str]) -> list[str]:
     """Held-out accuracy per domain (greedy static), SFT -> final, mean and per seed."""
     out = ["", "Held-out accuracy per domain (%, greedy static), SFT -> final, mean over "
@@ -155,7 +209,8 @@ def domain_plot(folder: Path, runs: Path, seeds: dict, arms: list[str],
 
 
 def report(folder: Path, runs: Path, keys: list[str], levels: list[int],
-           base: str | None = None, domains: list[str] | None = None) -> str:
+           base: str | None = None, domains: list[str] | None = None,
+           same_time: bool = False) -> str:
     res = json.loads((folder / "learning.json").read_text())
     seeds = res["seeds"]
     arms = [a for a in next(iter(seeds.values())) if a != "sft_seconds"]
@@ -173,6 +228,8 @@ def report(folder: Path, runs: Path, keys: list[str], levels: list[int],
                    f"{spread(gains, signed=True)} | {sd} | {per} |")
     if base:
         out += paired(seeds, arms, base)
+    if same_time:
+        out += equal_time(runs, seeds, arms, base)
     if keys:
         out += ["", "Held-out accuracy (%) per decoding, mean (min .. max) over seeds; "
                 "forward passes per generated token in brackets (mean):", "",
@@ -265,10 +322,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="differences in gain against ARM, paired by seed, with 95%% intervals")
     ap.add_argument("--domains", nargs="*", default=[],
                     help="task domains (accuracy_<domain> keys), e.g. arithmetic code")
+    ap.add_argument("--equal-time", action="store_true",
+                    help="also compare the arms on the same training wall-clock budget")
     a = ap.parse_args(argv)
     if not (a.folder / "learning.json").is_file():
         ap.error(f"{a.folder}/learning.json not found: run bench/learning.py --out {a.folder}")
-    print(report(a.folder, a.runs, a.keys, a.levels, a.paired, a.domains))
+    print(report(a.folder, a.runs, a.keys, a.levels, a.paired, a.domains, a.equal_time))
     return 0
 
 

@@ -66,3 +66,25 @@ def test_time_shares_and_domains(lr, tmp_path):
     line = next(x for x in text.splitlines() if x.startswith("| b | 2 |"))
     assert "+17.5" in line
     assert (out / "domain_curves.png").is_file() and (out / "train_curves.png").is_file()
+
+
+def test_equal_time_reads_each_arm_within_the_fastest_arms_time(lr, tmp_path):
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    out.mkdir()
+    # a: 3 iterations of 10 s (cumulative 10, 20, 30); b: 3 of 6 s (6, 12, 18): budget 18 s,
+    # within which a has done 1 iteration (held-out 0.4) and b all 3 (0.5)
+    seeds = {}
+    for seed, sft in (("0", 0.2), ("1", 0.3)):
+        seeds[seed] = {"a": {**_arm(sft, 0.6, {}), "curve": [[1, 0.4], [2, 0.5], [3, 0.6]]},
+                       "b": {**_arm(sft, 0.5, {}), "curve": [[2, 0.45], [3, 0.5]]}}
+        for arm, wall in (("a", 10.0), ("b", 6.0)):
+            d = runs / f"learn-s{seed}-{arm}" / "plots"
+            d.mkdir(parents=True)
+            d.joinpath("rl_curves.json").write_text(json.dumps(
+                [{"iteration": i, "iteration.wall_seconds": wall} for i in range(3)]))
+    (out / "learning.json").write_text(json.dumps({"params": {}, "seeds": seeds}))
+    got = lr.at_budget(runs, "0", seeds["0"], ["a", "b"])
+    assert got == {"a": (18.0, 1, 0.4), "b": (18.0, 3, 0.5)}
+    text = lr.report(out, runs, [], [], base="a", same_time=True)
+    # gains at the budget: a 0.4 - sft, b 0.5 - sft -> a minus b = -10 points on both seeds
+    assert "| b | 2 | -10.0 | [-10.0, -10.0] |" in text
