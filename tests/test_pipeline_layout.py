@@ -107,3 +107,31 @@ def test_argv_roundtrip():
     assert (a.out, a.iteration, a.params) == (Path("o"), 3, Path("params.yaml"))
     assert a.inputs == {"scored": [Path("a"), Path("b")], "data": [Path("d")]}
     assert a.require("data") == Path("d")
+
+
+def test_a_checkpoint_retrained_in_place_is_not_done(tmp_path):
+    """model.init names a local folder: the stages that load it depend on what it holds,
+    not on its name (a learning comparison retrains its SFT checkpoint under the same
+    path; before, the next run skipped its stages as done and scored the old weights)."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    (ckpt / "model.safetensors").write_bytes(b"weights v1")
+    L = RunLayout(tmp_path / "run")
+    p = params(model={"init": str(ckpt)}, sft={"steps": 0})
+    a = {c.label: c.key for c in plan_all(p, L)}
+    assert a == {c.label: c.key for c in plan_all(p, L)}  # same content: same keys
+    (ckpt / "model.safetensors").write_bytes(b"weights v2")  # same name, other weights
+    b = {c.label: c.key for c in plan_all(p, L)}
+    # prepare does not read model.init's weights... but it reads the model section (the
+    # context check), so every stage that reads model.init changes, and all downstream
+    changed = {k for k in a if a[k] != b[k]}
+    # prepare reads no model params and stays; sft loads model.init, and all after it chain
+    assert changed == set(a) - {"prepare"}
+    # the default (tiny, no path) keeps the keys it always had: no run re-runs for this
+    plain = plan_all(params(), L)
+    from tracerl.pipeline.layout import fingerprint, params_read
+    sft = next(c for c in plain if c.label == "sft")
+    prep = next(c for c in plain if c.label == "prepare")
+    assert sft.key == fingerprint(["sft", None, params_read("sft", params().to_dict()),
+                                   [prep.key]])

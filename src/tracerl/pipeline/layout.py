@@ -27,7 +27,9 @@ Every stage folder is written by :func:`tracerl.pipeline.artifacts.stage_output`
 folder renamed on success, manifest last). The orchestrator then stamps the manifest
 with the call's **key**: a digest of the stage, its iteration, the ``params.yaml``
 sections it reads (declared once, in :mod:`tracerl.pipeline.registry`) and the keys of
-its inputs (a Merkle chain). A folder counts as done
+its inputs (a Merkle chain), and the **content** of any local file or folder those params
+name (:data:`PATH_PARAMS`: a checkpoint retrained in place under the same path changes
+the key of every stage that loads it). A folder counts as done
 only when its manifest carries the key of the current plan and every file still has the
 size and sha256 the manifest recorded, so a resumed run continues at the first unfinished
 (or damaged) stage, and a changed parameter re-runs exactly the stages downstream
@@ -226,6 +228,45 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# params whose value may name a local file or folder: a stage that reads one depends on
+# what is there, not on the name (learning comparisons retrain an SFT checkpoint in place)
+PATH_PARAMS = ("model.init", "data.train_file", "data.heldout_file", "reward.process_judge")
+_FILE_DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256
+
+
+def path_content(value: str) -> str | None:
+    """A digest of what the local path ``value`` holds (every file under it: relative
+    name and sha256), or None when ``value`` names no local file or folder (empty,
+    ``tiny``, a hub id). Each file is hashed once per process while its size and mtime
+    stay the same."""
+    from tracerl.pipeline.artifacts import sha256_file
+
+    if not value or not (root := Path(value).expanduser()).exists():
+        return None
+    files = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.is_file())
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        memo = (str(f.resolve()), st.st_size, st.st_mtime_ns)
+        if memo not in _FILE_DIGESTS:
+            _FILE_DIGESTS[memo] = sha256_file(f)
+        h.update(f"{f.relative_to(root) if f != root else f.name}\0{_FILE_DIGESTS[memo]}\n"
+                 .encode())
+    return h.hexdigest()[:16]
+
+
+def path_contents(read: Mapping[str, Any]) -> dict[str, str]:
+    """``{param: content digest}`` of the :data:`PATH_PARAMS` in ``read`` (the output of
+    :func:`params_read`) that name a local file or folder."""
+    out = {}
+    for name in PATH_PARAMS:
+        sec, _, key = name.partition(".")
+        value = read.get(sec, {}).get(key)
+        if isinstance(value, str) and (digest := path_content(value)) is not None:
+            out[name] = digest
+    return out
+
+
 def params_read(stage: str, params: Mapping[str, Any]) -> dict[str, Any]:
     """The values of the params a stage declares it reads (registry ``reads``):
     whole sections, or single keys as ``{"run": {"seed": 0}}``; without the placement
@@ -244,8 +285,12 @@ def params_read(stage: str, params: Mapping[str, Any]) -> dict[str, Any]:
 def stage_key(stage: str, iteration: int | None, params: Mapping[str, Any],
               input_keys: Iterable[str]) -> str:
     """Digest of what a call's output depends on: stage, iteration, the params it reads
-    (``params`` is ``Params.to_dict()``; the registry's ``reads``) and its inputs' keys."""
-    return fingerprint([stage, iteration, params_read(stage, params), sorted(input_keys)])
+    (``params`` is ``Params.to_dict()``; the registry's ``reads``), the content of the
+    local paths among them (:func:`path_contents`) and its inputs' keys."""
+    read = params_read(stage, params)
+    key = [stage, iteration, read, sorted(input_keys)]
+    contents = path_contents(read)
+    return fingerprint(key + [contents] if contents else key)
 
 
 def not_done_reason(call: StageCall) -> str | None:
