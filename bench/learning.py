@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import statistics
 import subprocess
@@ -66,15 +67,22 @@ def run_flow(params: dict, folder: Path, part: str = "all") -> None:
     path = folder / f"{params['run']['name']}.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     cmd = [sys.executable, "-m", "flows.tracerl_flow", "--params", str(path), "--stage", part]
-    with subprocess.Popen(cmd, stdout=subprocess.DEVNULL) as proc:
+    # its own process group: on unwind the flow goes with everything it started (its
+    # stage subprocesses and Prefect's temporary API server, which a terminated flow
+    # process alone leaves running)
+    with subprocess.Popen(cmd, stdout=subprocess.DEVNULL, start_new_session=True) as proc:
         try:
             rc = proc.wait()
         except BaseException:  # Ctrl-C or SIGTERM here: the flow (and its stage) stops too
-            proc.terminate()
+            os.killpg(proc.pid, signal.SIGTERM)
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                pass
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # what is left of the group
+            except ProcessLookupError:
+                pass
             raise
     if rc:
         raise subprocess.CalledProcessError(rc, cmd)
