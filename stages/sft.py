@@ -12,7 +12,10 @@ text ``prompt`` + ``response``/``reference_solution``. Writes ``checkpoint/``,
 torchrun: every rank reads the data and runs its share of each optimizer step, rank 0
 writes (mid-run checkpoints: every rank saves its DeepSpeed partition). With
 ``sft.lora.rank > 0`` only LoRA adapters train, ``checkpoint/`` holds the merged weights
-and ``adapter/`` the adapter (peft's layout).
+and ``adapter/`` the adapter (peft's layout). With ``sft.val_every`` > 0 (needs the prepare
+folder as data) the model is scored every so many steps on the first ``sft.val_tasks``
+tasks of its ``train.parquet`` (greedy, graded like the reward stage grades), logged as
+``sft.val_accuracy``; ``sft.stop_at_accuracy`` ends the run when it is reached.
 """
 
 from __future__ import annotations
@@ -67,6 +70,44 @@ def main(argv: list[str] | None = None) -> int:
         return _train(a, params, ranks)
 
 
+def validator(data: Path, params, model, tok, tracker):
+    """``validate(step) -> accuracy``: greedy static decoding (one token per step) of the
+    first ``sft.val_tasks`` tasks of the RL pool, graded by the reward stage's scorer; or
+    None when ``sft.val_every`` is 0."""
+    s = params.sft
+    if not s.val_every:
+        return None
+    from tracerl.data.records import tasks_from_frame
+    from tracerl.evaluation import evaluate_tasks
+    from tracerl.rewards.scoring import score_rollouts
+    from tracerl.sampling import SamplingConfig
+    from tracerl.schemas import read_parquet
+
+    pool = data / "train.parquet"
+    if not pool.is_file():
+        raise SystemExit(f"sft.val_every needs the prepare folder as data (its train.parquet "
+                         f"holds the validation tasks); {data} has no train.parquet")
+    tasks = tasks_from_frame(read_parquet(pool, "task").head(s.val_tasks))
+    by_id = {t.task_id: t for t in tasks}
+    cfg = SamplingConfig(block_size=model.block_size, steps_per_block=model.block_size,
+                         max_tokens=s.val_max_tokens, temperature=0.0)
+
+    def validate(step: int) -> float:
+        was = model.training
+        model.eval()
+        try:
+            res, _ = evaluate_tasks(model, tok, tasks, cfg, k=1, pass_ks=[1],
+                                    score=lambda f: score_rollouts(f, by_id,
+                                                                   group_filter="none")[0],
+                                    seed=params.run.seed)
+        finally:
+            model.train(was)
+        tracker.log_metrics({"sft.val_accuracy": res["accuracy"]}, step=step)
+        return res["accuracy"]
+
+    return validate
+
+
 def _train(a, params, ranks) -> int:
     s, m = params.sft, params.model
     torch.manual_seed(s.seed)
@@ -91,7 +132,9 @@ def _train(a, params, ranks) -> int:
         trainer.step_hooks.append(step_logger(tracker))  # per-step curves
         metrics = sft_train(trainer, samples, pick(SFTConfig, s), s.steps, progress=ranks.main,
                             resume=resume, checkpoint_every=s.checkpoint_every,
-                            on_checkpoint=lambda state: ckpts.save(trainer, state))
+                            on_checkpoint=lambda state: ckpts.save(trainer, state),
+                            validate=validator(a.data, params, model, tok, tracker),
+                            validate_every=s.val_every, stop_at=s.stop_at_accuracy)
     with rank_output(a.out, stage="sft", ranks=ranks) as o:
         o.metrics.update(parameter_report(trainer.module, trainer.optimizer))
         with trainer.gathered():  # ZeRO-3: full weights on every rank (collective)
@@ -104,8 +147,12 @@ def _train(a, params, ranks) -> int:
     ckpts.clear(trainer)
     if not ranks.main:
         return 0
-    print(f"sft: {s.steps} steps, nll={metrics.get('nll', float('nan')):.4f}, "
-          f"tokens/s={metrics.get('tokens_per_s', 0):.0f}")
+    val = (f", validation {metrics['val_accuracy']:.3f} at step {metrics['val_step']:.0f}"
+           + (" (stopped: sft.stop_at_accuracy reached)" if metrics["stopped_early"] else "")
+           if "val_accuracy" in metrics else "")
+    print(f"sft: {metrics.get('steps', 0):.0f} of {s.steps} steps, "
+          f"nll={metrics.get('nll', float('nan')):.4f}, "
+          f"tokens/s={metrics.get('tokens_per_s', 0):.0f}{val}")
     return 0
 
 

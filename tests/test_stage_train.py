@@ -304,3 +304,42 @@ def test_sft_killed_mid_run_resumes_to_the_same_model(tmp_path, monkeypatch, lor
         assert 0 < m["params/trainable"] < m["params/total"]
         assert (clean / "adapter" / "adapter_config.json").is_file()
         assert len(a["optimizer"]["state"]) == 2 * 2 * 7  # A and B of 7 targets, 2 layers
+
+
+def test_sft_validates_on_the_rl_pool_and_records_it(tmp_path):
+    from stages import prepare
+    from stages import sft as sft_stage
+    from tracerl.config import ConfigError, load_params
+    from tracerl.data.records import tasks_from_frame
+    from tracerl.evaluation import evaluate_tasks
+    from tracerl.rewards.scoring import score_rollouts
+    from tracerl.sampling import SamplingConfig
+    from tracerl.schemas import read_parquet
+
+    params = _params(tmp_path, data={"train_size": 40, "heldout_size": 8, "sft_size": 40},
+                     sft={"steps": 4, "val_every": 2, "val_tasks": 5, "val_max_tokens": 8})
+    prep = tmp_path / "prepare"
+    assert prepare.main(["--params", str(params), "--out", str(prep)]) == 0
+    assert sft_stage.main(["--params", str(params), "--input", f"data={prep}",
+                           "--out", str(tmp_path / "sft")]) == 0
+    m = read_metrics(tmp_path / "sft")
+    assert m["steps"] == 4.0 and m["val_step"] == 4.0 and m["stopped_early"] == 0.0
+    # the last validation is the saved model's greedy accuracy on the pool's first 5 tasks
+    model, tok = load_model(tmp_path / "sft" / "checkpoint")
+    tasks = tasks_from_frame(read_parquet(prep / "train.parquet", "task").head(5))
+    by_id = {t.task_id: t for t in tasks}
+    res, scored = evaluate_tasks(
+        model, tok, tasks, SamplingConfig(block_size=4, steps_per_block=4, max_tokens=8,
+                                          temperature=0.0),
+        k=1, pass_ks=[1], score=lambda f: score_rollouts(f, by_id, group_filter="none")[0])
+    assert scored.height == 5 and m["val_accuracy"] == res["accuracy"]
+    # SFT data without its prepare folder: validation has no pool, and says so
+    with pytest.raises(SystemExit, match="train.parquet"):
+        sft_stage.main(["--params", str(params), "--data", str(prep / "sft.parquet"),
+                        "--out", str(tmp_path / "sft2")])
+    # a threshold without validation is refused at load, with the fix
+    raw = yaml.safe_load(params.read_text())
+    raw["sft"].update(val_every=0, stop_at_accuracy=0.5)
+    params.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="set sft.val_every > 0"):
+        load_params(params)

@@ -230,6 +230,40 @@ def test_sft_objectives_learn(default_tokenizer, family, method):
     assert trainer.counters["optimizer_steps"] == 8
 
 
+def test_sft_stops_when_validation_reaches_the_threshold(default_tokenizer):
+    """validate every 2 steps; accuracies 0.1, 0.4, 0.9: with stop_at 0.35 the run ends
+    after step 4 (the second validation), not at its 10 steps; a resumed run whose
+    progress says stopped takes no more steps."""
+    from tracerl.rl.sft import SFTProgress
+
+    lm = build_for_tokenizer(default_tokenizer, "sdar", seed=0)
+    trainer = Trainer(TokenScorer(lm), TrainConfig(lr=1e-3, micro_batch=2), kind="sft")
+    seen, accs = [], iter([0.1, 0.4, 0.9])
+
+    def validate(step):
+        seen.append(step)
+        return next(accs)
+
+    saved = []
+    m = sft_train(trainer, make_samples(4, seed=1), SFTConfig(), steps=10, validate=validate,
+                  validate_every=2, stop_at=0.35, checkpoint_every=1,
+                  on_checkpoint=lambda st: saved.append(copy.deepcopy(st)))
+    assert seen == [2, 4]
+    assert trainer.counters["optimizer_steps"] == 4 and m["steps"] == 4.0
+    assert (m["val_accuracy"], m["val_step"], m["stopped_early"]) == (0.4, 4.0, 1.0)
+    assert saved[-1].stopped and saved[-1].validation == [[2.0, 0.1], [4.0, 0.4]]
+    resumed = SFTProgress(**copy.deepcopy(saved[-1].__dict__))
+    sft_train(trainer, make_samples(4, seed=1), SFTConfig(), steps=10, resume=resumed,
+              validate=validate, validate_every=2, stop_at=0.35)
+    assert trainer.counters["optimizer_steps"] == 4 and seen == [2, 4]
+    # without a threshold every step runs, validating at 2, 4, ..
+    t2 = Trainer(TokenScorer(build_for_tokenizer(default_tokenizer, "sdar", seed=0)),
+                 TrainConfig(lr=1e-3, micro_batch=2), kind="sft")
+    m2 = sft_train(t2, make_samples(4, seed=1), SFTConfig(), steps=5,
+                   validate=lambda step: step / 10, validate_every=2)
+    assert m2["steps"] == 5.0 and (m2["val_step"], m2["stopped_early"]) == (4.0, 0.0)
+
+
 def test_sft_method_must_fit_the_family(default_tokenizer):
     lm = build_for_tokenizer(default_tokenizer, "llada")
     trainer = Trainer(TokenScorer(lm), TrainConfig(lr=1e-3), kind="sft")

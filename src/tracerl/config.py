@@ -323,6 +323,13 @@ class SFTParams:
     # save model, optimizer, schedule, RNG and data order every N steps (0 = never); a
     # killed SFT resumes there with the same result as an uninterrupted run
     checkpoint_every: int = 200
+    # validation: greedy accuracy on the first val_tasks tasks of the RL pool (the train
+    # split, never the held-out one) every val_every steps (0 = never), decoding
+    # val_max_tokens tokens; SFT stops once it reaches stop_at_accuracy (0 = run all steps)
+    val_every: int = 0
+    val_tasks: int = 100
+    val_max_tokens: int = 64
+    stop_at_accuracy: float = 0.0
     lora: LoraParams = field(default_factory=LoraParams)  # rank 0 = full fine-tuning
 
     def problems(self) -> list[str]:
@@ -330,6 +337,14 @@ class SFTParams:
         p += self.lora.stage_problems("sft.lora", self.zero_stage)
         if self.checkpoint_every < 0:
             p.append("sft.checkpoint_every must be >= 0 (0 = no mid-run checkpoints)")
+        if self.val_every < 0 or self.val_tasks < 1 or self.val_max_tokens < 1:
+            p.append("sft.val_every must be >= 0 (0 = no validation), sft.val_tasks and "
+                     "sft.val_max_tokens >= 1")
+        if not 0.0 <= self.stop_at_accuracy <= 1.0:
+            p.append(f"sft.stop_at_accuracy must be in [0, 1] (0 = off), got "
+                     f"{self.stop_at_accuracy}")
+        if self.stop_at_accuracy > 0 and self.val_every == 0:
+            p.append("sft.stop_at_accuracy needs validation: set sft.val_every > 0 (e.g. 50)")
         if not 0.0 <= self.lower_p <= self.upper_p <= 1.0:
             p.append("sft.lower_p and sft.upper_p must satisfy 0 <= lower_p <= upper_p <= 1")
         if self.steps < 0 or self.batch_size < 1:
@@ -717,6 +732,9 @@ class Params:
                 f"rollout.max_tokens ({self.rollout.max_tokens}) must be a multiple of "
                 f"model.block_size ({b}); e.g. set it to {max(b, self.rollout.max_tokens // b * b)}"
             )
+        if b >= 1 and self.sft.val_every and self.sft.val_max_tokens % b:
+            p.append(f"sft.val_max_tokens ({self.sft.val_max_tokens}) must be a multiple of "
+                     f"model.block_size ({b}); e.g. {max(b, self.sft.val_max_tokens // b * b)}")
         # steps per block are capped at the block in force: more than the largest block the
         # run decodes with (schedules, evaluate.block_sizes) can never apply
         largest = max([b, *(x for x, _ in decoding_budgets(self))]) if b >= 1 else b

@@ -48,20 +48,31 @@ class SFTProgress:
         order: example indices of the current pass not yet used (the data order).
         skipped: examples skipped so far as too long.
         history: per-step metrics so far (the summary covers the whole run).
+        validation: ``[step, accuracy]`` of each validation so far.
+        stopped: the validation accuracy reached the stop threshold: no more steps.
     """
 
     done: int = 0
     order: list[int] = field(default_factory=list)
     skipped: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    validation: list[list[float]] = field(default_factory=list)
+    stopped: bool = False
 
 
 def sft_train(trainer: Trainer, samples: Sequence[TraceSample], cfg: SFTConfig, steps: int, *,
               progress: bool = False, resume: SFTProgress | None = None,
               checkpoint_every: int = 0,
-              on_checkpoint: Callable[[SFTProgress], None] | None = None) -> dict[str, float]:
+              on_checkpoint: Callable[[SFTProgress], None] | None = None,
+              validate: Callable[[int], float] | None = None, validate_every: int = 0,
+              stop_at: float = 0.0) -> dict[str, float]:
     """``steps`` optimizer steps of SFT, ``micro_batch * grad_accum * world`` examples each,
     cycling through ``samples`` in a fresh random order per pass, fresh masks per step.
+
+    Every ``validate_every`` steps (0: never) ``validate()`` gives an accuracy (recorded in
+    ``SFTProgress.validation``); once it reaches ``stop_at`` (> 0) the run stops there,
+    before ``steps``: SFT of small models is a phase change whose step varies by seed, and
+    stopping on a validation threshold gives comparable starting points for RL.
 
     Every ``checkpoint_every`` steps (0: never) ``on_checkpoint`` receives the progress, to
     save with the model and trainer state; ``resume`` continues from such a checkpoint
@@ -77,6 +88,8 @@ def sft_train(trainer: Trainer, samples: Sequence[TraceSample], cfg: SFTConfig, 
 
     def step_rows():
         for _ in range(steps - state.done):
+            if state.stopped:
+                return
             while len(state.order) < per_step:
                 state.order += torch.randperm(len(samples), generator=trainer.generator,
                                               device=trainer.generator.device).tolist()
@@ -91,6 +104,10 @@ def sft_train(trainer: Trainer, samples: Sequence[TraceSample], cfg: SFTConfig, 
 
     def after_step(_: int, metrics: dict[str, float]) -> None:
         state.history.append(metrics)
+        if validate is not None and validate_every > 0 and state.done % validate_every == 0:
+            acc = float(validate(state.done))
+            state.validation.append([float(state.done), acc])
+            state.stopped = stop_at > 0 and acc >= stop_at
         if (on_checkpoint is not None and checkpoint_every > 0
                 and state.done % checkpoint_every == 0 and state.done < steps):
             on_checkpoint(state)
@@ -114,7 +131,11 @@ def sft_train(trainer: Trainer, samples: Sequence[TraceSample], cfg: SFTConfig, 
     finally:
         trainer.step_hooks.remove(after_step)
     trainer.counters["updates"] += 1
-    return {**summarize(state.history), "rows/skipped_too_long": float(state.skipped)}
+    out = {**summarize(state.history), "rows/skipped_too_long": float(state.skipped)}
+    if state.validation:
+        out.update(val_accuracy=state.validation[-1][1], val_step=state.validation[-1][0],
+                   stopped_early=float(state.stopped))
+    return out
 
 
 class SFTCheckpoints:
