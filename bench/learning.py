@@ -168,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
         sft_dir = Path(base["run"]["runs_dir"]) / sft_p["run"]["name"]
         ckpt = sft_dir / "sft" / "checkpoint"
         per: dict = {"sft_seconds": time.time() - t0}
+        sft_m = json.loads((sft_dir / "sft" / "metrics.json").read_text())
+        per["sft_steps"] = {k: sft_m[k] for k in ("steps", "val_accuracy", "val_step",
+                                                  "stopped_early") if k in sft_m}
         for m in a.methods:
             t1 = time.time()
             p = merge(merge(base, seeds), merge(arms[m], {

@@ -208,12 +208,25 @@ def domain_plot(folder: Path, runs: Path, seeds: dict, arms: list[str],
     fig.savefig(folder / "domain_curves.png", dpi=110)
 
 
+def sft_stage(runs: Path, seed: str, s: dict, arms: list[str]) -> dict:
+    """The SFT stage's metrics of a seed: recorded by learning.py, else read from the SFT
+    run folder (``learn-s<seed>-sft-<first arm>`` for a recipe's own SFT model, else
+    ``learn-s<seed>-sft``)."""
+    if "sft_steps" in s:
+        return s["sft_steps"]
+    for name in (f"learn-s{seed}-sft-{arms[0]}", f"learn-s{seed}-sft"):
+        f = runs / name / "sft" / "metrics.json"
+        if f.is_file():
+            return json.loads(f.read_text())
+    return {}
+
+
 def report(folder: Path, runs: Path, keys: list[str], levels: list[int],
            base: str | None = None, domains: list[str] | None = None,
            same_time: bool = False) -> str:
     res = json.loads((folder / "learning.json").read_text())
     seeds = res["seeds"]
-    arms = [a for a in next(iter(seeds.values())) if a != "sft_seconds"]
+    arms = [a for a in next(iter(seeds.values())) if a not in ("sft_seconds", "sft_steps")]
     out = [f"Seeds: {', '.join(seeds)}.", "",
            "| arm | SFT held-out | final held-out | gain (points) | sd of gain | per seed (SFT -> final) |",
            "|---|---:|---:|---:|---:|---|"]
@@ -226,6 +239,14 @@ def report(folder: Path, runs: Path, keys: list[str], levels: list[int],
         out.append(f"| {a} | {spread([r['sft_accuracy'] for r in rs])} | "
                    f"{spread([r['final_accuracy'] for r in rs])} | "
                    f"{spread(gains, signed=True)} | {sd} | {per} |")
+    stops = {k: sft_stage(runs, k, s, arms) for k, s in seeds.items()}
+    stops = {k: v for k, v in stops.items() if "val_step" in v}
+    if stops:  # SFT with validation (sft.val_every): where each seed's SFT ended
+        out += ["", "SFT per seed: steps run, and the last validation (greedy, RL pool):", "",
+                "| seed | SFT steps | validation accuracy | stopped at the threshold |",
+                "|---:|---:|---:|---|"]
+        out += [f"| {k} | {v['steps']:.0f} | {100 * v['val_accuracy']:.1f} | "
+                f"{'yes' if v.get('stopped_early') else 'no'} |" for k, v in stops.items()]
     if base:
         out += paired(seeds, arms, base)
     if same_time:

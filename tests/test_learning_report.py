@@ -35,7 +35,9 @@ def _arm(sft: float, fin: float, dom: dict[str, tuple[float, float]]) -> dict:
 
 def _folder(tmp_path: Path) -> tuple[Path, Path]:
     out, runs = tmp_path / "out", tmp_path / "runs"
-    seeds = {"0": {"sft_seconds": 1.0, "a": _arm(0.2, 0.4, {"code": (0.1, 0.5)}),
+    seeds = {"0": {"sft_seconds": 1.0, "sft_steps": {"steps": 650.0, "val_accuracy": 0.31,
+                                                      "val_step": 650.0, "stopped_early": 1.0},
+                   "a": _arm(0.2, 0.4, {"code": (0.1, 0.5)}),
                    "b": _arm(0.2, 0.3, {"code": (0.1, 0.2)})},
              "1": {"sft_seconds": 1.0, "a": _arm(0.3, 0.6, {"code": (0.3, 0.7)}),
                    "b": _arm(0.3, 0.35, {"code": (0.3, 0.4)})}}
@@ -50,6 +52,10 @@ def _folder(tmp_path: Path) -> tuple[Path, Path]:
              "reward.seconds": 3.0, "reward.grade_seconds": 2.5, "policy.seconds": 15.0,
              "reward.accuracy_code": 0.4, "evaluate.accuracy_code": 0.5}]
     (runs / "learn-s0-a" / "plots").mkdir(parents=True)
+    # seed 1's SFT metrics only in its run folder (a learning.json from before they were kept)
+    (runs / "learn-s1-sft-a" / "sft").mkdir(parents=True)
+    (runs / "learn-s1-sft-a" / "sft" / "metrics.json").write_text(json.dumps(
+        {"steps": 1500.0, "val_accuracy": 0.2, "val_step": 1500.0, "stopped_early": 0.0}))
     (runs / "learn-s0-a" / "plots" / "rl_curves.json").write_text(json.dumps(rows))
     return out, runs
 
@@ -60,6 +66,7 @@ def test_time_shares_and_domains(lr, tmp_path):
     # shares over all iterations: rollout 20/40, reward 4/40, policy 16/40, grading 3/40
     assert "| a | 2 | 20.0 | 50.0% | 10.0% | 40.0% | 7.5% |" in text
     assert "| b |" not in text.split("Where an iteration")[1].split("Curriculum")[0]
+    assert "| 0 | 650 | 31.0 | yes |" in text and "| 1 | 1500 | 20.0 | no |" in text
     # per domain: SFT mean (10 + 30) / 2 = 20.0, final (50 + 70) / 2 = 60.0
     assert "| a | 20.0 -> 60.0 (10.0 -> 50.0, 30.0 -> 70.0) |" in text
     # paired by seed: gains a = 20, 30; b = 10, 5 -> differences 10, 25, mean 17.5
