@@ -155,16 +155,15 @@ def equal_time(runs: Path, seeds: dict, arms: list[str], base: str | None) -> li
     return out
 
 
-def domains_table(seeds: dict, arms: list[str], domains: list[str]) -> list[str]:
-    """Held-out accuracy per domain (greedy static), SFT -> final, mean and per seed."""
-    out = ["", "Held-out accuracy per domain (%, greedy static), SFT -> final, mean over "
-           "seeds (per seed):", "", "| arm | " + " | ".join(domains) + " |",
-           "|---|" + "---|" * len(domains)]
+def sft_to_final(seeds: dict, arms: list[str], title: str, cols: dict[str, str],
+                 per_seed: bool = False) -> list[str]:
+    """A table of held-out metrics (``cols``: header -> metric key), SFT -> final per arm,
+    mean over seeds (and each seed's pair with ``per_seed``)."""
+    out = ["", title, "", "| arm | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
     for a in arms:
         rs = [s[a] for s in seeds.values() if a in s]
         cells = []
-        for d in domains:
-            k = f"heldout.low_confidence_static.accuracy_{d}"
+        for k in cols.values():
             sft = [r["sft_metrics"].get(k) for r in rs]
             fin = [r["final_metrics"].get(k) for r in rs]
             if None in sft + fin:
@@ -172,7 +171,7 @@ def domains_table(seeds: dict, arms: list[str], domains: list[str]) -> list[str]
                 continue
             per = ", ".join(f"{100 * x:.1f} -> {100 * y:.1f}" for x, y in zip(sft, fin))
             cells.append(f"{100 * statistics.mean(sft):.1f} -> {100 * statistics.mean(fin):.1f}"
-                         + (f" ({per})" if len(rs) > 1 else ""))
+                         + (f" ({per})" if per_seed and len(rs) > 1 else ""))
         out.append(f"| {a} | " + " | ".join(cells) + " |")
     return out
 
@@ -270,6 +269,40 @@ def report(folder: Path, runs: Path, keys: list[str], levels: list[int],
                 cells.append(spread(acc) + fw)
             out.append(f"| {name} | " + " | ".join(cells) + " |")
     if levels:
+        out += sft_to_final(
+            seeds, arms, "Accuracy per level (%, greedy static), mean over seeds, SFT -> final:",
+            {f"level {lv}": f"heldout.low_confidence_static.level{lv}_accuracy" for lv in levels})
+    stops = {k: sft_stage(runs, k, s, arms) for k, s in seeds.items()}
+    stops = {k: v for k, v in stops.items() if "val_step" in v}
+    if stops:  # SFT with validation (sft.val_every): where each seed's SFT ended
+        out += ["", "SFT per seed: steps run, and the last validation (greedy, RL pool):", "",
+                "| seed | SFT steps | validation accuracy | stopped at the threshold |",
+                "|---:|---:|---:|---|"]
+        out += [f"| {k} | {v['steps']:.0f} | {100 * v['val_accuracy']:.1f} | "
+                f"{'yes' if v.get('stopped_early') else 'no'} |" for k, v in stops.items()]
+    if base:
+        out += paired(seeds, arms, base)
+    if same_time:
+        out += equal_time(runs, seeds, arms, base)
+    if keys:
+        out += ["", "Held-out accuracy (%) per decoding, mean (min .. max) over seeds; "
+                "forward passes per generated token in brackets (mean):", "",
+                "| policy | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
+        first = arms[0]
+        rows = [("SFT", [s[first]["sft_metrics"] for s in seeds.values() if first in s])]
+        rows += [(a, [s[a]["final_metrics"] for s in seeds.values() if a in s]) for a in arms]
+        for name, ms in rows:
+            cells = []
+            for k in keys:
+                acc = [m.get(f"heldout.{k}.accuracy") for m in ms]
+                if any(v is None for v in acc):
+                    cells.append("-")
+                    continue
+                fwd = [m.get(f"heldout.{k}.forward_per_token") for m in ms]
+                fw = f" [{statistics.mean(fwd):.2f}]" if all(v is not None for v in fwd) else ""
+                cells.append(spread(acc) + fw)
+            out.append(f"| {name} | " + " | ".join(cells) + " |")
+    if levels:
         out += ["", "Accuracy per level (%, greedy static), mean over seeds, SFT -> final:", "",
                 "| arm | " + " | ".join(f"level {lv}" for lv in levels) + " |",
                 "|---|" + "---:|" * len(levels)]
@@ -284,7 +317,10 @@ def report(folder: Path, runs: Path, keys: list[str], levels: list[int],
                              f"{100 * statistics.mean(sft):.1f} -> {100 * statistics.mean(fin):.1f}")
             out.append(f"| {a} | " + " | ".join(cells) + " |")
     if domains:
-        out += domains_table(seeds, arms, domains)
+        out += sft_to_final(
+            seeds, arms, "Held-out accuracy per domain (%, greedy static), SFT -> final, mean "
+            "over seeds (per seed):",
+            {d: f"heldout.low_confidence_static.accuracy_{d}" for d in domains}, per_seed=True)
         domain_plot(folder, runs, seeds, arms, domains)
     out += time_shares(runs, seeds, arms)
     out += ["", "Curriculum level of each iteration (one digit per iteration):", "",
