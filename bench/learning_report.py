@@ -272,50 +272,6 @@ def report(folder: Path, runs: Path, keys: list[str], levels: list[int],
         out += sft_to_final(
             seeds, arms, "Accuracy per level (%, greedy static), mean over seeds, SFT -> final:",
             {f"level {lv}": f"heldout.low_confidence_static.level{lv}_accuracy" for lv in levels})
-    stops = {k: sft_stage(runs, k, s, arms) for k, s in seeds.items()}
-    stops = {k: v for k, v in stops.items() if "val_step" in v}
-    if stops:  # SFT with validation (sft.val_every): where each seed's SFT ended
-        out += ["", "SFT per seed: steps run, and the last validation (greedy, RL pool):", "",
-                "| seed | SFT steps | validation accuracy | stopped at the threshold |",
-                "|---:|---:|---:|---|"]
-        out += [f"| {k} | {v['steps']:.0f} | {100 * v['val_accuracy']:.1f} | "
-                f"{'yes' if v.get('stopped_early') else 'no'} |" for k, v in stops.items()]
-    if base:
-        out += paired(seeds, arms, base)
-    if same_time:
-        out += equal_time(runs, seeds, arms, base)
-    if keys:
-        out += ["", "Held-out accuracy (%) per decoding, mean (min .. max) over seeds; "
-                "forward passes per generated token in brackets (mean):", "",
-                "| policy | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
-        first = arms[0]
-        rows = [("SFT", [s[first]["sft_metrics"] for s in seeds.values() if first in s])]
-        rows += [(a, [s[a]["final_metrics"] for s in seeds.values() if a in s]) for a in arms]
-        for name, ms in rows:
-            cells = []
-            for k in keys:
-                acc = [m.get(f"heldout.{k}.accuracy") for m in ms]
-                if any(v is None for v in acc):
-                    cells.append("-")
-                    continue
-                fwd = [m.get(f"heldout.{k}.forward_per_token") for m in ms]
-                fw = f" [{statistics.mean(fwd):.2f}]" if all(v is not None for v in fwd) else ""
-                cells.append(spread(acc) + fw)
-            out.append(f"| {name} | " + " | ".join(cells) + " |")
-    if levels:
-        out += ["", "Accuracy per level (%, greedy static), mean over seeds, SFT -> final:", "",
-                "| arm | " + " | ".join(f"level {lv}" for lv in levels) + " |",
-                "|---|" + "---:|" * len(levels)]
-        for a in arms:
-            rs = [s[a] for s in seeds.values() if a in s]
-            cells = []
-            for lv in levels:
-                k = f"heldout.low_confidence_static.level{lv}_accuracy"
-                sft = [r["sft_metrics"].get(k) for r in rs]
-                fin = [r["final_metrics"].get(k) for r in rs]
-                cells.append("-" if None in sft + fin else
-                             f"{100 * statistics.mean(sft):.1f} -> {100 * statistics.mean(fin):.1f}")
-            out.append(f"| {a} | " + " | ".join(cells) + " |")
     if domains:
         out += sft_to_final(
             seeds, arms, "Held-out accuracy per domain (%, greedy static), SFT -> final, mean "
