@@ -7,7 +7,8 @@ Runs the SFT stage (``python -m stages.sft``) of a params file with ``sft.steps`
 mid-run checkpoints every ``--every`` steps, keeps a copy of each checkpoint as the stage
 writes it (the stage keeps only the newest, for resuming), then scores every checkpoint
 and the final model with the evaluate stage: greedy static decoding on the first
-``--tasks`` held-out tasks. Prints ``step accuracy`` lines and writes ``<out>/curve.json``.
+``--tasks`` held-out tasks. Prints ``step accuracy`` lines and writes ``<out>/curve.json``
+and ``<out>/curve.png``.
 The points are those of one cosine schedule over ``--steps``: a run stopped at step n
 (its own schedule annealed by then) ends somewhat higher than the point at n.
 
@@ -82,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     p = yaml.safe_load(a.params.read_text())
-    p["sft"].update(steps=a.steps, checkpoint_every=a.every)
+    # every step runs: no early stop on validation (the curve is what it would decide on)
+    p["sft"].update(steps=a.steps, checkpoint_every=a.every, val_every=0, stop_at=0.0)
     p["run"]["tracker"] = "null"
     (a.out / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     final = a.out / "sft" / "checkpoint"
@@ -107,7 +109,22 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"step": n, "accuracy": m["heldout.low_confidence_static.accuracy"]})
         print(f"{n} {rows[-1]['accuracy']:.3f}", flush=True)
     (a.out / "curve.json").write_text(json.dumps(rows, indent=1))
+    plot(rows, a.out / "curve.png", f"SFT of {a.params.stem}, {a.steps}-step schedule")
     return 0
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in rows], [100 * r["accuracy"] for r in rows], marker="o")
+    ax.set(xlabel="SFT step", ylabel="held-out accuracy (%, greedy static)", title=title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ writes (mid-run checkpoints: every rank saves its DeepSpeed partition). With
 and ``adapter/`` the adapter (peft's layout). With ``sft.val_every`` > 0 (needs the prepare
 folder as data) the model is scored every so many steps on the first ``sft.val_tasks``
 tasks of its ``train.parquet`` (greedy, graded like the reward stage grades), logged as
-``sft.val_accuracy``; ``sft.stop_at_accuracy`` ends the run when it is reached.
+``sft.val_accuracy``; ``sft.stop_at`` ends the run when it is reached.
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def _train(a, params, ranks) -> int:
                             resume=resume, checkpoint_every=s.checkpoint_every,
                             on_checkpoint=lambda state: ckpts.save(trainer, state),
                             validate=validator(a.data, params, model, tok, tracker),
-                            validate_every=s.val_every, stop_at=s.stop_at_accuracy)
+                            validate_every=s.val_every, stop_at=s.stop_at)
     with rank_output(a.out, stage="sft", ranks=ranks) as o:
         o.metrics.update(parameter_report(trainer.module, trainer.optimizer))
         with trainer.gathered():  # ZeRO-3: full weights on every rank (collective)
@@ -148,7 +148,7 @@ def _train(a, params, ranks) -> int:
     if not ranks.main:
         return 0
     val = (f", validation {metrics['val_accuracy']:.3f} at step {metrics['val_step']:.0f}"
-           + (" (stopped: sft.stop_at_accuracy reached)" if metrics["stopped_early"] else "")
+           + (" (stopped: sft.stop_at reached)" if metrics["stopped_early"] else "")
            if "val_accuracy" in metrics else "")
     print(f"sft: {metrics.get('steps', 0):.0f} of {s.steps} steps, "
           f"nll={metrics.get('nll', float('nan')):.4f}, "

@@ -309,6 +309,7 @@ def test_sft_killed_mid_run_resumes_to_the_same_model(tmp_path, monkeypatch, lor
 def test_sft_validates_on_the_rl_pool_and_records_it(tmp_path):
     from stages import prepare
     from stages import sft as sft_stage
+
     from tracerl.config import ConfigError, load_params
     from tracerl.data.records import tasks_from_frame
     from tracerl.evaluation import evaluate_tasks
@@ -339,7 +340,7 @@ def test_sft_validates_on_the_rl_pool_and_records_it(tmp_path):
                         "--out", str(tmp_path / "sft2")])
     # a threshold without validation is refused at load, with the fix
     raw = yaml.safe_load(params.read_text())
-    raw["sft"].update(val_every=0, stop_at_accuracy=0.5)
+    raw["sft"].update(val_every=0, stop_at=0.5)
     params.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match="set sft.val_every > 0"):
         load_params(params)

@@ -325,11 +325,11 @@ class SFTParams:
     checkpoint_every: int = 200
     # validation: greedy accuracy on the first val_tasks tasks of the RL pool (the train
     # split, never the held-out one) every val_every steps (0 = never), decoding
-    # val_max_tokens tokens; SFT stops once it reaches stop_at_accuracy (0 = run all steps)
+    # val_max_tokens tokens; SFT stops once it reaches stop_at (0 = run all steps)
     val_every: int = 0
     val_tasks: int = 100
     val_max_tokens: int = 64
-    stop_at_accuracy: float = 0.0
+    stop_at: float = 0.0
     lora: LoraParams = field(default_factory=LoraParams)  # rank 0 = full fine-tuning
 
     def problems(self) -> list[str]:
@@ -340,11 +340,11 @@ class SFTParams:
         if self.val_every < 0 or self.val_tasks < 1 or self.val_max_tokens < 1:
             p.append("sft.val_every must be >= 0 (0 = no validation), sft.val_tasks and "
                      "sft.val_max_tokens >= 1")
-        if not 0.0 <= self.stop_at_accuracy <= 1.0:
-            p.append(f"sft.stop_at_accuracy must be in [0, 1] (0 = off), got "
-                     f"{self.stop_at_accuracy}")
-        if self.stop_at_accuracy > 0 and self.val_every == 0:
-            p.append("sft.stop_at_accuracy needs validation: set sft.val_every > 0 (e.g. 50)")
+        if not 0.0 <= self.stop_at <= 1.0:
+            p.append(f"sft.stop_at must be in [0, 1] (0 = off), got "
+                     f"{self.stop_at}")
+        if self.stop_at > 0 and self.val_every == 0:
+            p.append("sft.stop_at needs validation: set sft.val_every > 0 (e.g. 50)")
         if not 0.0 <= self.lower_p <= self.upper_p <= 1.0:
             p.append("sft.lower_p and sft.upper_p must satisfy 0 <= lower_p <= upper_p <= 1")
         if self.steps < 0 or self.batch_size < 1:
