@@ -62,16 +62,22 @@ def t_interval(xs: list[float]) -> tuple[float, float, float]:
     return m, m - half, m + half
 
 
-def paired(seeds: dict, arms: list[str], base: str) -> list[str]:
-    out = ["", f"Difference in held-out gain, {base} minus each arm, paired by seed "
-           "(points; 95% Student-t interval over seeds):", "",
+def gains_by_arm(seeds: dict, arms: list[str]) -> dict[str, dict[str, float]]:
+    """Held-out gain (final - SFT) per arm and seed."""
+    return {a: {k: s[a]["final_accuracy"] - s[a]["sft_accuracy"] for k, s in seeds.items()
+                if a in s} for a in arms}
+
+
+def paired(gain: dict[str, dict[str, float]], arms: list[str], base: str,
+           title: str) -> list[str]:
+    """``base`` minus each arm, paired by seed (``gain``: arm -> seed -> gain), in points,
+    with a 95% Student-t interval over the seeds both have."""
+    out = ["", title, "",
            "| arm | seeds | mean difference | 95% interval | per seed |", "|---|---:|---:|---|---|"]
     for a in arms:
         if a == base:
             continue
-        both = [s for s in seeds.values() if a in s and base in s]
-        d = [100 * ((s[base]["final_accuracy"] - s[base]["sft_accuracy"])
-                    - (s[a]["final_accuracy"] - s[a]["sft_accuracy"])) for s in both]
+        d = [100 * (g - gain[a][k]) for k, g in gain[base].items() if k in gain[a]]
         if len(d) < 2:
             out.append(f"| {a} | {len(d)} | - | - | - |")
             continue
@@ -144,14 +150,9 @@ def equal_time(runs: Path, seeds: dict, arms: list[str], base: str | None) -> li
                    f"{', '.join(str(v[a][1]) for v in per.values())} | "
                    f"{spread([v[a][2] for v in per.values()])} | "
                    f"{spread(list(gain[a].values()), signed=True)} |")
-    if base and len(per) > 1:
-        out += ["", f"Difference in gain at the budget, {base} minus each arm, paired by seed:",
-                "", "| arm | seeds | mean difference | 95% interval |", "|---|---:|---:|---|"]
-        for a in arms:
-            if a != base:
-                d = [100 * (gain[base][k] - gain[a][k]) for k in per]
-                m, lo, hi = t_interval(d)
-                out.append(f"| {a} | {len(d)} | {m:+.1f} | [{lo:+.1f}, {hi:+.1f}] |")
+    if base:
+        out += paired(gain, arms, base, f"Difference in gain at the budget, {base} minus each "
+                      "arm, paired by seed (points; 95% Student-t interval over seeds):")
     return out
 
 
@@ -247,7 +248,9 @@ def report(folder: Path, runs: Path, keys: list[str], levels: list[int],
         out += [f"| {k} | {v['steps']:.0f} | {100 * v['val_accuracy']:.1f} | "
                 f"{'yes' if v.get('stopped_early') else 'no'} |" for k, v in stops.items()]
     if base:
-        out += paired(seeds, arms, base)
+        out += paired(gains_by_arm(seeds, arms), arms, base,
+                      f"Difference in held-out gain, {base} minus each arm, paired by seed "
+                      "(points; 95% Student-t interval over seeds):")
     if same_time:
         out += equal_time(runs, seeds, arms, base)
     if keys:
