@@ -262,6 +262,12 @@ def test_sft_stops_when_validation_reaches_the_threshold(default_tokenizer):
     m2 = sft_train(t2, make_samples(4, seed=1), SFTConfig(), steps=5,
                    validate=lambda step: step / 10, validate_every=2)
     assert m2["steps"] == 5.0 and (m2["val_step"], m2["stopped_early"]) == (4.0, 0.0)
+    # reaching the threshold at the last step is a full run, not an early stop
+    t3 = Trainer(TokenScorer(build_for_tokenizer(default_tokenizer, "sdar", seed=0)),
+                 TrainConfig(lr=1e-3, micro_batch=2), kind="sft")
+    m3 = sft_train(t3, make_samples(4, seed=1), SFTConfig(), steps=4,
+                   validate=lambda step: step / 10, validate_every=2, stop_at=0.3)
+    assert m3["steps"] == 4.0 and (m3["val_accuracy"], m3["stopped_early"]) == (0.4, 0.0)
 
 
 def test_sft_method_must_fit_the_family(default_tokenizer):

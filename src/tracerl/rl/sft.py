@@ -107,7 +107,8 @@ def sft_train(trainer: Trainer, samples: Sequence[TraceSample], cfg: SFTConfig, 
         if validate is not None and validate_every > 0 and state.done % validate_every == 0:
             acc = float(validate(state.done))
             state.validation.append([float(state.done), acc])
-            state.stopped = stop_at > 0 and acc >= stop_at
+            # a stop only when steps remain: reaching it at the last step is a full run
+            state.stopped = stop_at > 0 and acc >= stop_at and state.done < steps
         if (on_checkpoint is not None and checkpoint_every > 0
                 and state.done % checkpoint_every == 0 and state.done < steps):
             on_checkpoint(state)
