@@ -89,7 +89,8 @@ def validator(data: Path, params, model, tok, tracker):
                          f"holds the validation tasks); {data} has no train.parquet")
     tasks = tasks_from_frame(read_parquet(pool, "task").head(s.val_tasks))
     by_id = {t.task_id: t for t in tasks}
-    cfg = SamplingConfig(block_size=model.block_size, steps_per_block=model.block_size,
+    b = model.block_size or params.model.block_size  # full attention: the decoding block
+    cfg = SamplingConfig(block_size=b, steps_per_block=b,
                          max_tokens=s.val_max_tokens, temperature=0.0)
 
     def validate(step: int) -> float:
@@ -116,15 +117,18 @@ def _train(a, params, ranks) -> int:
     lora = s.lora.spec()
     if lora.enabled:  # only the adapters train (and hold optimizer state)
         apply_lora(model, lora, "sft.lora")
+    # full attention: responses EOS-filled to the sampler's canvas (read_sft_samples)
+    fill = params.rollout.max_tokens if model.family.attention == "full" else None
     samples = read_sft_samples(a.data, tok, eos_id=model.tokens.eos_id, pad_id=model.tokens.pad_id,
-                               block_size=model.block_size)
+                               block_size=model.block_size, fill_to=fill)
     # batch_size examples per step: grad_accum micro-batches, split across the ranks
     cfg = pick(TrainConfig, s, micro_batch=s.batch_size // s.grad_accum, total_steps=max(s.steps, 1))
     trainer = Trainer(TokenScorer(model), per_rank(cfg, ranks.world), kind="sft")
     # mid-run checkpoints beside the output, valid only for these params and this data
     data_file = a.data / "sft.parquet" if a.data.is_dir() else a.data
     ckpts = SFTCheckpoints(a.out.parent / f".{a.out.name}.resume", fingerprint(
-        [dataclasses.asdict(s), dataclasses.asdict(m), params.run.seed, sha256_file(data_file)]))
+        [dataclasses.asdict(s), dataclasses.asdict(m), fill, params.run.seed,
+         sha256_file(data_file)]))
     resume = ckpts.restore(trainer)
     if resume is not None and ranks.main:
         print(f"sft: resuming at step {resume.done} of {s.steps} from {ckpts.folder}")

@@ -344,3 +344,57 @@ def test_sft_validates_on_the_rl_pool_and_records_it(tmp_path):
     params.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match="set sft.val_every > 0"):
         load_params(params)
+
+
+def test_full_attention_sft_examples_fill_the_canvas_with_trained_eos(tmp_path):
+    """LLaDA's SFT (arXiv 2502.09992, 2.3): a full-attention model's response is EOS-filled
+    to the canvas the sampler decodes, and the EOS tokens are trained; block models keep
+    their untrained block padding. Hand-derived ids (EOS 9, pad 0)."""
+    from tracerl.rl.io import read_sft_samples
+
+    f = tmp_path / "sft.parquet"
+    pl.DataFrame({"prompt_ids": [[1, 2], [1, 2, 3]],
+                  "response_ids": [[5, 6, 9], [5, 6, 7, 8, 5, 6, 9]]}).write_parquet(f)
+    full = read_sft_samples(f, eos_id=9, pad_id=0, fill_to=6)
+    assert [s.response_ids for s in full] == [[5, 6, 9, 9, 9, 9], [5, 6, 7, 8, 5, 6, 9]]
+    assert [s.response_len for s in full] == [6, 7]  # the fill is trained; longer: unchanged
+    block = read_sft_samples(f, eos_id=9, pad_id=0, block_size=4)
+    # padded to the end of the block of prompt + response: 5 -> 8, 10 -> 12 tokens
+    assert [s.response_ids for s in block] == [[5, 6, 9, 0, 0, 0], [5, 6, 7, 8, 5, 6, 9, 0, 0]]
+    assert [s.response_len for s in block] == [3, 7]
+    with pytest.raises(ValueError, match="eos_id"):
+        read_sft_samples(f, fill_to=6)
+
+
+def test_full_attention_sft_validates_with_the_decoding_block(tmp_path):
+    """A LLaDA-style model's SFT validation decodes block by block with model.block_size
+    (the model itself has no block size): its recorded accuracy is the saved model's."""
+    from stages import prepare
+    from stages import sft as sft_stage
+
+    from tracerl.data.records import tasks_from_frame
+    from tracerl.evaluation import evaluate_tasks
+    from tracerl.rewards.scoring import score_rollouts
+    from tracerl.sampling import SamplingConfig
+    from tracerl.schemas import read_parquet
+
+    params = _params(tmp_path, model={"family": "llada"},
+                     data={"train_size": 40, "heldout_size": 8, "sft_size": 40},
+                     rollout={"max_tokens": 8},
+                     sft={"method": "random_masking", "steps": 4, "val_every": 2,
+                          "val_tasks": 5, "val_max_tokens": 8})
+    prep = tmp_path / "prepare"
+    assert prepare.main(["--params", str(params), "--out", str(prep)]) == 0
+    assert sft_stage.main(["--params", str(params), "--input", f"data={prep}",
+                           "--out", str(tmp_path / "sft")]) == 0
+    m = read_metrics(tmp_path / "sft")
+    assert m["steps"] == 4.0 and m["val_step"] == 4.0
+    model, tok = load_model(tmp_path / "sft" / "checkpoint")
+    assert model.family.attention == "full" and model.block_size is None
+    tasks = tasks_from_frame(read_parquet(prep / "train.parquet", "task").head(5))
+    by_id = {t.task_id: t for t in tasks}
+    res, scored = evaluate_tasks(
+        model, tok, tasks, SamplingConfig(block_size=4, steps_per_block=4, max_tokens=8,
+                                          temperature=0.0),
+        k=1, pass_ks=[1], score=lambda f: score_rollouts(f, by_id, group_filter="none")[0])
+    assert scored.height == 5 and m["val_accuracy"] == res["accuracy"]

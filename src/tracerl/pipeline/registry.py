@@ -134,7 +134,7 @@ declare(StageSpec(
 ))
 declare(StageSpec(
     "sft", "supervised fine-tuning of the initial policy",
-    reads=("model", "sft", "run.seed", "run.device"),
+    reads=("model", "sft", "rollout.max_tokens", "run.seed", "run.device"),
     inputs=("data",),
     outputs=("checkpoint/*", "trainer_state/*"),
     metrics=("loss", "nll", "lr", "grad_norm", "tokens_per_s"),

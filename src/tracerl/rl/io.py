@@ -117,11 +117,19 @@ def read_token_advantages(path: str | os.PathLike) -> dict[tuple[str, int], list
 
 def read_sft_samples(path: str | os.PathLike, tokenizer=None, *, eos_id: int | None = None,
                      pad_id: int | None = None, block_size: int | None = None,
+                     fill_to: int | None = None,
                      file_name: str = "sft.parquet") -> list[TraceSample]:
     """SFT examples from a parquet (or a folder holding ``file_name``).
 
     Block models get the response right-padded with ``pad_id`` to the end of its last
     block (the sampler decodes whole blocks); pads are context, never trained.
+
+    ``fill_to`` (full-attention models): the response right-padded with EOS to ``fill_to``
+    tokens, and the EOS tokens trained, as LLaDA's SFT does (Nie et al. 2025, "Large
+    Language Diffusion Models", arXiv 2502.09992, section 2.3). The sampler decodes a
+    canvas of ``max_tokens`` masks after the prompt, and a bidirectional model sees how
+    many masks follow; trained on unpadded responses it reads the canvas's end as the
+    response's end and writes a response as long as the canvas.
     """
     path = Path(path)
     if path.is_dir():
@@ -149,9 +157,14 @@ def read_sft_samples(path: str | os.PathLike, tokenizer=None, *, eos_id: int | N
             r_ids.append(list(tokenizer.encode(resp, add_special_tokens=False)) + [eos])
         df = pl.DataFrame({"prompt_ids": p_ids, "response_ids": r_ids})
     steps = df["decode_steps"].to_list() if "decode_steps" in df.columns else [None] * df.height
+    fill_id = eos_id if eos_id is not None else getattr(tokenizer, "eos_token_id", None)
+    if fill_to and fill_id is None:
+        raise ValueError("fill_to pads with EOS: pass eos_id (or a tokenizer)")
     out = []
     for i, (p, r, st) in enumerate(zip(df["prompt_ids"], df["response_ids"], steps)):
         p, r = list(p), list(r)
+        if fill_to and st is None and len(r) < fill_to:
+            r = r + [fill_id] * (fill_to - len(r))
         n = len(r)
         if block_size and pad_id is not None and st is None:
             r = r + [pad_id] * ((-(len(p) + n)) % block_size)
