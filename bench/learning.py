@@ -94,6 +94,22 @@ def levels(run_dir: Path) -> list[int]:
     return [int(r["rollout.level"]) for r in rows if "rollout.level" in r]
 
 
+# the per-iteration metrics bench/learning_report.py reads (time shares, the equal-time
+# budget, per-domain curves, the training plots), kept in learning.json so that seeds run
+# on other machines or in other sessions can be reported together without their run folders
+ITERATION_KEYS = ("iteration", "iteration.wall_seconds", "rollout.seconds", "reward.seconds",
+                  "policy.seconds", "value.seconds", "reward.grade_seconds",
+                  "reward.mean_response_tokens", "rollout.max_tokens", "rollout.level")
+
+
+def iteration_rows(run_dir: Path) -> list[dict]:
+    """The run's per-iteration metrics that the report needs (:data:`ITERATION_KEYS`, and
+    the rollouts' and evaluations' accuracies, overall and per domain)."""
+    rows = json.loads((run_dir / "plots" / "rl_curves.json").read_text())
+    return [{k: v for k, v in r.items() if k in ITERATION_KEYS
+             or k.startswith(("reward.accuracy", "evaluate.accuracy"))} for r in rows]
+
+
 def curve(run_dir: Path) -> list[tuple[int, float]]:
     rows = json.loads((run_dir / "plots" / "rl_curves.json").read_text())
     pts = [(r["iteration"] + 1, r["evaluate.accuracy"]) for r in rows if "evaluate.accuracy" in r]
@@ -183,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             sft_acc = json.loads((rd / "metrics" / "rl.json").read_text())["baseline"]["accuracy"]
             per[m] = {"sft_accuracy": sft_acc, "curve": curve(rd),
                       "final_accuracy": curve(rd)[-1][1], "seconds": time.time() - t1,
-                      "levels": levels(rd),
+                      "levels": levels(rd), "iterations": iteration_rows(rd),
                       "final_metrics": json.loads((rd / "metrics" / "evaluate.json").read_text()),
                       "sft_metrics": json.loads((rd / "metrics" / "rl.json").read_text())
                       .get("baseline", {})}

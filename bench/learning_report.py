@@ -87,7 +87,12 @@ def paired(gain: dict[str, dict[str, float]], arms: list[str], base: str,
     return out
 
 
-def curves(runs: Path, seed: str, arm: str) -> list[dict]:
+def curves(runs: Path, seed: str, arm: str, seeds: dict | None = None) -> list[dict]:
+    """Per-iteration metrics of one arm of one seed: as learning.py recorded them in
+    learning.json (``iterations``), else from the run folder, else none."""
+    rows = (seeds or {}).get(seed, {}).get(arm, {}).get("iterations")
+    if rows is not None:
+        return rows
     f = runs / f"learn-s{seed}-{arm}" / "plots" / "rl_curves.json"
     return json.loads(f.read_text()) if f.is_file() else []
 
@@ -100,7 +105,7 @@ def time_shares(runs: Path, seeds: dict, arms: list[str]) -> list[str]:
            "| arm | iterations | s / iteration | " + " | ".join(parts) + " | grading |",
            "|---|---:|---:|" + "---:|" * (len(parts) + 1)]
     for a in arms:
-        rows = [r for seed in seeds for r in curves(runs, seed, a)
+        rows = [r for seed in seeds for r in curves(runs, seed, a, seeds)
                 if r.get("iteration.wall_seconds")]
         if not rows:
             continue
@@ -116,7 +121,7 @@ def at_budget(runs: Path, seed: str, s: dict, arms: list[str]) -> dict[str, tupl
     the fastest arm's total iteration wall time; None if a run folder is missing."""
     cum = {}
     for a in arms:
-        rows = curves(runs, seed, a)
+        rows = curves(runs, seed, a, {seed: s})
         if not rows:
             return None
         t, acc = 0.0, []
@@ -184,14 +189,14 @@ def domain_plot(folder: Path, runs: Path, seeds: dict, arms: list[str],
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if not any(curves(runs, seed, a) for a in arms for seed in seeds):
+    if not any(curves(runs, seed, a, seeds) for a in arms for seed in seeds):
         return
     fig, axes = plt.subplots(1, len(domains), figsize=(5.5 * len(domains), 4), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, d in zip(axes[0], domains):
         for i, a in enumerate(arms):
             for j, seed in enumerate(seeds):
-                rows = curves(runs, seed, a)
+                rows = curves(runs, seed, a, seeds)
                 ax.plot([r["iteration"] for r in rows],
                         [r.get(f"reward.accuracy_{d}", float("nan")) for r in rows],
                         color=colors[i % len(colors)], linestyle=["-", "--", ":"][j % 3],
@@ -298,13 +303,13 @@ def plot(folder: Path, runs: Path, seeds: dict, arms: list[str]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if not any(curves(runs, seed, a) for a in arms for seed in seeds):
+    if not any(curves(runs, seed, a, seeds) for a in arms for seed in seeds):
         return  # the runs are not on this machine: tables only
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, a in enumerate(arms):
         for j, seed in enumerate(seeds):
-            rows = curves(runs, seed, a)
+            rows = curves(runs, seed, a, seeds)
             if not rows:
                 continue
             it = [r["iteration"] for r in rows]

@@ -85,13 +85,17 @@ def test_equal_time_reads_each_arm_within_the_fastest_arms_time(lr, tmp_path):
         seeds[seed] = {"a": {**_arm(sft, 0.6, {}), "curve": [[1, 0.4], [2, 0.5], [3, 0.6]]},
                        "b": {**_arm(sft, 0.5, {}), "curve": [[2, 0.45], [3, 0.5]]}}
         for arm, wall in (("a", 10.0), ("b", 6.0)):
+            rows = [{"iteration": i, "iteration.wall_seconds": wall} for i in range(3)]
+            if seed == "1":  # recorded in learning.json, its run folders not on this machine
+                seeds[seed][arm]["iterations"] = rows
+                continue
             d = runs / f"learn-s{seed}-{arm}" / "plots"
             d.mkdir(parents=True)
-            d.joinpath("rl_curves.json").write_text(json.dumps(
-                [{"iteration": i, "iteration.wall_seconds": wall} for i in range(3)]))
+            d.joinpath("rl_curves.json").write_text(json.dumps(rows))
     (out / "learning.json").write_text(json.dumps({"params": {}, "seeds": seeds}))
-    got = lr.at_budget(runs, "0", seeds["0"], ["a", "b"])
-    assert got == {"a": (18.0, 1, 0.4), "b": (18.0, 3, 0.5)}
+    for seed in ("0", "1"):
+        got = lr.at_budget(runs, seed, seeds[seed], ["a", "b"])
+        assert got == {"a": (18.0, 1, 0.4), "b": (18.0, 3, 0.5)}
     text = lr.report(out, runs, [], [], base="a", same_time=True)
     # gains at the budget: a 0.4 - sft, b 0.5 - sft -> a minus b = -10 points on both seeds
     assert "| b | 2 | -10.0 | [-10.0, -10.0] |" in text
