@@ -306,16 +306,30 @@ def test_sft_killed_mid_run_resumes_to_the_same_model(tmp_path, monkeypatch, lor
         assert len(a["optimizer"]["state"]) == 2 * 2 * 7  # A and B of 7 targets, 2 layers
 
 
-def test_sft_validates_on_the_rl_pool_and_records_it(tmp_path):
-    from stages import prepare
-    from stages import sft as sft_stage
-
-    from tracerl.config import ConfigError, load_params
+def _greedy_accuracy(model, tok, prep: Path, *, tasks: int, block: int, tokens: int) -> float:
+    """Greedy static accuracy of ``model`` on the first ``tasks`` tasks of the prepare
+    folder's RL pool, scored independently of the SFT stage's validator."""
     from tracerl.data.records import tasks_from_frame
     from tracerl.evaluation import evaluate_tasks
     from tracerl.rewards.scoring import score_rollouts
     from tracerl.sampling import SamplingConfig
     from tracerl.schemas import read_parquet
+
+    pool = tasks_from_frame(read_parquet(prep / "train.parquet", "task").head(tasks))
+    by_id = {t.task_id: t for t in pool}
+    res, scored = evaluate_tasks(
+        model, tok, pool, SamplingConfig(block_size=block, steps_per_block=block,
+                                         max_tokens=tokens, temperature=0.0),
+        k=1, pass_ks=[1], score=lambda f: score_rollouts(f, by_id, group_filter="none")[0])
+    assert scored.height == tasks
+    return res["accuracy"]
+
+
+def test_sft_validates_on_the_rl_pool_and_records_it(tmp_path):
+    from stages import prepare
+    from stages import sft as sft_stage
+
+    from tracerl.config import ConfigError, load_params
 
     params = _params(tmp_path, data={"train_size": 40, "heldout_size": 8, "sft_size": 40},
                      sft={"steps": 4, "val_every": 2, "val_tasks": 5, "val_max_tokens": 8})
@@ -327,13 +341,7 @@ def test_sft_validates_on_the_rl_pool_and_records_it(tmp_path):
     assert m["steps"] == 4.0 and m["val_step"] == 4.0 and m["stopped_early"] == 0.0
     # the last validation is the saved model's greedy accuracy on the pool's first 5 tasks
     model, tok = load_model(tmp_path / "sft" / "checkpoint")
-    tasks = tasks_from_frame(read_parquet(prep / "train.parquet", "task").head(5))
-    by_id = {t.task_id: t for t in tasks}
-    res, scored = evaluate_tasks(
-        model, tok, tasks, SamplingConfig(block_size=4, steps_per_block=4, max_tokens=8,
-                                          temperature=0.0),
-        k=1, pass_ks=[1], score=lambda f: score_rollouts(f, by_id, group_filter="none")[0])
-    assert scored.height == 5 and m["val_accuracy"] == res["accuracy"]
+    assert m["val_accuracy"] == _greedy_accuracy(model, tok, prep, tasks=5, block=4, tokens=8)
     # SFT data without its prepare folder: validation has no pool, and says so
     with pytest.raises(SystemExit, match="train.parquet"):
         sft_stage.main(["--params", str(params), "--data", str(prep / "sft.parquet"),
@@ -372,12 +380,6 @@ def test_full_attention_sft_validates_with_the_decoding_block(tmp_path):
     from stages import prepare
     from stages import sft as sft_stage
 
-    from tracerl.data.records import tasks_from_frame
-    from tracerl.evaluation import evaluate_tasks
-    from tracerl.rewards.scoring import score_rollouts
-    from tracerl.sampling import SamplingConfig
-    from tracerl.schemas import read_parquet
-
     params = _params(tmp_path, model={"family": "llada"},
                      data={"train_size": 40, "heldout_size": 8, "sft_size": 40},
                      rollout={"max_tokens": 8},
@@ -391,10 +393,4 @@ def test_full_attention_sft_validates_with_the_decoding_block(tmp_path):
     assert m["steps"] == 4.0 and m["val_step"] == 4.0
     model, tok = load_model(tmp_path / "sft" / "checkpoint")
     assert model.family.attention == "full" and model.block_size is None
-    tasks = tasks_from_frame(read_parquet(prep / "train.parquet", "task").head(5))
-    by_id = {t.task_id: t for t in tasks}
-    res, scored = evaluate_tasks(
-        model, tok, tasks, SamplingConfig(block_size=4, steps_per_block=4, max_tokens=8,
-                                          temperature=0.0),
-        k=1, pass_ks=[1], score=lambda f: score_rollouts(f, by_id, group_filter="none")[0])
-    assert scored.height == 5 and m["val_accuracy"] == res["accuracy"]
+    assert m["val_accuracy"] == _greedy_accuracy(model, tok, prep, tasks=5, block=4, tokens=8)
