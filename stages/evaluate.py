@@ -34,8 +34,7 @@ from tracerl.models import weights_digest
 from tracerl.pipeline.artifacts import stage_output
 from tracerl.pipeline.resolve import curriculum_decision, policy_from_params, sampling_config
 from tracerl.pipeline.stage_cli import load_stage_params, parse_stage_args
-from tracerl.rewards.sandbox import limits_from
-from tracerl.rewards.scoring import score_rollouts
+from tracerl.rewards.scoring import grading_options, score_rollouts
 from tracerl.schemas import read_parquet, write_parquet
 
 
@@ -58,12 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     def score(frame, tasks):
         by_id = {t.task_id: t for t in tasks}
         scored, _ = score_rollouts(frame, by_id, group_filter="none",
-                                   overlong_is_wrong=p.reward.overlong_is_wrong,
-                                   verify_timeout_s=p.reward.verify_timeout_s,
-                                   code_limits=limits_from(p.reward.code_timeout_s,
-                                                           p.reward.code_memory_mb),
-                                   code_workers=p.reward.code_workers,
-                                   code_allow_unsandboxed=p.reward.unsafe_allow_unsandboxed_code)
+                                   **grading_options(p.reward))
         return scored
 
     # tasks whose prompt does not fit the model's context are skipped and counted by id

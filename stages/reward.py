@@ -20,7 +20,7 @@ from tracerl.data import tasks_from_frame
 from tracerl.pipeline.artifacts import stage_output
 from tracerl.pipeline.stage_cli import load_stage_params, stage_argparser
 from tracerl.pipeline.viewer import scored_viewer
-from tracerl.rewards import limits_from, score_rollouts
+from tracerl.rewards import grading_options, score_rollouts
 from tracerl.rewards.process import build_judge
 from tracerl.schemas import read_parquet, write_parquet
 
@@ -75,10 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         rollouts, tasks,
         estimator=p.advantage, group_filter=p.group_filter,
         filter_low=p.filter_low, filter_high=p.filter_high,
-        overlong_is_wrong=p.overlong_is_wrong, verify_timeout_s=p.verify_timeout_s,
-        code_limits=limits_from(p.code_timeout_s, p.code_memory_mb), code_workers=p.code_workers,
-        code_allow_unsandboxed=p.unsafe_allow_unsandboxed_code,
-        judge=judge, decode=decode, process_chunk_len=p.process_chunk_len,
+        **grading_options(p), judge=judge, decode=decode, process_chunk_len=p.process_chunk_len,
     )
     with stage_output(args.out, stage="reward") as o:
         write_parquet(scored, o.dir / "scored.parquet", "scored")

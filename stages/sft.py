@@ -72,14 +72,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def validator(data: Path, params, model, tok, tracker):
     """``validate(step) -> accuracy``: greedy static decoding (one token per step) of the
-    first ``sft.val_tasks`` tasks of the RL pool, graded by the reward stage's scorer; or
+    first ``sft.val_tasks`` tasks of the RL pool, graded as the reward stage grades; or
     None when ``sft.val_every`` is 0."""
     s = params.sft
     if not s.val_every:
         return None
     from tracerl.data.records import tasks_from_frame
     from tracerl.evaluation import evaluate_tasks
-    from tracerl.rewards.scoring import score_rollouts
+    from tracerl.rewards.scoring import grading_options, score_rollouts
     from tracerl.sampling import SamplingConfig
     from tracerl.schemas import read_parquet
 
@@ -98,8 +98,9 @@ def validator(data: Path, params, model, tok, tracker):
         model.eval()
         try:
             res, _ = evaluate_tasks(model, tok, tasks, cfg, k=1, pass_ks=[1],
-                                    score=lambda f: score_rollouts(f, by_id,
-                                                                   group_filter="none")[0],
+                                    score=lambda f: score_rollouts(
+                                        f, by_id, group_filter="none",
+                                        **grading_options(params.reward))[0],
                                     seed=params.run.seed)
         finally:
             model.train(was)

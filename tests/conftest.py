@@ -11,13 +11,17 @@ import torch
 FIXTURES = Path(__file__).parent / "fixtures"
 SDAR_RELEASE = FIXTURES / "sdar-4b-chat-release"
 
-# Stages run by tests log to MLflow like any stage: into a store of the test session's
+# Stages run by tests log to MLflow like any stage: into a store of the test process's
 # own, never the developer's mlflow.db (tests that need a particular store set their own).
-if "MLFLOW_TRACKING_URI" not in os.environ:
+# One store per process: xdist workers inherit the controller's environment, and two
+# processes creating one SQLite store race in its schema migrations.
+_owner = os.environ.get("TRACERL_TEST_MLFLOW_PID")
+if "MLFLOW_TRACKING_URI" not in os.environ or _owner not in (None, str(os.getpid())):
     import tempfile
 
     os.environ["MLFLOW_TRACKING_URI"] = (
         f"sqlite:///{Path(tempfile.mkdtemp(prefix='tracerl-tests-mlflow-')) / 'mlflow.db'}")
+    os.environ["TRACERL_TEST_MLFLOW_PID"] = str(os.getpid())
 
 # Tests run two at a time (pytest-xdist) on small machines: one thread each.
 torch.set_num_threads(int(os.environ.get("TRACERL_TEST_THREADS", "1")))

@@ -415,6 +415,12 @@ class RolloutParams:
         return p
 
 
+# the reward params that decide whether a response is correct: the reward stage, the
+# evaluate stage and SFT validation all grade with them (tracerl.rewards.grading_options)
+GRADING_PARAMS = ("overlong_is_wrong", "verify_timeout_s", "code_timeout_s", "code_memory_mb",
+                  "code_workers", "unsafe_allow_unsandboxed_code")
+
+
 @dataclass(frozen=True)
 class RewardParams:
     # group filter: "none", "zero_variance" (drop all-equal groups) or "accuracy_band"

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tracerl.config import GRADING_PARAMS
 from tracerl.registry import Registry
 
 
@@ -134,7 +135,9 @@ declare(StageSpec(
 ))
 declare(StageSpec(
     "sft", "supervised fine-tuning of the initial policy",
-    reads=("model", "sft", "rollout.max_tokens", "run.seed", "run.device"),
+    # rollout.max_tokens: the canvas full-attention SFT fills; the grading params: validation
+    reads=("model", "sft", "rollout.max_tokens", *(f"reward.{k}" for k in GRADING_PARAMS),
+           "run.seed", "run.device"),
     inputs=("data",),
     outputs=("checkpoint/*", "trainer_state/*"),
     metrics=("loss", "nll", "lr", "grad_norm", "tokens_per_s"),

@@ -27,12 +27,12 @@ from tracerl.rewards.sandbox import (
     run_jobs,
     run_stdio_tests,
 )
-from tracerl.rewards.scoring import score_rollouts
+from tracerl.rewards.scoring import grading_options, score_rollouts
 
 __all__ = [
     "ADVANTAGES", "GROUP_FILTERS", "CodeJob", "CodeScore", "GroupAdvantages", "HFJudge",
     "Judge", "MathScore", "ProgramResult", "SandboxLimits", "SandboxUnavailable", "VLLMJudge",
-    "compute_group_advantages", "extract_answer", "extract_boxed", "extract_code",
+    "compute_group_advantages", "extract_answer", "extract_boxed", "extract_code", "grading_options",
     "isolation_problems", "limits_from", "process_rewards", "run_function_tests", "run_jobs",
     "run_stdio_tests", "score_code_batch", "score_math", "score_rollouts", "verify_answer",
 ]

@@ -21,7 +21,7 @@ from tracerl.rewards.advantages import compute_group_advantages
 from tracerl.rewards.code import score_code_batch
 from tracerl.rewards.math_answers import score_math
 from tracerl.rewards.process import Judge, process_rewards
-from tracerl.rewards.sandbox import SandboxLimits
+from tracerl.rewards.sandbox import SandboxLimits, limits_from
 
 
 def score_rollouts(
@@ -140,6 +140,17 @@ def score_rollouts(
         rows = vidx[src[vidx] == name]
         metrics[f"accuracy_{source_key(name)}"] = float(correct[rows].mean())
     return scored, metrics
+
+
+def grading_options(reward) -> dict:
+    """:func:`score_rollouts`'s grading arguments from the reward params (``params.reward``,
+    the keys of :data:`tracerl.config.GRADING_PARAMS`): how correctness is decided, the
+    same for training rewards, held-out evaluation and SFT validation."""
+    return dict(overlong_is_wrong=reward.overlong_is_wrong,
+                verify_timeout_s=reward.verify_timeout_s,
+                code_limits=limits_from(reward.code_timeout_s, reward.code_memory_mb),
+                code_workers=reward.code_workers,
+                code_allow_unsandboxed=reward.unsafe_allow_unsandboxed_code)
 
 
 def source_key(source: str) -> str:
