@@ -4,8 +4,9 @@
         [--runs runs] [--keys b4.low_confidence_static b16.low_confidence_static ...]
         [--levels 6 7 8] [--paired trace_rl] [--domains arithmetic code]
 
-Reads ``<folder>/learning.json`` (written by ``bench/learning.py``) and each arm's run
-folder (``<runs>/learn-s<seed>-<arm>/plots/rl_curves.json``: the per-iteration metrics),
+Reads ``<folder>/learning.json`` (written by ``bench/learning.py``) with each arm's
+per-iteration metrics (recorded there; for seeds recorded before they were, from the run
+folder's ``<runs>/learn-s<seed>-<arm>/plots/rl_curves.json`` where it is on this machine),
 prints markdown tables and writes ``<folder>/train_curves.png``:
 
 - held-out accuracy, SFT model -> final policy, per arm: mean over seeds, the gain with
