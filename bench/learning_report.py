@@ -100,7 +100,7 @@ def curves(runs: Path, seed: str, arm: str, seeds: dict | None = None) -> list[d
 
 def time_shares(runs: Path, seeds: dict, arms: list[str]) -> list[str]:
     """Where an iteration's wall time goes, per arm, over all its seeds' iterations."""
-    parts = ("rollout", "reward", "policy")
+    parts = ("rollout", "reward", "value", "policy")
     out = ["", "Where an iteration's time goes (mean over seeds and iterations; shares of the "
            "iteration's wall time, grading is part of reward):", "",
            "| arm | iterations | s / iteration | " + " | ".join(parts) + " | grading |",

@@ -63,8 +63,9 @@ def _folder(tmp_path: Path) -> tuple[Path, Path]:
 def test_time_shares_and_domains(lr, tmp_path):
     out, runs = _folder(tmp_path)
     text = lr.report(out, runs, [], [], base="a", domains=["code"])
-    # shares over all iterations: rollout 20/40, reward 4/40, policy 16/40, grading 3/40
-    assert "| a | 2 | 20.0 | 50.0% | 10.0% | 40.0% | 7.5% |" in text
+    # shares over all iterations: rollout 20/40, reward 4/40, no value model, policy 16/40,
+    # grading 3/40
+    assert "| a | 2 | 20.0 | 50.0% | 10.0% | 0.0% | 40.0% | 7.5% |" in text
     assert "| b |" not in text.split("Where an iteration")[1].split("Curriculum")[0]
     assert "| 0 | 650 | 31.0 | yes |" in text and "| 1 | 1500 | 20.0 | no |" in text
     # per domain: SFT mean (10 + 30) / 2 = 20.0, final (50 + 70) / 2 = 60.0
