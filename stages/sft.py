@@ -135,7 +135,8 @@ def _train(a, params, ranks) -> int:
         print(f"sft: resuming at step {resume.done} of {s.steps} from {ckpts.folder}")
     with stage_run("sft", rank_tracker(ranks)) as tracker:
         trainer.step_hooks.append(step_logger(tracker))  # per-step curves
-        metrics = sft_train(trainer, samples, pick(SFTConfig, s), s.steps, progress=ranks.main,
+        metrics = sft_train(trainer, samples, pick(SFTConfig, s, decode_block=m.block_size),
+                            s.steps, progress=ranks.main,
                             resume=resume, checkpoint_every=s.checkpoint_every,
                             on_checkpoint=lambda state: ckpts.save(trainer, state),
                             validate=validator(a.data, params, model, tok, tracker),

@@ -164,6 +164,37 @@ def test_random_and_coupled_masks():
     assert st.samples == 1 and 1 <= len(rows) <= 3
 
 
+def test_semi_ar_states_of_a_full_attention_model():
+    """Each state: blocks before k clean, block k partly masked (at least one), all after
+    masked; every block is drawn; lower = upper = 1 masks block k whole."""
+    from tracerl.rl.rows import build_semi_ar_full_rows, semi_ar_state_mask
+
+    g = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(200):
+        m = semi_ar_state_mask(10, 4, 0.1, 0.9, g)  # blocks [0, 4), [4, 8), [8, 10)
+        s0 = int(m.nonzero()[0]) // 4 * 4
+        s1 = min(s0 + 4, 10)
+        seen.add(s0)
+        assert not m[:s0].any() and m[s0:s1].any() and m[s1:].all()
+    assert seen == {0, 4, 8}
+    whole = semi_ar_state_mask(10, 4, 1.0, 1.0, g)
+    k0 = int(whole.nonzero()[0])
+    assert k0 % 4 == 0 and whole.tolist() == [False] * k0 + [True] * (10 - k0)
+    # rows: the state's masked positions are mask tokens; those before response_len train
+    rows, st = build_semi_ar_full_rows([SAMPLE], block=4, mask_id=M, lower=1.0, upper=1.0,
+                                       generator=torch.Generator().manual_seed(1), times=6)
+    assert st.samples == 1 and len(rows) == st.copies
+    for r in rows:
+        assert r.attention == "full"
+        resp = r.input_ids[len(PROMPT):]
+        first = int((resp == M).nonzero()[0])
+        assert first % 4 == 0 and (resp[first:] == M).all()
+        assert resp[:first].tolist() == RESP[:first]
+        assert r.resp_pos.tolist() == [j for j in range(first, 5)]  # response_len 5
+        assert r.labels.tolist() == RESP[first:5]
+
+
 def test_bad_input_is_an_error_or_a_counted_skip():
     bad = TraceSample(PROMPT, RESP, STEPS[:-1], 5, sample_id="t/3")
     with pytest.raises(TrajectoryError, match=r"t/3.*decode_steps has 5 entries.*response_ids has 6"):

@@ -218,14 +218,16 @@ def test_value_update_gae_and_regression(tiny_sdar):
 
 
 @pytest.mark.parametrize("family,method", [("sdar", "semi_ar"), ("sdar", "trace"),
-                                           ("llada", "random_masking"), ("dream", "trace")])
+                                           ("llada", "random_masking"), ("llada", "semi_ar"),
+                                           ("dream", "trace")])
 def test_sft_objectives_learn(default_tokenizer, family, method):
     lm = build_for_tokenizer(default_tokenizer, family, seed=0)
     data = make_samples(4, seed=3)
     trainer = Trainer(TokenScorer(lm), TrainConfig(lr=1e-2, micro_batch=4), kind="sft")
-    first = sft_train(trainer, data, SFTConfig(method=method, mask_times=2), steps=1)
-    sft_train(trainer, data, SFTConfig(method=method, mask_times=2), steps=6)
-    last = sft_train(trainer, data, SFTConfig(method=method, mask_times=2), steps=1)
+    cfg = SFTConfig(method=method, mask_times=2, decode_block=4)
+    first = sft_train(trainer, data, cfg, steps=1)
+    sft_train(trainer, data, cfg, steps=6)
+    last = sft_train(trainer, data, cfg, steps=1)
     assert last["nll"] < first["nll"]
     assert trainer.counters["optimizer_steps"] == 8
 
@@ -271,10 +273,14 @@ def test_sft_stops_when_validation_reaches_the_threshold(default_tokenizer):
 
 
 def test_sft_method_must_fit_the_family(default_tokenizer):
-    lm = build_for_tokenizer(default_tokenizer, "llada")
-    trainer = Trainer(TokenScorer(lm), TrainConfig(lr=1e-3), kind="sft")
-    with pytest.raises(ValueError, match="block model"):
-        sft_train(trainer, make_samples(1), SFTConfig(method="semi_ar"), steps=1)
+    full = Trainer(TokenScorer(build_for_tokenizer(default_tokenizer, "llada")),
+                   TrainConfig(lr=1e-3), kind="sft")
+    with pytest.raises(ValueError, match="decoding block size"):  # semi_ar needs its block
+        sft_train(full, make_samples(1), SFTConfig(method="semi_ar"), steps=1)
+    block = Trainer(TokenScorer(build_for_tokenizer(default_tokenizer, "sdar")),
+                    TrainConfig(lr=1e-3), kind="sft")
+    with pytest.raises(ValueError, match="for full-attention models"):
+        sft_train(block, make_samples(1), SFTConfig(method="random_masking"), steps=1)
 
 
 def test_value_model_on_a_full_attention_model(default_tokenizer):

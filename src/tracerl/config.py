@@ -296,8 +296,10 @@ class LoraParams:
 
 @dataclass(frozen=True)
 class SFTParams:
-    # semi_ar: block SFT (block models); trace: TraceRL rounds from step maps (or left to
-    # right); random_masking: full-attention SFT (LLaDA/Dream)
+    # semi_ar: the states of block-by-block decoding (block SFT for block models; for
+    # full-attention ones, one state per row: blocks before clean, one block partly masked,
+    # the rest masked; model.block_size is the decoding block); trace: TraceRL rounds from
+    # step maps (or left to right); random_masking: full-attention SFT (LLaDA/Dream)
     method: str = "semi_ar"  # tracerl.rl.SFT_ROW_BUILDERS
     steps: int = 2000  # optimizer steps
     batch_size: int = 32  # examples per optimizer step, whatever the ranks (split across them)

@@ -4,9 +4,10 @@ Two registries (:class:`tracerl.registry.Registry`), selected from params:
 
 - :data:`ROW_BUILDERS` (``policy.method``): ``trace_rl`` (TraceRL, spec 4.4 / 5),
   ``random_masking`` and ``coupled`` (the baselines of spec 4.9);
-- :data:`SFT_ROW_BUILDERS` (``sft.method``): ``semi_ar`` (block SFT, spec 7.1),
-  ``trace`` (TraceRL rounds from given step maps) and ``random_masking``
-  (full-attention SFT, spec 7.2).
+- :data:`SFT_ROW_BUILDERS` (``sft.method``): ``semi_ar`` (the states of block-by-block
+  decoding: block SFT, spec 7.1, for block models; one decoding state per row for
+  full-attention models), ``trace`` (TraceRL rounds from given step maps) and
+  ``random_masking`` (full-attention SFT, spec 7.2).
 
 A builder maps ``(samples, block_size, mask_id, cfg, generator)`` to
 ``(rows, RowStats)``; ``block_size`` is None for full-attention models. The caller
@@ -22,7 +23,14 @@ from typing import Any
 import torch
 
 from tracerl.registry import Registry
-from tracerl.rl.rows import Row, RowStats, TraceSample, build_masked_rows, build_trace_rows
+from tracerl.rl.rows import (
+    Row,
+    RowStats,
+    TraceSample,
+    build_masked_rows,
+    build_semi_ar_full_rows,
+    build_trace_rows,
+)
 
 RowBuilder = Callable[[Sequence[TraceSample], "int | None", int, Any, torch.Generator],
                       tuple[list[Row], RowStats]]
@@ -63,9 +71,22 @@ ROW_BUILDERS.add("trace_rl", trace_rows)
 ROW_BUILDERS.add("random_masking", masked_rows(False))
 ROW_BUILDERS.add("coupled", masked_rows(True))
 
-SFT_ROW_BUILDERS.add("semi_ar", _only_for(
-    "block", "sft method 'semi_ar' (block SFT) needs a block model; use 'random_masking' or "
-    "'trace' for full-attention models", masked_rows(False)))
+def semi_ar_rows(samples, block_size, mask_id, cfg, generator):
+    """SFT on the states of semi-autoregressive (block-by-block) decoding: block models
+    train every block at once (block SFT, spec 7.1); full-attention models one state per
+    row (:func:`~tracerl.rl.rows.build_semi_ar_full_rows`, decoding block
+    ``cfg.decode_block``)."""
+    if block_size is not None:
+        return masked_rows(False)(samples, block_size, mask_id, cfg, generator)
+    if cfg.decode_block < 1:
+        raise ValueError("sft method 'semi_ar' on a full-attention model needs the decoding "
+                         "block size (SFTConfig.decode_block, from model.block_size)")
+    return build_semi_ar_full_rows(samples, block=cfg.decode_block, mask_id=mask_id,
+                                   lower=cfg.lower_p, upper=cfg.upper_p, generator=generator,
+                                   times=cfg.mask_times, max_len=cfg.max_len)
+
+
+SFT_ROW_BUILDERS.add("semi_ar", semi_ar_rows)
 SFT_ROW_BUILDERS.add("trace", trace_rows)
 SFT_ROW_BUILDERS.add("random_masking", _only_for(
     "full", "sft method 'random_masking' is for full-attention models; use 'semi_ar' (block "

@@ -52,7 +52,9 @@ class ValueConfig:
 @dataclass(frozen=True)
 class SFTConfig:
     """``method``: a name of :data:`tracerl.rl.builders.SFT_ROW_BUILDERS` (``sft.method``):
-    ``semi_ar``: block SFT (per-position mask probability in [lower_p, upper_p]);
+    ``semi_ar``: block SFT (per-position mask probability in [lower_p, upper_p]) for block
+    models, one semi-autoregressive decoding state per row (``mask_times`` rows per
+    example, blocks of ``decode_block``) for full-attention models;
     ``trace``: TraceRL rounds from given step maps; ``random_masking``: full-attention SFT
     (one mask ratio per row, ``mask_times`` rows per example)."""
 
@@ -62,5 +64,6 @@ class SFTConfig:
     shrink: int = 1
     copies_per_row: int = 0
     mask_times: int = 1
+    decode_block: int = 0  # semi_ar on a full-attention model: the decoding block size
     max_len: int = 0
     normalize: Literal["tokens", "padded"] = "tokens"

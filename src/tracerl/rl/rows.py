@@ -520,6 +520,50 @@ def build_masked_rows(samples: Sequence[TraceSample], *, block_size: int | None,
     return _finished(rows, stats)
 
 
+def semi_ar_state_mask(n: int, block: int, lower: float, upper: float,
+                       generator: torch.Generator) -> torch.Tensor:
+    """One state that semi-autoregressive decoding of a full-attention model visits, as a
+    mask over ``n`` response positions: a block ``k`` drawn uniformly, the blocks before
+    it clean (decoded), each position of block ``k`` masked with one probability
+    ``p ~ U(lower, upper)`` (at least one), and every position after it masked (not yet
+    decoded)."""
+    k = int(torch.randint(-(-n // block), (1,), generator=generator))
+    s0, s1 = k * block, min((k + 1) * block, n)
+    m = torch.zeros(n, dtype=torch.bool)
+    m[s0:s1] = random_masks(s1 - s0, lower, upper, generator, per_position=False)
+    if not m[s0:s1].any():
+        m[s0 + int(torch.randint(s1 - s0, (1,), generator=generator))] = True
+    m[s1:] = True
+    return m
+
+
+@on_host
+def build_semi_ar_full_rows(samples: Sequence[TraceSample], *, block: int, mask_id: int,
+                            lower: float, upper: float, generator: torch.Generator,
+                            times: int = 1, max_len: int = 0) -> tuple[list[Row], RowStats]:
+    """SFT rows of a full-attention model on the states its semi-autoregressive decoding
+    visits (:func:`semi_ar_state_mask`, decoding block ``block``), ``times`` per sample;
+    every masked response position within ``response_len`` is trained, as in random
+    masking.
+
+    Uniform random masking (one ratio for the whole response) rarely shows the model a
+    clean prefix followed by a masked rest, yet block-by-block decoding only ever asks it
+    to fill a block from there. This trains on those states, at the cost of random
+    masking (one full row per state).
+    """
+    rows: list[Row] = []
+    stats = RowStats(block_size=0)
+    for i, s, prompt, response in _admitted(samples, max_len, stats):
+        trainable = torch.arange(len(response)) < s.response_len
+        for k in range(times):
+            m = semi_ar_state_mask(len(response), block, lower, upper, generator)
+            if not (m & trainable).any():
+                continue
+            stats.copies += 1
+            rows.append(full_row(prompt, response, m, m & trainable, mask_id, sample=i, round=k))
+    return _finished(rows, stats)
+
+
 # --------------------------------------------------------------------------- batches
 
 
