@@ -39,6 +39,7 @@ from tracerl.pipeline.stage_cli import (
     rank_tracker,
     stage_argparser,
 )
+from tracerl.rewards.scoring import grading_options
 from tracerl.rl import (
     SFTCheckpoints,
     SFTConfig,
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         return _train(a, params, ranks)
 
 
-def validator(data: Path, params, model, tok, tracker):
+def validator(data: Path, params, model, tok, tracker, grading: dict):
     """``validate(step) -> accuracy``: greedy static decoding (one token per step) of the
     first ``sft.val_tasks`` tasks of the RL pool, graded as the reward stage grades; or
     None when ``sft.val_every`` is 0."""
@@ -79,7 +80,7 @@ def validator(data: Path, params, model, tok, tracker):
         return None
     from tracerl.data.records import tasks_from_frame
     from tracerl.evaluation import evaluate_tasks
-    from tracerl.rewards.scoring import grading_options, score_rollouts
+    from tracerl.rewards.scoring import score_rollouts
     from tracerl.sampling import SamplingConfig
     from tracerl.schemas import read_parquet
 
@@ -100,7 +101,7 @@ def validator(data: Path, params, model, tok, tracker):
             res, _ = evaluate_tasks(model, tok, tasks, cfg, k=1, pass_ks=[1],
                                     score=lambda f: score_rollouts(
                                         f, by_id, group_filter="none",
-                                        **grading_options(params.reward))[0],
+                                        **grading)[0],
                                     seed=params.run.seed)
         finally:
             model.train(was)
@@ -118,8 +119,10 @@ def _train(a, params, ranks) -> int:
     lora = s.lora.spec()
     if lora.enabled:  # only the adapters train (and hold optimizer state)
         apply_lora(model, lora, "sft.lora")
-    # full attention: responses EOS-filled to the sampler's canvas (read_sft_samples)
-    fill = params.rollout.max_tokens if model.family.attention == "full" else None
+    # full attention: responses EOS-filled to the sampler's canvas (read_sft_samples); the
+    # declared reads are read whatever the model and the validation (the key covers them)
+    canvas, grading = params.rollout.max_tokens, grading_options(params.reward)
+    fill = canvas if model.family.attention == "full" else None
     samples = read_sft_samples(a.data, tok, eos_id=model.tokens.eos_id, pad_id=model.tokens.pad_id,
                                block_size=model.block_size, fill_to=fill)
     # batch_size examples per step: grad_accum micro-batches, split across the ranks
@@ -139,7 +142,7 @@ def _train(a, params, ranks) -> int:
                             s.steps, progress=ranks.main,
                             resume=resume, checkpoint_every=s.checkpoint_every,
                             on_checkpoint=lambda state: ckpts.save(trainer, state),
-                            validate=validator(a.data, params, model, tok, tracker),
+                            validate=validator(a.data, params, model, tok, tracker, grading),
                             validate_every=s.val_every, stop_at=s.stop_at)
     with rank_output(a.out, stage="sft", ranks=ranks) as o:
         o.metrics.update(parameter_report(trainer.module, trainer.optimizer))
