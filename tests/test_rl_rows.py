@@ -167,7 +167,7 @@ def test_random_and_coupled_masks():
 def test_semi_ar_states_of_a_full_attention_model():
     """Each state: blocks before k clean, block k partly masked (at least one), all after
     masked; every block is drawn; lower = upper = 1 masks block k whole."""
-    from tracerl.rl.rows import build_semi_ar_full_rows, semi_ar_state_mask
+    from tracerl.rl.rows import semi_ar_state_mask
 
     g = torch.Generator().manual_seed(0)
     seen = set()
@@ -182,8 +182,9 @@ def test_semi_ar_states_of_a_full_attention_model():
     k0 = int(whole.nonzero()[0])
     assert k0 % 4 == 0 and whole.tolist() == [False] * k0 + [True] * (10 - k0)
     # rows: the state's masked positions are mask tokens; those before response_len train
-    rows, st = build_semi_ar_full_rows([SAMPLE], block=4, mask_id=M, lower=1.0, upper=1.0,
-                                       generator=torch.Generator().manual_seed(1), times=6)
+    rows, st = build_masked_rows([SAMPLE], block_size=None, mask_id=M, lower=1.0, upper=1.0,
+                                 generator=torch.Generator().manual_seed(1), times=6,
+                                 decode_block=4)
     assert st.samples == 1 and len(rows) == st.copies
     for r in rows:
         assert r.attention == "full"
@@ -193,6 +194,9 @@ def test_semi_ar_states_of_a_full_attention_model():
         assert resp[:first].tolist() == RESP[:first]
         assert r.resp_pos.tolist() == [j for j in range(first, 5)]  # response_len 5
         assert r.labels.tolist() == RESP[first:5]
+    with pytest.raises(ValueError, match="full-attention rows"):
+        build_masked_rows([SAMPLE], block_size=4, mask_id=M, lower=0.5, upper=0.5,
+                          generator=torch.Generator(), decode_block=4)
 
 
 def test_bad_input_is_an_error_or_a_counted_skip():

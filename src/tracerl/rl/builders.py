@@ -23,14 +23,7 @@ from typing import Any
 import torch
 
 from tracerl.registry import Registry
-from tracerl.rl.rows import (
-    Row,
-    RowStats,
-    TraceSample,
-    build_masked_rows,
-    build_semi_ar_full_rows,
-    build_trace_rows,
-)
+from tracerl.rl.rows import Row, RowStats, TraceSample, build_masked_rows, build_trace_rows
 
 RowBuilder = Callable[[Sequence[TraceSample], "int | None", int, Any, torch.Generator],
                       tuple[list[Row], RowStats]]
@@ -74,16 +67,15 @@ ROW_BUILDERS.add("coupled", masked_rows(True))
 def semi_ar_rows(samples, block_size, mask_id, cfg, generator):
     """SFT on the states of semi-autoregressive (block-by-block) decoding: block models
     train every block at once (block SFT, spec 7.1); full-attention models one state per
-    row (:func:`~tracerl.rl.rows.build_semi_ar_full_rows`, decoding block
-    ``cfg.decode_block``)."""
-    if block_size is not None:
-        return masked_rows(False)(samples, block_size, mask_id, cfg, generator)
-    if cfg.decode_block < 1:
+    row (:func:`~tracerl.rl.rows.build_masked_rows` with ``decode_block``, the decoding
+    block ``cfg.decode_block``)."""
+    full = block_size is None
+    if full and cfg.decode_block < 1:
         raise ValueError("sft method 'semi_ar' on a full-attention model needs the decoding "
                          "block size (SFTConfig.decode_block, from model.block_size)")
-    return build_semi_ar_full_rows(samples, block=cfg.decode_block, mask_id=mask_id,
-                                   lower=cfg.lower_p, upper=cfg.upper_p, generator=generator,
-                                   times=cfg.mask_times, max_len=cfg.max_len)
+    return build_masked_rows(samples, block_size=block_size, mask_id=mask_id, lower=cfg.lower_p,
+                             upper=cfg.upper_p, generator=generator, times=cfg.mask_times,
+                             max_len=cfg.max_len, decode_block=cfg.decode_block if full else 0)
 
 
 SFT_ROW_BUILDERS.add("semi_ar", semi_ar_rows)

@@ -488,8 +488,8 @@ def random_masks(n: int, lower: float, upper: float, generator: torch.Generator,
 @on_host
 def build_masked_rows(samples: Sequence[TraceSample], *, block_size: int | None, mask_id: int,
                       lower: float, upper: float, generator: torch.Generator,
-                      coupled: bool = False, times: int = 1, max_len: int = 0
-                      ) -> tuple[list[Row], RowStats]:
+                      coupled: bool = False, times: int = 1, max_len: int = 0,
+                      decode_block: int = 0) -> tuple[list[Row], RowStats]:
     """Random-masking rows (RL baselines ``random_masking``/``coupled``, block and random SFT).
 
     Block models: one copy with every response position masked with its own probability
@@ -497,16 +497,25 @@ def build_masked_rows(samples: Sequence[TraceSample], *, block_size: int | None,
     complementary copy (masks and trains exactly the other positions) in the same row.
     Full attention: ``times`` rows per sample with one ``t ~ U(lower, upper)`` per row
     (reference 5, 7.2), plus the complement of each when ``coupled``.
+    Full attention with ``decode_block`` (semi_ar SFT): each row's mask is instead a state
+    of block-by-block decoding with blocks of ``decode_block``
+    (:func:`semi_ar_state_mask`). Uniform random masking rarely shows the model a clean
+    prefix followed by a masked rest, yet block-by-block decoding only ever asks it to
+    fill a block from there.
     Only the first ``response_len`` positions are trained; later positions are masked
     or not like the others but never trained.
     """
+    if decode_block and block_size is not None:
+        raise ValueError("decode_block (decoding states) is for full-attention rows; block "
+                         "models decode the blocks they train on")
     rows: list[Row] = []
     stats = RowStats(block_size=block_size or 0)
     for i, s, prompt, response in _admitted(samples, max_len, stats):
         R = len(response)
         trainable = torch.arange(R) < s.response_len
         for _ in range(times):
-            m = random_masks(R, lower, upper, generator, per_position=block_size is not None)
+            m = (semi_ar_state_mask(R, decode_block, lower, upper, generator) if decode_block
+                 else random_masks(R, lower, upper, generator, per_position=block_size is not None))
             copies = [(m, m & trainable)] + ([(~m, ~m & trainable)] if coupled else [])
             copies = [c for c in copies if c[1].any()]
             stats.copies += len(copies)
@@ -535,33 +544,6 @@ def semi_ar_state_mask(n: int, block: int, lower: float, upper: float,
         m[s0 + int(torch.randint(s1 - s0, (1,), generator=generator))] = True
     m[s1:] = True
     return m
-
-
-@on_host
-def build_semi_ar_full_rows(samples: Sequence[TraceSample], *, block: int, mask_id: int,
-                            lower: float, upper: float, generator: torch.Generator,
-                            times: int = 1, max_len: int = 0) -> tuple[list[Row], RowStats]:
-    """SFT rows of a full-attention model on the states its semi-autoregressive decoding
-    visits (:func:`semi_ar_state_mask`, decoding block ``block``), ``times`` per sample;
-    every masked response position within ``response_len`` is trained, as in random
-    masking.
-
-    Uniform random masking (one ratio for the whole response) rarely shows the model a
-    clean prefix followed by a masked rest, yet block-by-block decoding only ever asks it
-    to fill a block from there. This trains on those states, at the cost of random
-    masking (one full row per state).
-    """
-    rows: list[Row] = []
-    stats = RowStats(block_size=0)
-    for i, s, prompt, response in _admitted(samples, max_len, stats):
-        trainable = torch.arange(len(response)) < s.response_len
-        for k in range(times):
-            m = semi_ar_state_mask(len(response), block, lower, upper, generator)
-            if not (m & trainable).any():
-                continue
-            stats.copies += 1
-            rows.append(full_row(prompt, response, m, m & trainable, mask_id, sample=i, round=k))
-    return _finished(rows, stats)
 
 
 # --------------------------------------------------------------------------- batches
