@@ -13,7 +13,7 @@ torchrun: every rank reads the data and runs its share of each optimizer step, r
 writes (mid-run checkpoints: every rank saves its DeepSpeed partition). With
 ``sft.lora.rank > 0`` only LoRA adapters train, ``checkpoint/`` holds the merged weights
 and ``adapter/`` the adapter (peft's layout). With ``sft.val_every`` > 0 (needs the prepare
-folder as data) the model is scored every so many steps on the first ``sft.val_tasks``
+folder as data) the model is scored every so many steps on ``sft.val_tasks``
 tasks of its ``train.parquet`` (greedy, graded like the reward stage grades), logged as
 ``sft.val_accuracy``; ``sft.stop_at`` ends the run when it is reached.
 """
@@ -24,6 +24,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
+import polars as pl
 import torch
 
 from tracerl.distributed import stage_ranks
@@ -71,10 +72,18 @@ def main(argv: list[str] | None = None) -> int:
         return _train(a, params, ranks)
 
 
+def validation_frame(pool: pl.DataFrame, n: int, pick: str, seed: int) -> pl.DataFrame:
+    """The validation tasks: the pool's first ``n`` (``pick`` "first") or a ``seed`` sample
+    of ``n`` without replacement ("sample"); the whole pool when it has fewer."""
+    n = min(n, pool.height)
+    return pool.head(n) if pick == "first" else pool.sample(n, seed=seed)
+
+
 def validator(data: Path, params, model, tok, tracker, grading: dict):
-    """``validate(step) -> accuracy``: greedy static decoding (one token per step) of the
-    first ``sft.val_tasks`` tasks of the RL pool, graded as the reward stage grades; or
-    None when ``sft.val_every`` is 0."""
+    """``validate(step) -> accuracy``: greedy static decoding (one token per step) of
+    ``sft.val_tasks`` tasks of the RL pool (its first ones, or a ``run.seed`` sample with
+    ``sft.val_pick: sample``), graded as the reward stage grades; or None when
+    ``sft.val_every`` is 0."""
     s = params.sft
     if not s.val_every:
         return None
@@ -88,7 +97,8 @@ def validator(data: Path, params, model, tok, tracker, grading: dict):
     if not pool.is_file():
         raise SystemExit(f"sft.val_every needs the prepare folder as data (its train.parquet "
                          f"holds the validation tasks); {data} has no train.parquet")
-    tasks = tasks_from_frame(read_parquet(pool, "task").head(s.val_tasks))
+    tasks = tasks_from_frame(validation_frame(read_parquet(pool, "task"), s.val_tasks,
+                                              s.val_pick, params.run.seed))
     by_id = {t.task_id: t for t in tasks}
     b = model.block_size or params.model.block_size  # full attention: the decoding block
     cfg = SamplingConfig(block_size=b, steps_per_block=b,

@@ -394,3 +394,24 @@ def test_full_attention_sft_validates_with_the_decoding_block(tmp_path):
     model, tok = load_model(tmp_path / "sft" / "checkpoint")
     assert model.family.attention == "full" and model.block_size is None
     assert m["val_accuracy"] == _greedy_accuracy(model, tok, prep, tasks=5, block=4, tokens=8)
+
+
+def test_sft_validation_sample_has_the_pool_levels_not_the_head():
+    """``sft.val_pick: sample`` draws the validation tasks from the whole pool (levels as in
+    the pool), ``first`` takes its head. A pool whose first 20 tasks are level-balanced and
+    whose other 80 are level 3 (as the generators' pools are: level-balanced until the small
+    levels run out of distinct tasks)."""
+    from stages.sft import validation_frame
+
+    levels = [i % 4 for i in range(20)] + [3] * 80
+    pool = pl.DataFrame({"task_id": [f"t{i}" for i in range(100)], "difficulty": levels})
+    head = validation_frame(pool, 20, "first", seed=0)
+    assert head["task_id"].to_list() == [f"t{i}" for i in range(20)]
+    assert (head["difficulty"] == 3).sum() == 5
+    a, b = (validation_frame(pool, 20, "sample", seed=s) for s in (0, 0))
+    assert a["task_id"].to_list() == b["task_id"].to_list()  # the run's seed fixes it
+    assert a["task_id"].n_unique() == 20
+    assert (a["difficulty"] == 3).sum() >= 12  # 85% of the pool is level 3; the head has 25%
+    assert validation_frame(pool, 20, "sample", seed=1)["task_id"].to_list() != \
+        a["task_id"].to_list()
+    assert validation_frame(pool, 500, "sample", seed=0).height == 100  # capped at the pool

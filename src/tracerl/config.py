@@ -325,11 +325,13 @@ class SFTParams:
     # save model, optimizer, schedule, RNG and data order every N steps (0 = never); a
     # killed SFT resumes there with the same result as an uninterrupted run
     checkpoint_every: int = 200
-    # validation: greedy accuracy on the first val_tasks tasks of the RL pool (the train
-    # split, never the held-out one) every val_every steps (0 = never), decoding
-    # val_max_tokens tokens; SFT stops once it reaches stop_at (0 = run all steps)
+    # validation: greedy accuracy on val_tasks tasks of the RL pool (the train split, never
+    # the held-out one) every val_every steps (0 = never), decoding val_max_tokens tokens;
+    # SFT stops once it reaches stop_at (0 = run all steps). val_pick: "first" (the pool's
+    # first tasks, level-balanced) or "sample" (a run.seed sample, levels as in the pool)
     val_every: int = 0
     val_tasks: int = 100
+    val_pick: Literal["first", "sample"] = "first"
     val_max_tokens: int = 64
     stop_at: float = 0.0
     lora: LoraParams = field(default_factory=LoraParams)  # rank 0 = full fine-tuning
